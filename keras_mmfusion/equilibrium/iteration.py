@@ -1,0 +1,146 @@
+"""The loop shared by every fixed-point solver.
+
+A solver is described by two functions, ``init(z0, fz0) -> state`` and
+``step(z, fz, state, k) -> (z_next, state)``. :func:`iterate` runs them inside one
+``tf.while_loop`` with static shapes and a bounded iteration count. It keeps the
+lowest-residual iterate of every sample and returns it together with a
+:class:`SolverStats` record, so a solver step only has to propose the next point.
+"""
+
+from typing import NamedTuple
+
+import tensorflow as tf
+
+STOP_MODES = ("abs", "rel")
+
+# Added to ||f(z)|| in the relative residual so that a zero state does not divide by zero.
+_REL_EPS = 1e-5
+
+
+class SolverStats(NamedTuple):
+    """What a solve reports besides the solution.
+
+    Attributes:
+        steps: int32 scalar, the number of evaluations of ``f`` made in the forward solve.
+        residual: ``(batch,)`` residual of the returned iterate of each sample,
+            in the solve's ``stop_mode``.
+        converged: ``(batch,)`` bool, ``residual <= tol``.
+        trace: ``(max_iter,)`` mean residual over the batch after each evaluation of ``f``;
+            entries at and beyond ``steps`` are zero.
+    """
+
+    steps: tf.Tensor
+    residual: tf.Tensor
+    converged: tf.Tensor
+    trace: tf.Tensor
+
+
+def internal_dtype(dtype):
+    """The dtype that solver state and small linear algebra are kept in.
+
+    float64 stays float64 (gradient checks need it); every other floating dtype,
+    float16 and bfloat16 under mixed precision included, is upcast to float32.
+    """
+    return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+
+
+def residual_norm(z, fz, stop_mode):
+    """Per-sample residual of ``z`` for the map ``f`` with ``fz = f(z)``.
+
+    ``"abs"`` is ``||f(z) - z||``; ``"rel"`` divides it by ``||f(z)|| + 1e-5``.
+    Both arguments are ``(batch, dim)``; the result is ``(batch,)``.
+    Non-finite residuals (a diverged sample) are reported as +inf, so they compare
+    as worse than any finite iterate and never count as converged.
+    """
+    diff = tf.norm(fz - z, axis=-1)
+    size = tf.norm(fz, axis=-1)
+    if stop_mode == "abs":
+        res = diff
+    elif stop_mode == "rel":
+        res = diff / (size + tf.cast(_REL_EPS, fz.dtype))
+    else:
+        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}.")
+    # An overflowing ||f(z)|| would otherwise make the relative residual zero.
+    finite = tf.logical_and(tf.math.is_finite(res), tf.math.is_finite(size))
+    return tf.where(finite, res, tf.cast(float("inf"), res.dtype))
+
+
+def check_solver_arguments(max_iter, tol, stop_mode):
+    """Raise a ``ValueError`` naming the argument that is out of range."""
+    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
+        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
+    if not (isinstance(tol, (int, float)) and tol > 0):
+        raise ValueError(f"tol must be a positive number, got {tol!r}.")
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}.")
+
+
+def as_flat_state(z0):
+    """Check that ``z0`` is a ``(batch, dim)`` floating tensor with a static ``dim``."""
+    z0 = tf.convert_to_tensor(z0)
+    if z0.shape.rank != 2 or z0.shape[-1] is None:
+        raise ValueError(
+            "The solver state must have shape (batch, dim) with a known dim; "
+            f"got a tensor of shape {z0.shape}."
+        )
+    if not z0.dtype.is_floating:
+        raise ValueError(f"The solver state must be floating point, got dtype {z0.dtype.name}.")
+    return z0
+
+
+def iterate(f, z0, init, step, max_iter, tol, stop_mode):
+    """Run a solver described by ``init`` and ``step`` on ``z = f(z)``.
+
+    Args:
+        f: maps a ``(batch, dim)`` tensor to one of the same shape.
+        z0: the starting point, ``(batch, dim)``.
+        init: ``init(z0, fz0) -> state``, the solver's loop state (a nest of tensors).
+        step: ``step(z, fz, state, k) -> (z_next, state)``.
+        max_iter: the largest number of evaluations of ``f``.
+        tol: stop once every sample's residual is at most ``tol``.
+        stop_mode: ``"abs"`` or ``"rel"``.
+
+    Returns:
+        ``(z, stats)``: the lowest-residual iterate of each sample, in ``z0``'s dtype,
+        and a :class:`SolverStats`.
+    """
+    check_solver_arguments(max_iter, tol, stop_mode)
+    z0 = as_flat_state(z0)
+    out_dtype = z0.dtype
+    dtype = internal_dtype(out_dtype)
+
+    def f_internal(z):
+        return tf.cast(f(tf.cast(z, out_dtype)), dtype)
+
+    z = tf.cast(z0, dtype)
+    fz = f_internal(z)
+    res = residual_norm(z, fz, stop_mode)
+    tol_t = tf.cast(tol, dtype)
+    trace = tf.tensor_scatter_nd_update(
+        tf.zeros([max_iter], dtype), [[0]], [tf.reduce_mean(res)]
+    )
+    loop_vars = (tf.constant(1), z, fz, z, res, trace, init(z, fz))
+
+    def cond(k, z, fz, best_z, best_res, trace, state):
+        return tf.logical_and(k < max_iter, tf.logical_not(tf.reduce_all(best_res <= tol_t)))
+
+    def body(k, z, fz, best_z, best_res, trace, state):
+        z_next, state = step(z, fz, state, k - 1)
+        fz_next = f_internal(z_next)
+        res = residual_norm(z_next, fz_next, stop_mode)
+        better = res < best_res
+        best_z = tf.where(better[:, None], z_next, best_z)
+        best_res = tf.where(better, res, best_res)
+        trace = tf.tensor_scatter_nd_update(trace, [[k]], [tf.reduce_mean(res)])
+        return k + 1, z_next, fz_next, best_z, best_res, trace, state
+
+    steps, _, _, best_z, best_res, trace, _ = tf.while_loop(
+        cond, body, loop_vars, maximum_iterations=max_iter - 1
+    )
+    stats = SolverStats(
+        steps=steps,
+        residual=best_res,
+        converged=best_res <= tol_t,
+        trace=trace,
+    )
+    return tf.cast(best_z, out_dtype), stats

@@ -1,0 +1,212 @@
+"""``fixed_point_solve``: a differentiable equilibrium solve in plain TensorFlow.
+
+The forward solve runs without recording on any gradient tape, so memory does not
+depend on the number of forward iterations. Gradients then come from one of three
+backward modes:
+
+- ``"implicit"``: the implicit function theorem (Bai et al., "Deep Equilibrium
+  Models", 2019). With ``z* = f(z*, x)`` and upstream gradient ``v = dL/dz*``, solve
+  the adjoint fixed point ``g = J_f(z*)^T g + v`` with the forward solver family, then
+  one vector-Jacobian product ``g^T df/d(x, theta)`` gives every input and parameter
+  gradient.
+- ``"phantom"``: ``k`` damped steps ``z <- (1 - lam) z + lam f(z, x)`` from ``z*``,
+  differentiated by ordinary autodiff (Geng et al., "On Training Implicit Models", 2021).
+- ``"unrolled"``: ordinary autodiff through ``max_iter`` plain iterations of ``f``
+  from ``z0``, with no early exit: the weight-tied network the equilibrium model is the
+  limit of. Memory grows with ``max_iter``; it serves as an ablation and a reference.
+"""
+
+import tensorflow as tf
+
+# ``tf.recompute_grad`` uses the same call to keep a custom-gradient forward pass off
+# every active tape; there is no public equivalent.
+from tensorflow.python.eager import record
+
+from keras_mmfusion.equilibrium.iteration import (
+    SolverStats,
+    as_flat_state,
+    check_solver_arguments,
+    residual_norm,
+)
+from keras_mmfusion.equilibrium.solvers import get_solver
+
+BACKWARD_MODES = ("implicit", "phantom", "unrolled")
+
+
+def check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping):
+    """Raise a ``ValueError`` naming the backward-pass argument that is out of range."""
+    if backward not in BACKWARD_MODES:
+        raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}.")
+    if backward_max_iter is not None and (
+        isinstance(backward_max_iter, bool)
+        or not isinstance(backward_max_iter, int)
+        or backward_max_iter < 1
+    ):
+        raise ValueError(f"backward_max_iter must be None or an integer >= 1, got {backward_max_iter!r}.")
+    if backward_tol is not None and not (isinstance(backward_tol, (int, float)) and backward_tol > 0):
+        raise ValueError(f"backward_tol must be None or a positive number, got {backward_tol!r}.")
+    if isinstance(phantom_steps, bool) or not isinstance(phantom_steps, int) or phantom_steps < 1:
+        raise ValueError(f"phantom_steps must be an integer >= 1, got {phantom_steps!r}.")
+    if not (isinstance(phantom_damping, (int, float)) and 0 < phantom_damping <= 1):
+        raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}.")
+
+
+def fixed_point_solve(
+    f,
+    x,
+    z0,
+    *,
+    solver="anderson",
+    max_iter=50,
+    tol=1e-4,
+    stop_mode="rel",
+    backward="implicit",
+    backward_max_iter=None,
+    backward_tol=None,
+    phantom_steps=5,
+    phantom_damping=0.5,
+    solver_options=None,
+):
+    """Solve ``z = f(z, x)`` and make the solution differentiable.
+
+    Args:
+        f: ``f(z, x) -> z``, a differentiable TensorFlow function of a ``(batch, dim)``
+            state ``z`` and the inputs ``x``. It may read ``tf.Variable``s (Keras layer
+            weights included); they receive gradients. Layers it calls must already be
+            built.
+        x: a tensor or a nest of tensors passed through to ``f`` unchanged.
+        z0: the starting point, ``(batch, dim)``, floating point. It receives no gradient.
+        solver: a registered solver name (``"anderson"``, ``"broyden"``,
+            ``"fixed_point"``) or a solve function with the registry's signature.
+        max_iter: the largest number of evaluations of ``f`` in the forward solve.
+        tol: forward stopping tolerance on every sample's residual.
+        stop_mode: ``"abs"`` or ``"rel"`` residual.
+        backward: ``"implicit"``, ``"phantom"`` or ``"unrolled"`` (see the module doc).
+        backward_max_iter: iterations of the adjoint solve; defaults to ``max_iter``.
+        backward_tol: tolerance of the adjoint solve; defaults to ``tol``.
+        phantom_steps: the number of unrolled steps ``k`` of the phantom gradient.
+        phantom_damping: the damping ``lam`` of the phantom steps, in ``(0, 1]``.
+        solver_options: keyword arguments for the solver, e.g. ``{"memory": 5}``.
+
+    Returns:
+        ``(z, stats)``: the solution in ``z0``'s dtype and a ``SolverStats`` of the
+        forward solve. For ``"unrolled"`` the solution is the last iterate and ``steps``
+        is ``max_iter``.
+    """
+    check_solver_arguments(max_iter, tol, stop_mode)
+    check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping)
+    z0 = tf.stop_gradient(as_flat_state(z0))
+    options = dict(solver_options or {})
+    solve = get_solver(solver)
+
+    if backward == "unrolled":
+        return _unrolled(f, x, z0, max_iter, tol, stop_mode)
+
+    def forward(fn):
+        return solve(fn, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **options)
+
+    if backward == "phantom":
+        z, stats = _solve_with_gradient(f, x, forward, _no_gradient)
+        z = tf.stop_gradient(z)
+        for _ in range(phantom_steps):
+            z = (1.0 - phantom_damping) * z + phantom_damping * f(z, x)
+        return z, stats
+
+    def adjoint_solve(fn, v):
+        return solve(
+            fn,
+            tf.zeros_like(v),
+            max_iter=backward_max_iter or max_iter,
+            tol=backward_tol or tol,
+            stop_mode=stop_mode,
+            **options,
+        )
+
+    def implicit_gradient(z_star, xs, fz_of, dz, variables):
+        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+            tape.watch(z_star)
+            tape.watch(xs)
+            tape.watch(variables)
+            fz = fz_of(z_star, xs)
+
+        def adjoint_map(g):
+            return tape.gradient(fz, z_star, output_gradients=g) + dz
+
+        g, _ = adjoint_solve(adjoint_map, dz)
+        grads = tape.gradient(
+            fz,
+            list(xs) + variables,
+            output_gradients=g,
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+        return grads[: len(xs)], grads[len(xs) :]
+
+    return _solve_with_gradient(f, x, forward, implicit_gradient)
+
+
+def _no_gradient(z_star, xs, fz_of, dz, variables):
+    return [tf.zeros_like(t) for t in xs], [tf.zeros_like(v) for v in variables]
+
+
+def _solve_with_gradient(f, x, forward, gradient):
+    """Run ``forward`` off every tape; its gradient is ``gradient(z*, xs, f, dz, variables)``.
+
+    ``xs`` is the flat list of tensors in ``x``; ``gradient`` returns the gradients for
+    ``xs`` and for the variables ``f`` reads.
+    """
+    flat = [tf.convert_to_tensor(t) for t in tf.nest.flatten(x)]
+    if not flat:
+        # tf.custom_gradient needs at least one tensor input.
+        flat = [tf.zeros([0])]
+
+        def fz_of(z, xs):
+            return f(z, x)
+
+    else:
+
+        def fz_of(z, xs):
+            return f(z, tf.nest.pack_sequence_as(x, list(xs)))
+
+    record_of_stats = []
+
+    @tf.custom_gradient
+    def solve(*xs):
+        with record.stop_recording():
+            z_star, stats = forward(lambda z: fz_of(z, xs))
+        record_of_stats.append(stats)
+
+        def grad(dz, variables=None):
+            return gradient(z_star, xs, fz_of, dz, list(variables or []))
+
+        return z_star, grad
+
+    z_star = solve(*flat)
+    return z_star, record_of_stats[0]
+
+
+def _unrolled(f, x, z0, max_iter, tol, stop_mode):
+    """``max_iter`` plain iterations of ``f`` from ``z0``, differentiated by autodiff."""
+    dtype = z0.dtype
+
+    def body(k, z, trace):
+        fz = f(z, x)
+        res = residual_norm(z, fz, stop_mode)
+        trace = tf.tensor_scatter_nd_update(trace, [[k]], [tf.cast(tf.reduce_mean(res), trace.dtype)])
+        return k + 1, fz, trace
+
+    trace0 = tf.zeros([max_iter], tf.float64 if dtype == tf.float64 else tf.float32)
+    _, z, trace = tf.while_loop(
+        lambda k, z, trace: k < max_iter,
+        body,
+        (tf.constant(0), z0, trace0),
+        maximum_iterations=max_iter,
+    )
+    res = tf.stop_gradient(residual_norm(z, f(z, x), stop_mode))
+    res = tf.cast(res, trace.dtype)
+    stats = SolverStats(
+        steps=tf.constant(max_iter),
+        residual=res,
+        converged=res <= tf.cast(tol, res.dtype),
+        trace=trace,
+    )
+    return z, stats

@@ -1,0 +1,297 @@
+"""DEQ fusion (Ni et al., "Deep Equilibrium Multimodal Fusion", arXiv 2306.16645)."""
+
+import keras
+from keras import ops
+
+from keras_mmfusion.equilibrium.iteration import check_solver_arguments
+from keras_mmfusion.equilibrium.jacobian import hutchinson_jacobian_norm
+from keras_mmfusion.equilibrium.solve import check_backward_arguments, fixed_point_solve
+from keras_mmfusion.equilibrium.solvers import available_solvers
+from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
+from keras_mmfusion.metrics import SolverStatsMetric
+
+
+class _ModalityBlock(keras.layers.Layer):
+    """One modality's update: ``GN3(relu(GN2(W2 relu(GN1(W1 z)) + x) + z))``."""
+
+    def __init__(self, units, groups, kernel_initializer, **kwargs):
+        super().__init__(**kwargs)
+        dense = dict(kernel_initializer=kernel_initializer, dtype=self.dtype_policy)
+        norm = dict(groups=groups, epsilon=1e-5, dtype=self.dtype_policy)
+        self.dense1 = keras.layers.Dense(units, name="dense1", **dense)
+        self.dense2 = keras.layers.Dense(units, name="dense2", **dense)
+        self.norm1 = keras.layers.GroupNormalization(name="norm1", **norm)
+        self.norm2 = keras.layers.GroupNormalization(name="norm2", **norm)
+        self.norm3 = keras.layers.GroupNormalization(name="norm3", **norm)
+
+    def build(self, input_shape):
+        for layer in (self.dense1, self.dense2, self.norm1, self.norm2, self.norm3):
+            layer.build(input_shape)
+
+    def call(self, z, x):
+        h = ops.relu(self.norm1(self.dense1(z)))
+        h = self.norm2(self.dense2(h) + x)
+        return self.norm3(ops.relu(h + z))
+
+
+class _PurifyCombineBlock(keras.layers.Layer):
+    """The fused state's update: ``relu(GN(W_f sum_i z_f * W_g(z_i' + z_f) + x_fuse))``.
+
+    The gate ``W_g`` is shared by the modalities and, as in the reference code, linear.
+    """
+
+    def __init__(self, units, groups, kernel_initializer, **kwargs):
+        super().__init__(**kwargs)
+        dense = dict(kernel_initializer=kernel_initializer, dtype=self.dtype_policy)
+        self.gate = keras.layers.Dense(units, name="gate", **dense)
+        self.combine = keras.layers.Dense(units, name="combine", **dense)
+        self.norm = keras.layers.GroupNormalization(
+            groups=groups, epsilon=1e-5, name="norm", dtype=self.dtype_policy
+        )
+
+    def build(self, input_shape):
+        for layer in (self.gate, self.combine, self.norm):
+            layer.build(input_shape)
+
+    def call(self, z_fuse, modality_states, x_fuse):
+        purified = [z_fuse * self.gate(z_i + z_fuse) for z_i in modality_states]
+        return ops.relu(self.norm(self.combine(ops.sum(ops.stack(purified), axis=0)) + x_fuse))
+
+
+@keras.saving.register_keras_serializable(package="keras_mmfusion")
+class DEQFusion(keras.layers.Layer):
+    """Deep equilibrium multimodal fusion.
+
+    Each modality ``i`` has a state ``z_i`` and there is a fused state ``z_fuse``. One
+    update ``f`` refreshes all of them: every ``z_i`` goes through a residual block
+    with GroupNorm and the injected input ``x_i``; then ``z_fuse`` is "purified" by a
+    shared gate computed from ``z_i' + z_fuse`` for every modality, and the purified
+    copies are summed, passed through a linear layer plus the injected weighted sum
+    ``x_fuse = sum_i w_i x_i + b``, a ReLU and GroupNorm. The layer solves for the
+    fixed point ``z* = f(z*; x)`` from ``z = 0`` and returns ``z_fuse*``.
+
+    The solve runs in a bounded ``tf.while_loop``; gradients come from the backward
+    mode chosen (implicit differentiation by default), so training memory does not
+    grow with the number of solver iterations. Solver statistics are logged by
+    ``model.fit``/``evaluate`` as ``deq_steps`` and ``deq_residual`` and are readable
+    after any call from :attr:`last_stats`.
+
+    Args:
+        units: width of every state. Inputs whose width differs are projected to it
+            by a Dense layer. ``None`` uses the inputs' common width, and then all
+            input widths must be equal.
+        solver: ``"anderson"``, ``"broyden"`` or ``"fixed_point"``.
+        max_iter: the largest number of evaluations of ``f`` per forward solve.
+        tol: the forward stopping tolerance on every sample's residual.
+        stop_mode: ``"rel"`` (``||f(z) - z|| / ||f(z)||``) or ``"abs"``.
+        backward: ``"implicit"``, ``"phantom"`` or ``"unrolled"``; see
+            :func:`keras_mmfusion.equilibrium.fixed_point_solve`.
+        backward_max_iter: iterations of the implicit adjoint solve (default
+            ``max_iter``).
+        backward_tol: tolerance of the adjoint solve (default ``tol``).
+        jacobian_weight: weight of the Hutchinson estimate of ``||J_f(z*)||_F^2 / dim``,
+            added with ``add_loss`` in training calls only. 0 disables it.
+        jacobian_probes: the number of probe vectors of that estimate.
+        num_groups: GroupNorm groups; ``units`` must be divisible by it.
+        phantom_steps: unrolled steps of the phantom gradient.
+        phantom_damping: damping of the phantom steps.
+        solver_options: extra keyword arguments for the solver, e.g.
+            ``{"memory": 5, "ridge": 1e-4}`` for Anderson.
+        kernel_initializer: initializer of every Dense kernel.
+        seed: seed of the Jacobian probes.
+        **kwargs: base ``Layer`` arguments (``name``, ``dtype``, ...).
+
+    Input shape:
+        A list of ``N >= 2`` tensors ``(batch, d_i)``.
+
+    Output shape:
+        ``(batch, units)``.
+
+    Example:
+
+    >>> import numpy as np
+    >>> fused = DEQFusion(units=16)([np.ones((4, 8)), np.ones((4, 12))])
+    >>> tuple(fused.shape)
+    (4, 16)
+    """
+
+    def __init__(
+        self,
+        units=None,
+        solver="anderson",
+        max_iter=50,
+        tol=1e-4,
+        stop_mode="rel",
+        backward="implicit",
+        backward_max_iter=None,
+        backward_tol=None,
+        jacobian_weight=0.0,
+        jacobian_probes=1,
+        num_groups=4,
+        phantom_steps=5,
+        phantom_damping=0.5,
+        solver_options=None,
+        kernel_initializer="glorot_uniform",
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        if units is not None and (isinstance(units, bool) or not isinstance(units, int) or units < 1):
+            raise ValueError(f"units must be None or a positive integer, got {units!r}.")
+        if solver not in available_solvers():
+            raise ValueError(f"solver must be one of {available_solvers()}, got {solver!r}.")
+        check_solver_arguments(max_iter, tol, stop_mode)
+        check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping)
+        if not (isinstance(jacobian_weight, (int, float)) and jacobian_weight >= 0):
+            raise ValueError(f"jacobian_weight must be a number >= 0, got {jacobian_weight!r}.")
+        for name, value in (("jacobian_probes", jacobian_probes), ("num_groups", num_groups)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        if solver_options is not None and not isinstance(solver_options, dict):
+            raise ValueError(f"solver_options must be a dict or None, got {solver_options!r}.")
+        self.units = units
+        self.solver = solver
+        self.max_iter = max_iter
+        self.tol = tol
+        self.stop_mode = stop_mode
+        self.backward = backward
+        self.backward_max_iter = backward_max_iter
+        self.backward_tol = backward_tol
+        self.jacobian_weight = jacobian_weight
+        self.jacobian_probes = jacobian_probes
+        self.num_groups = num_groups
+        self.phantom_steps = phantom_steps
+        self.phantom_damping = phantom_damping
+        self.solver_options = dict(solver_options or {})
+        self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.seed = seed
+        self.stats_metric = SolverStatsMetric(prefix="deq", name=f"{self.name}_solver_stats")
+        self._seed_generator = keras.random.SeedGenerator(seed) if jacobian_weight > 0 else None
+
+    def build(self, input_shape):
+        name = f"DEQFusion '{self.name}'"
+        widths = modality_widths(name, input_shape)
+        units = self.units
+        if units is None:
+            if len(set(widths)) != 1:
+                raise ValueError(
+                    f"{name}: the input widths {widths} differ, so units=None cannot "
+                    "use a common width; pass units=... to project every input to it."
+                )
+            units = widths[0]
+        if units % self.num_groups:
+            raise ValueError(
+                f"{name}: the state width {units} "
+                f"({'units' if self.units else 'the common input width'}) must be "
+                f"divisible by num_groups={self.num_groups}."
+            )
+        self._widths = widths
+        self._state_units = units
+        self.projections = [
+            keras.layers.Dense(
+                units,
+                kernel_initializer=self.kernel_initializer,
+                name=f"projection_{i}",
+                dtype=self.dtype_policy,
+            )
+            if width != units
+            else None
+            for i, width in enumerate(widths)
+        ]
+        for width, projection in zip(widths, self.projections):
+            if projection is not None:
+                projection.build((None, width))
+        block = dict(
+            units=units,
+            groups=self.num_groups,
+            kernel_initializer=self.kernel_initializer,
+            dtype=self.dtype_policy,
+        )
+        self.modality_blocks = [
+            _ModalityBlock(name=f"modality_block_{i}", **block) for i in range(len(widths))
+        ]
+        self.fusion_block = _PurifyCombineBlock(name="fusion_block", **block)
+        for layer in self.modality_blocks + [self.fusion_block]:
+            layer.build((None, units))
+        self.injection_weights = self.add_weight(
+            shape=(len(widths),), initializer="ones", name="injection_weights"
+        )
+        self.injection_bias = self.add_weight(shape=(1,), initializer="zeros", name="injection_bias")
+
+    def _equilibrium_map(self, z, x):
+        xs, x_fuse = x
+        states = ops.split(z, len(xs) + 1, axis=-1)
+        updated = [block(s, xi) for block, s, xi in zip(self.modality_blocks, states[:-1], xs)]
+        fused = self.fusion_block(states[-1], updated, x_fuse)
+        return ops.concatenate(updated + [fused], axis=-1)
+
+    def call(self, inputs, training=None):
+        check_modalities(f"DEQFusion '{self.name}'", inputs, self._widths)
+        xs = [x if p is None else p(x) for x, p in zip(inputs, self.projections)]
+        weights = ops.cast(self.injection_weights, xs[0].dtype)
+        x_fuse = sum(weights[i] * x for i, x in enumerate(xs)) + ops.cast(self.injection_bias, xs[0].dtype)
+        x = (xs, x_fuse)
+        width = self._state_units * (len(xs) + 1)
+        z0 = ops.zeros((ops.shape(xs[0])[0], width), dtype=xs[0].dtype)
+        z, stats = fixed_point_solve(
+            self._equilibrium_map,
+            x,
+            z0,
+            solver=self.solver,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            stop_mode=self.stop_mode,
+            backward=self.backward,
+            backward_max_iter=self.backward_max_iter,
+            backward_tol=self.backward_tol,
+            phantom_steps=self.phantom_steps,
+            phantom_damping=self.phantom_damping,
+            solver_options=self.solver_options,
+        )
+        self.stats_metric.update_state(stats)
+        if training and self.jacobian_weight > 0:
+            probes = keras.random.normal(
+                (self.jacobian_probes,) + tuple(ops.shape(z)), dtype=z.dtype, seed=self._seed_generator
+            )
+            penalty = hutchinson_jacobian_norm(
+                lambda s: self._equilibrium_map(s, x), ops.stop_gradient(z), probes=probes
+            )
+            self.add_loss(self.jacobian_weight * ops.cast(penalty, "float32"))
+        return z[:, -self._state_units :]
+
+    @property
+    def last_stats(self):
+        """``{"steps", "residual", "converged"}`` of the last forward solve.
+
+        ``steps`` counts evaluations of the update, ``residual`` is the largest
+        per-sample residual in the batch and ``converged`` says whether every sample
+        met ``tol``. Values are zero before the first call.
+        """
+        return self.stats_metric.last()
+
+    def compute_output_shape(self, input_shape):
+        widths = modality_widths(f"DEQFusion '{self.name}'", input_shape)
+        units = self.units if self.units is not None else widths[0]
+        return (tuple(input_shape[0])[0], units)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(
+            units=self.units,
+            solver=self.solver,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            stop_mode=self.stop_mode,
+            backward=self.backward,
+            backward_max_iter=self.backward_max_iter,
+            backward_tol=self.backward_tol,
+            jacobian_weight=self.jacobian_weight,
+            jacobian_probes=self.jacobian_probes,
+            num_groups=self.num_groups,
+            phantom_steps=self.phantom_steps,
+            phantom_damping=self.phantom_damping,
+            solver_options=dict(self.solver_options),
+            kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            seed=self.seed,
+        )
+        return config
