@@ -1,0 +1,182 @@
+import gc
+import weakref
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_mmfusion.equilibrium import fixed_point_solve, hutchinson_jacobian_norm
+
+DIM, IN, BATCH = 6, 4, 3
+
+
+def make_problem(seed=0):
+    """f(z, x) = tanh(z W + x U + b), a contraction (||W||_2 = 0.6), in float64."""
+    rng = np.random.default_rng(seed)
+    w = rng.normal(size=(DIM, DIM))
+    w = tf.Variable(0.6 * w / np.linalg.norm(w, 2), name="W")
+    u = tf.Variable(rng.normal(size=(IN, DIM)), name="U")
+    b = tf.Variable(rng.normal(size=(DIM,)), name="b")
+    x = tf.constant(rng.normal(size=(BATCH, IN)))
+    weights = tf.constant(rng.normal(size=(BATCH, DIM)))
+
+    def f(z, x):
+        return tf.tanh(z @ w + x @ u + b)
+
+    def loss(z):
+        return tf.reduce_sum(tf.sin(z) * weights)
+
+    return f, x, (w, u, b), loss
+
+
+def solution_loss(f, x, loss, **kwargs):
+    z, _ = fixed_point_solve(f, x, tf.zeros((BATCH, DIM), tf.float64), **kwargs)
+    return loss(z)
+
+
+def gradients(f, x, variables, loss, **kwargs):
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        value = solution_loss(f, x, loss, **kwargs)
+    return tape.gradient(value, [x, *variables])
+
+
+def rel_err(a, b):
+    return float(np.linalg.norm(np.ravel(a) - np.ravel(b)) / np.linalg.norm(np.ravel(b)))
+
+
+IMPLICIT = dict(backward="implicit", max_iter=200, tol=1e-13, backward_tol=1e-13)
+
+
+@pytest.mark.parametrize("solver", ["anderson", "broyden", "fixed_point"])
+def test_implicit_matches_unrolled_autodiff(solver):
+    f, x, variables, loss = make_problem()
+    implicit = gradients(f, x, variables, loss, solver=solver, **IMPLICIT)
+    unrolled = gradients(f, x, variables, loss, backward="unrolled", max_iter=120)
+    for name, a, b in zip(["x", "W", "U", "b"], implicit, unrolled):
+        assert rel_err(a, b) < 1e-4, name
+
+
+def test_implicit_matches_central_finite_differences():
+    f, x, variables, loss = make_problem(seed=1)
+    grads = gradients(f, x, variables, loss, solver="anderson", **IMPLICIT)
+    eps = 1e-6
+    x_np = x.numpy()
+    fd_x = np.zeros_like(x_np)
+    for idx in np.ndindex(*x_np.shape):
+        step = np.zeros_like(x_np)
+        step[idx] = eps
+        up = solution_loss(f, tf.constant(x_np + step), loss, **IMPLICIT)
+        down = solution_loss(f, tf.constant(x_np - step), loss, **IMPLICIT)
+        fd_x[idx] = (up - down) / (2 * eps)
+    assert rel_err(grads[0], fd_x) < 1e-4
+    for var, grad in zip(variables, grads[1:]):
+        value = var.numpy()
+        fd = np.zeros_like(value)
+        for idx in np.ndindex(*value.shape):
+            step = np.zeros_like(value)
+            step[idx] = eps
+            var.assign(value + step)
+            up = solution_loss(f, x, loss, **IMPLICIT)
+            var.assign(value - step)
+            down = solution_loss(f, x, loss, **IMPLICIT)
+            var.assign(value)
+            fd[idx] = (up - down) / (2 * eps)
+        assert rel_err(grad, fd) < 1e-4, var.name
+
+
+@pytest.mark.parametrize("mode", ["tf_function", "xla"])
+def test_implicit_gradients_in_graph_mode_and_xla(mode):
+    f, x, variables, loss = make_problem(seed=2)
+    eager = gradients(f, x, variables, loss, solver="anderson", **IMPLICIT)
+    compiled = tf.function(
+        lambda x: gradients(f, x, variables, loss, solver="anderson", **IMPLICIT),
+        jit_compile=(mode == "xla"),
+    )(x)
+    for a, b in zip(compiled, eager):
+        assert rel_err(a, b) < 1e-8
+
+
+def test_phantom_gradient_points_the_same_way():
+    f, x, variables, loss = make_problem(seed=3)
+    exact = gradients(f, x, variables, loss, solver="anderson", **IMPLICIT)
+    phantom = gradients(f, x, variables, loss, solver="anderson", backward="phantom", max_iter=200, tol=1e-12)
+    a = np.concatenate([np.ravel(g) for g in phantom])
+    b = np.concatenate([np.ravel(g) for g in exact])
+    cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
+    assert cosine > 0.9
+
+
+def test_nested_inputs_and_unused_inputs_get_gradients():
+    f, x, variables, loss = make_problem(seed=4)
+    unused = tf.constant(np.ones((BATCH, 2)))
+
+    def g(z, inputs):
+        return f(z, inputs["x"])
+
+    with tf.GradientTape() as tape:
+        tape.watch([x, unused])
+        z, _ = fixed_point_solve(g, {"x": x, "unused": unused}, tf.zeros((BATCH, DIM), tf.float64), **IMPLICIT)
+        value = loss(z)
+    gx, gu = tape.gradient(value, [x, unused])
+    reference = gradients(f, x, variables, loss, **IMPLICIT)[0]
+    assert rel_err(gx, reference) < 1e-10
+    np.testing.assert_array_equal(gu.numpy(), 0.0)
+
+
+def _alive_update_outputs(backward, iters):
+    """How many outputs of f an open tape keeps alive after a solve of ``iters`` steps."""
+    f, x, _, loss = make_problem(seed=5)
+    refs = []
+
+    def tracked(z, x):
+        out = f(z, x)
+        refs.append(weakref.ref(out))
+        return out
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        solution_loss(tracked, x, loss, backward=backward, max_iter=iters, tol=1e-30)
+        gc.collect()
+        return sum(ref() is not None for ref in refs)
+
+
+def test_implicit_forward_keeps_no_per_iteration_tensors():
+    assert _alive_update_outputs("implicit", 40) == _alive_update_outputs("implicit", 10)
+    assert _alive_update_outputs("implicit", 40) <= 3
+    # The unrolled reference keeps one per iteration, which is what the implicit mode avoids.
+    assert _alive_update_outputs("unrolled", 40) >= 40
+
+
+def test_bad_backward_arguments_raise_value_error():
+    f, x, _, _ = make_problem()
+    z0 = tf.zeros((BATCH, DIM), tf.float64)
+    with pytest.raises(ValueError, match="backward must be one of"):
+        fixed_point_solve(f, x, z0, backward="adjoint")
+    with pytest.raises(ValueError, match="phantom_damping"):
+        fixed_point_solve(f, x, z0, backward="phantom", phantom_damping=2.0)
+    with pytest.raises(ValueError, match="backward_max_iter"):
+        fixed_point_solve(f, x, z0, backward_max_iter=0)
+
+
+def test_hutchinson_estimate_and_its_gradient():
+    rng = np.random.default_rng(6)
+    w = tf.Variable(rng.normal(size=(DIM, DIM)))
+    z = tf.constant(rng.normal(size=(BATCH, DIM)))
+    probes = rng.normal(size=(4, BATCH, DIM))
+
+    def f(z):
+        return z @ w
+
+    with tf.GradientTape() as tape:
+        estimate = hutchinson_jacobian_norm(f, z, probes=probes)
+    # For f(z) = z W, e^T J = e W^T; the estimate is the mean of ||e W^T||^2 / dim.
+    expected = np.sum((probes @ w.numpy().T) ** 2) / (4 * BATCH * DIM)
+    np.testing.assert_allclose(float(estimate), expected, rtol=1e-12)
+    # d/dW of e^T W^T W e is 2 W e e^T; summed over the probes and normalised.
+    outer = np.einsum("pbi,pbj->ij", probes, probes)
+    expected_grad = 2 * w.numpy() @ outer / (4 * BATCH * DIM)
+    np.testing.assert_allclose(tape.gradient(estimate, w).numpy(), expected_grad, rtol=1e-10)
+    # Without fixed probes the estimate is unbiased: many probes approach ||W||_F^2 / dim.
+    many = hutchinson_jacobian_norm(f, z, num_probes=2000)
+    np.testing.assert_allclose(float(many), np.sum(w.numpy() ** 2) / DIM, rtol=0.05)

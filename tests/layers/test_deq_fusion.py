@@ -1,0 +1,294 @@
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_mmfusion as mmf
+from keras_mmfusion.layers import DEQFusion
+
+WIDTHS = (8, 12, 8)
+
+
+def random_inputs(batch=5, widths=WIDTHS, seed=0, dtype="float32"):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(batch, w)).astype(dtype) for w in widths]
+
+
+def fusion_classifier(fusion, widths, units=16, num_classes=2):
+    """The standard encoder -> fusion -> MLP head classifier used by the examples."""
+    inputs = [keras.Input((w,), name=f"modality_{i}") for i, w in enumerate(widths)]
+    encoded = [keras.layers.Dense(units, activation="relu")(x) for x in inputs]
+    hidden = keras.layers.Dense(units, activation="relu")(fusion(encoded))
+    outputs = keras.layers.Dense(num_classes, activation="softmax")(hidden)
+    return keras.Model(inputs, outputs)
+
+
+def linear_classifier(widths, num_classes=2):
+    inputs = [keras.Input((w,)) for w in widths]
+    concat = keras.layers.Concatenate()(inputs)
+    return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(concat))
+
+
+def test_output_shape_projection_and_last_stats():
+    layer = DEQFusion(units=16, max_iter=30)
+    out = layer(random_inputs())
+    assert tuple(out.shape) == (5, 16)
+    # Widths 8 differ from units 16 and are projected; width 12 too.
+    assert all(p is not None for p in layer.projections)
+    stats = layer.last_stats
+    assert set(stats) == {"steps", "residual", "converged"}
+    assert 1 <= int(stats["steps"]) <= 30
+    assert np.isfinite(float(stats["residual"]))
+    assert bool(stats["converged"]) == (float(stats["residual"]) <= layer.tol)
+
+
+def test_units_none_uses_the_common_width_without_projection():
+    layer = DEQFusion(max_iter=5)
+    out = layer(random_inputs(widths=(8, 8)))
+    assert tuple(out.shape) == (5, 8)
+    assert layer.projections == [None, None]
+    with pytest.raises(ValueError, match=r"widths \[8, 12\] differ"):
+        DEQFusion()(random_inputs(widths=(8, 12)))
+
+
+def test_get_config_round_trips():
+    layer = DEQFusion(
+        units=12,
+        solver="broyden",
+        max_iter=7,
+        tol=1e-3,
+        stop_mode="abs",
+        backward="phantom",
+        backward_max_iter=9,
+        backward_tol=1e-5,
+        jacobian_weight=0.5,
+        jacobian_probes=2,
+        num_groups=3,
+        phantom_steps=4,
+        phantom_damping=0.7,
+        solver_options={"memory": 6},
+        seed=11,
+        name="fuse",
+    )
+    config = layer.get_config()
+    clone = DEQFusion.from_config(config)
+    assert clone.get_config() == config
+    for key, value in dict(units=12, solver="broyden", max_iter=7, backward="phantom", num_groups=3).items():
+        assert config[key] == value
+
+
+def contractive_layer(inputs, seed=3, **kwargs):
+    """A built float64 DEQFusion whose update is a contraction.
+
+    GroupNorm divides by the spread of its input, so small weights alone do not make
+    the update contract; scaling the GroupNorm gains down does, which plain iteration
+    (the unrolled reference) needs in order to converge.
+    """
+    keras.utils.set_random_seed(seed)
+    layer = DEQFusion(dtype="float64", kernel_initializer=keras.initializers.RandomNormal(stddev=0.3), **kwargs)
+    layer(inputs)
+    for weight in layer.trainable_weights:
+        if weight.path.endswith("gamma"):
+            weight.assign(0.1 * weight.numpy())
+    return layer
+
+
+def weighted_output(layer, inputs):
+    out = layer(inputs)
+    return tf.reduce_sum(tf.sin(out) * tf.range(1.0, out.shape[-1] + 1.0, dtype=out.dtype))
+
+
+def test_layer_implicit_gradients_match_unrolled_in_float64():
+    inputs = [tf.constant(x) for x in random_inputs(batch=4, widths=(8, 8), dtype="float64")]
+    grads = {}
+    for backward in ("implicit", "unrolled"):
+        layer = contractive_layer(inputs, units=8, max_iter=150, tol=1e-13, backward=backward)
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            value = weighted_output(layer, inputs)
+        grads[backward] = tape.gradient(value, inputs + layer.trainable_weights)
+        assert float(layer.last_stats["residual"]) < 1e-11, backward
+    names = ["x0", "x1"] + [w.path for w in layer.trainable_weights]
+    for name, a, b in zip(names, grads["implicit"], grads["unrolled"]):
+        # The injection bias's true gradient is zero (GroupNorm removes a constant
+        # shift), hence the small absolute tolerance next to the relative one.
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-4, atol=1e-10, err_msg=name)
+    assert float(tf.norm(grads["implicit"][0])) > 1e-3  # not a comparison of zeros
+
+
+def test_layer_gradients_match_finite_differences_along_random_directions():
+    inputs = [tf.constant(x) for x in random_inputs(batch=3, widths=(8, 8), dtype="float64")]
+    layer = contractive_layer(inputs, seed=5, units=8, max_iter=150, tol=1e-13)
+    with tf.GradientTape() as tape:
+        tape.watch(inputs)
+        value = weighted_output(layer, inputs)
+    params = inputs + [tf.constant(w.numpy()) for w in layer.trainable_weights]
+    grads = tape.gradient(value, inputs + layer.trainable_weights)
+    rng = np.random.default_rng(0)
+    eps = 1e-5
+    for _ in range(3):
+        directions = [rng.normal(size=p.shape) for p in params]
+        analytic = sum(float(tf.reduce_sum(g * d)) for g, d in zip(grads, directions))
+
+        def shifted(sign):
+            for w, p, d in zip(layer.trainable_weights, params[2:], directions[2:]):
+                w.assign(p + sign * eps * d)
+            shifted_inputs = [x + sign * eps * d for x, d in zip(inputs, directions[:2])]
+            result = float(weighted_output(layer, shifted_inputs))
+            for w, p in zip(layer.trainable_weights, params[2:]):
+                w.assign(p)
+            return result
+
+        numeric = (shifted(1) - shifted(-1)) / (2 * eps)
+        assert abs(analytic - numeric) <= 1e-4 * abs(numeric), (analytic, numeric)
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    widths = (8, 8, 8)
+    inputs, labels = mmf.make_synthetic(1600, widths=widths, noise=0.7, seed=4)
+    train = ([x[:1200] for x in inputs], labels[:1200])
+    test = ([x[1200:] for x in inputs], labels[1200:])
+    return widths, train, test
+
+
+@pytest.fixture(scope="module")
+def linear_accuracy(synthetic):
+    widths, (x, y), (xt, yt) = synthetic
+    keras.utils.set_random_seed(0)
+    model = linear_classifier(widths)
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(x, y, epochs=15, batch_size=64, verbose=0)
+    return model.evaluate(xt, yt, verbose=0, return_dict=True)["accuracy"]
+
+
+@pytest.mark.parametrize("mode", ["tf_function", "jit_compile", "eager"])
+def test_fit_beats_linear_model_and_logs_solver_stats(mode, synthetic, linear_accuracy):
+    widths, (x, y), (xt, yt) = synthetic
+    keras.utils.set_random_seed(1)
+    model = fusion_classifier(DEQFusion(max_iter=10, tol=1e-3), widths)
+    model.compile(
+        keras.optimizers.Adam(3e-3),
+        "sparse_categorical_crossentropy",
+        metrics=["accuracy"],
+        run_eagerly=(mode == "eager"),
+        jit_compile=(mode == "jit_compile"),
+    )
+    # Eager execution runs the solver loop in Python, so it gets fewer, larger steps.
+    epochs, batch = (6, 200) if mode == "eager" else (20, 64)
+    history = model.fit(x, y, epochs=epochs, batch_size=batch, verbose=0)
+    assert {"deq_steps", "deq_residual"} <= set(history.history)
+    assert all(1 <= s <= 10 for s in history.history["deq_steps"])
+    if mode == "eager":
+        assert history.history["loss"][-1] < history.history["loss"][0] - 0.02
+        return
+    accuracy = model.evaluate(xt, yt, verbose=0, return_dict=True)["accuracy"]
+    assert linear_accuracy < 0.62
+    assert accuracy > linear_accuracy + 0.12
+
+
+def test_keras_save_and_load_in_safe_mode(tmp_path):
+    widths = (8, 12, 8)
+    model = fusion_classifier(DEQFusion(units=16, max_iter=8, jacobian_weight=0.1), widths)
+    model.compile("adam", "sparse_categorical_crossentropy")
+    x = random_inputs(batch=16, widths=widths)
+    model.fit(x, np.arange(16) % 2, epochs=1, verbose=0)
+    path = tmp_path / "deq.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    layer = [l for l in loaded.layers if isinstance(l, DEQFusion)][0]
+    assert layer.get_config()["jacobian_weight"] == 0.1
+
+
+def test_sequential_subclass_and_subclassed_model():
+    x = random_inputs(batch=6, widths=(8, 8))
+    y = np.arange(6) % 2
+
+    class SequentialClassifier(keras.Sequential):
+        pass
+
+    class SubclassedClassifier(keras.Model):
+        def __init__(self):
+            super().__init__()
+            self.fusion = DEQFusion(units=8, max_iter=6)
+            self.head = keras.layers.Dense(2, activation="softmax")
+
+        def call(self, inputs):
+            return self.head(self.fusion(inputs))
+
+    for model in (
+        SequentialClassifier([DEQFusion(units=8, max_iter=6), keras.layers.Dense(2, activation="softmax")]),
+        SubclassedClassifier(),
+    ):
+        model.compile("adam", "sparse_categorical_crossentropy")
+        history = model.fit(x, y, epochs=2, verbose=0)
+        assert "deq_steps" in history.history
+        assert model.predict(x, verbose=0).shape == (6, 2)
+
+
+def test_jacobian_penalty_is_added_in_training_only():
+    x = random_inputs(batch=4, widths=(8, 8))
+    layer = DEQFusion(units=8, max_iter=5, jacobian_weight=2.0, seed=1)
+    layer(x, training=False)
+    assert layer.losses == []
+    layer(x, training=True)
+    assert len(layer.losses) == 1 and float(layer.losses[0]) > 0
+    plain = DEQFusion(units=8, max_iter=5)
+    plain(x, training=True)
+    assert plain.losses == []
+
+
+def test_mixed_precision_runs_with_float32_solver_state():
+    keras.config.set_dtype_policy("mixed_float16")
+    layer = DEQFusion(units=8, max_iter=10)
+    out = layer(random_inputs(batch=4, widths=(8, 8)))
+    assert out.dtype == tf.float16
+    assert np.isfinite(out.numpy()).all()
+    assert layer.last_stats["residual"].dtype == tf.float32
+
+
+@pytest.mark.parametrize(
+    "inputs, message",
+    [
+        (np.ones((4, 8), "float32"), "must be called on a list"),
+        ([np.ones((4, 8), "float32")], "at least 2 modality tensors"),
+        ([np.ones((4, 8), "float32"), np.ones((4, 2, 8), "float32")], r"input 1 must have rank 2"),
+        ([np.ones((4, 8), "float32"), np.ones((3, 8), "float32")], r"input 1 has batch size 3 but input 0 has batch size 4"),
+    ],
+)
+def test_bad_inputs_raise_value_error_naming_the_problem(inputs, message):
+    with pytest.raises(ValueError, match=message):
+        DEQFusion(units=8)(inputs)
+
+
+def test_width_not_divisible_by_groups_raises_at_build():
+    with pytest.raises(ValueError, match=r"state width 10 \(units\) must be divisible by num_groups=4"):
+        DEQFusion(units=10)(random_inputs(widths=(8, 8)))
+    with pytest.raises(ValueError, match=r"state width 6 \(the common input width\)"):
+        DEQFusion()(random_inputs(widths=(6, 6)))
+
+
+def test_built_layer_rejects_inputs_of_another_shape():
+    layer = DEQFusion(units=8, max_iter=3)
+    layer(random_inputs(widths=(8, 8)))
+    with pytest.raises(ValueError, match=r"input 1 must have shape \(batch, 8\)"):
+        layer(random_inputs(widths=(8, 5)))
+    with pytest.raises(ValueError, match="built for 2 modalities and called on 3"):
+        layer(random_inputs(widths=(8, 8, 8)))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(solver="newton"), "solver must be one of"),
+        (dict(backward="adjoint"), "backward must be one of"),
+        (dict(units=0), "units must be None or a positive integer"),
+        (dict(max_iter=0), "max_iter"),
+        (dict(jacobian_weight=-1.0), "jacobian_weight"),
+        (dict(num_groups=0), "num_groups"),
+    ],
+)
+def test_bad_constructor_arguments(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DEQFusion(**kwargs)
