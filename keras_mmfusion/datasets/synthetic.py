@@ -3,6 +3,8 @@
 import numpy as np
 import tensorflow as tf
 
+from keras_mmfusion.validation import check_int
+
 # Norm of each class prototype. The per-feature noise has standard deviation ``noise``,
 # so at noise=1 a modality's own latent code is recovered about 98% of the time.
 _PROTOTYPE_NORM = 3.0
@@ -53,12 +55,9 @@ def make_synthetic(
         d_i)`` and ``labels`` int32 ``(num_samples,)``; or the dataset. With
         ``return_easy_mask``, a third element: the easy-sample mask.
     """
-    if isinstance(num_modalities, bool) or not isinstance(num_modalities, int) or num_modalities < 2:
-        raise ValueError(f"num_modalities must be an integer >= 2, got {num_modalities!r}.")
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 2:
-        raise ValueError(f"num_classes must be an integer >= 2, got {num_classes!r}.")
-    if isinstance(num_samples, bool) or not isinstance(num_samples, int) or num_samples < 1:
-        raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+    check_int("num_modalities", num_modalities, minimum=2)
+    check_int("num_classes", num_classes, minimum=2)
+    check_int("num_samples", num_samples)
     if isinstance(widths, int) and not isinstance(widths, bool):
         widths = [widths] * num_modalities
     widths = list(widths)

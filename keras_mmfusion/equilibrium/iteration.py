@@ -11,6 +11,8 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
+from keras_mmfusion.validation import check_int
+
 STOP_MODES = ("abs", "rel")
 
 # Added to ||f(z)|| in the relative residual so that a zero state does not divide by zero.
@@ -67,8 +69,7 @@ def residual_norm(z, fz, stop_mode):
 
 def check_solver_arguments(max_iter, tol, stop_mode):
     """Raise a ``ValueError`` naming the argument that is out of range."""
-    if isinstance(max_iter, bool) or not isinstance(max_iter, int) or max_iter < 1:
-        raise ValueError(f"max_iter must be an integer >= 1, got {max_iter!r}.")
+    check_int("max_iter", max_iter)
     if not (isinstance(tol, (int, float)) and tol > 0):
         raise ValueError(f"tol must be a positive number, got {tol!r}.")
     if stop_mode not in STOP_MODES:
@@ -88,6 +89,7 @@ def as_flat_state(z0):
     return z0
 
 
+@tf.autograph.experimental.do_not_convert
 def iterate(f, z0, init, step, max_iter, tol, stop_mode):
     """Run a solver described by ``init`` and ``step`` on ``z = f(z)``.
 
@@ -110,7 +112,9 @@ def iterate(f, z0, init, step, max_iter, tol, stop_mode):
     dtype = internal_dtype(out_dtype)
 
     def f_internal(z):
-        return tf.cast(f(tf.cast(z, out_dtype)), dtype)
+        # f may lose the static batch size (e.g. inputs traced with an unknown batch);
+        # the loop variables must keep the shape they entered the loop with.
+        return tf.ensure_shape(tf.cast(f(tf.cast(z, out_dtype)), dtype), z.shape)
 
     z = tf.cast(z0, dtype)
     fz = f_internal(z)

@@ -3,7 +3,10 @@ Models by Jacobian Regularization", 2021)."""
 
 import tensorflow as tf
 
+from keras_mmfusion.validation import check_int
 
+
+@tf.autograph.experimental.do_not_convert
 def hutchinson_jacobian_norm(f, z, num_probes=1, probes=None):
     """Hutchinson estimate of ``||J_f(z)||_F^2`` divided by the state size.
 
@@ -24,8 +27,7 @@ def hutchinson_jacobian_norm(f, z, num_probes=1, probes=None):
     """
     z = tf.convert_to_tensor(z)
     if probes is None:
-        if isinstance(num_probes, bool) or not isinstance(num_probes, int) or num_probes < 1:
-            raise ValueError(f"num_probes must be an integer >= 1, got {num_probes!r}.")
+        check_int("num_probes", num_probes)
         probes = tf.random.normal(tf.concat([[num_probes], tf.shape(z)], 0), dtype=z.dtype)
     else:
         probes = tf.cast(tf.convert_to_tensor(probes), z.dtype)

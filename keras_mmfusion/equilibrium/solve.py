@@ -29,6 +29,7 @@ from keras_mmfusion.equilibrium.iteration import (
     residual_norm,
 )
 from keras_mmfusion.equilibrium.solvers import get_solver
+from keras_mmfusion.validation import check_int
 
 BACKWARD_MODES = ("implicit", "phantom", "unrolled")
 
@@ -37,20 +38,16 @@ def check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_
     """Raise a ``ValueError`` naming the backward-pass argument that is out of range."""
     if backward not in BACKWARD_MODES:
         raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}.")
-    if backward_max_iter is not None and (
-        isinstance(backward_max_iter, bool)
-        or not isinstance(backward_max_iter, int)
-        or backward_max_iter < 1
-    ):
-        raise ValueError(f"backward_max_iter must be None or an integer >= 1, got {backward_max_iter!r}.")
+    if backward_max_iter is not None:
+        check_int("backward_max_iter", backward_max_iter)
     if backward_tol is not None and not (isinstance(backward_tol, (int, float)) and backward_tol > 0):
         raise ValueError(f"backward_tol must be None or a positive number, got {backward_tol!r}.")
-    if isinstance(phantom_steps, bool) or not isinstance(phantom_steps, int) or phantom_steps < 1:
-        raise ValueError(f"phantom_steps must be an integer >= 1, got {phantom_steps!r}.")
+    check_int("phantom_steps", phantom_steps)
     if not (isinstance(phantom_damping, (int, float)) and 0 < phantom_damping <= 1):
         raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}.")
 
 
+@tf.autograph.experimental.do_not_convert
 def fixed_point_solve(
     f,
     x,
@@ -189,7 +186,7 @@ def _unrolled(f, x, z0, max_iter, tol, stop_mode):
     dtype = z0.dtype
 
     def body(k, z, trace):
-        fz = f(z, x)
+        fz = tf.ensure_shape(f(z, x), z.shape)
         res = residual_norm(z, fz, stop_mode)
         trace = tf.tensor_scatter_nd_update(trace, [[k]], [tf.cast(tf.reduce_mean(res), trace.dtype)])
         return k + 1, fz, trace

@@ -10,6 +10,8 @@ so they work eagerly, inside ``tf.function`` and under ``jit_compile=True``.
 import numpy as np
 import tensorflow as tf
 
+from keras_mmfusion.validation import check_int
+
 from keras_mmfusion.equilibrium.iteration import iterate
 
 _SOLVERS = {}
@@ -19,6 +21,9 @@ def register_solver(name, solve=None):
     """Register ``solve`` under ``name``; usable as a decorator."""
 
     def decorator(fn):
+        # Solvers build their loops with tf.while_loop and branch on Python values only;
+        # autograph conversion would re-run this decorator's body and is not needed.
+        fn = tf.autograph.experimental.do_not_convert(fn)
         _SOLVERS[name] = fn
         return fn
 
@@ -42,11 +47,6 @@ def available_solvers():
 def _check_fraction(name, value):
     if not (isinstance(value, (int, float)) and 0 < value <= 1):
         raise ValueError(f"{name} must be in (0, 1], got {value!r}.")
-
-
-def _check_count(name, value):
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
 
 
 def _finite_or(value, fallback):
@@ -111,7 +111,7 @@ def anderson_solve(
     Returns:
         ``(z, stats)``.
     """
-    _check_count("memory", memory)
+    check_int("memory", memory)
     _check_fraction("mixing", mixing)
     if not (isinstance(ridge, (int, float)) and ridge > 0):
         raise ValueError(f"ridge must be a positive number, got {ridge!r}.")
@@ -166,7 +166,7 @@ def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
     Returns:
         ``(z, stats)``.
     """
-    _check_count("memory", memory)
+    check_int("memory", memory)
 
     def init(z, fz):
         terms = tf.zeros([tf.shape(z)[0], memory, z.shape[-1]], z.dtype)

@@ -9,6 +9,7 @@ from keras_mmfusion.equilibrium.solve import check_backward_arguments, fixed_poi
 from keras_mmfusion.equilibrium.solvers import available_solvers
 from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
 from keras_mmfusion.metrics import SolverStatsMetric
+from keras_mmfusion.validation import check_int
 
 
 class _ModalityBlock(keras.layers.Layer):
@@ -144,9 +145,8 @@ class DEQFusion(keras.layers.Layer):
         check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping)
         if not (isinstance(jacobian_weight, (int, float)) and jacobian_weight >= 0):
             raise ValueError(f"jacobian_weight must be a number >= 0, got {jacobian_weight!r}.")
-        for name, value in (("jacobian_probes", jacobian_probes), ("num_groups", num_groups)):
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
+        check_int("jacobian_probes", jacobian_probes)
+        check_int("num_groups", num_groups)
         if solver_options is not None and not isinstance(solver_options, dict):
             raise ValueError(f"solver_options must be a dict or None, got {solver_options!r}.")
         self.units = units

@@ -180,3 +180,13 @@ def test_hutchinson_estimate_and_its_gradient():
     # Without fixed probes the estimate is unbiased: many probes approach ||W||_F^2 / dim.
     many = hutchinson_jacobian_norm(f, z, num_probes=2000)
     np.testing.assert_allclose(float(many), np.sum(w.numpy() ** 2) / DIM, rtol=0.05)
+
+
+def test_unrolled_map_with_unknown_batch_size():
+    f, x, _, loss = make_problem(seed=7)
+
+    def g(z, x):
+        return tf.reshape(f(z, x), [-1, DIM])
+
+    z, stats = tf.function(lambda: fixed_point_solve(g, x, tf.zeros((BATCH, DIM), tf.float64), backward="unrolled", max_iter=5))()
+    assert z.shape == (BATCH, DIM) and int(stats.steps) == 5

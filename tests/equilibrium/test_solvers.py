@@ -175,3 +175,27 @@ def test_bad_solver_options_raise_value_error():
         get_solver("fixed_point")(f, z0, damping=0.0)
     with pytest.raises(ValueError, match=r"shape \(batch, dim\)"):
         get_solver("broyden")(f, tf.zeros((2, 3, 4)))
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_solver_called_from_an_autograph_lambda(solver):
+    f, z_star, z0 = affine_problem()
+    solve = tf.function(lambda: get_solver(solver)(f, z0, max_iter=200, tol=1e-10))
+    z, stats = solve()
+    np.testing.assert_allclose(z.numpy(), z_star, atol=1e-8)
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_map_with_unknown_batch_size_and_static_start(solver):
+    f, z_star, z0 = affine_problem()
+
+    @tf.function(input_signature=[tf.TensorSpec([None, 20], tf.float64)])
+    def unknown_batch(z):
+        return f(z)
+
+    def solve():
+        # z0 has a static batch of 4 while f's output shape is (None, 20) in the trace.
+        return get_solver(solver)(lambda z: unknown_batch(tf.reshape(z, [-1, 20])), z0, max_iter=200, tol=1e-10)
+
+    z, _ = tf.function(solve)()
+    np.testing.assert_allclose(z.numpy(), z_star, atol=1e-8)
