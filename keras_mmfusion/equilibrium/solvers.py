@@ -55,10 +55,64 @@ def _finite_or(value, fallback):
     return tf.where(ok, value, fallback)
 
 
+def _history(z, memory):
+    """An empty ``(memory, batch, dim)`` history buffer for states like ``z``."""
+    return tf.zeros([memory, tf.shape(z)[0], z.shape[-1]], z.dtype)
+
+
 def _write_slot(buffer, slot, row):
-    """Write ``row`` ``(batch, dim)`` into slot ``slot`` of ``buffer`` ``(batch, m, dim)``."""
-    mask = tf.one_hot(slot, tf.shape(buffer)[1], on_value=True, off_value=False)
-    return tf.where(mask[None, :, None], row[:, None, :], buffer)
+    """Write ``row`` ``(batch, dim)`` into slot ``slot`` of ``buffer`` ``(m, batch, dim)``.
+
+    Slots lead the buffer so that a write is one contiguous scatter (an in-place
+    dynamic-update-slice under XLA) rather than a pass over the whole history.
+    """
+    return tf.tensor_scatter_nd_update(buffer, [[slot]], row[None])
+
+
+def _slot_mask(slot, m):
+    """``(m,)`` booleans, true at ``slot`` (a comparison, which every exporter supports)."""
+    return tf.equal(tf.range(m), slot)
+
+
+def _write_symmetric(gram, slot, row):
+    """Set row and column ``slot`` of the ``(batch, m, m)`` matrices ``gram`` to ``row``."""
+    m = gram.shape[-1]
+    pick = _slot_mask(slot, m)
+    gram = tf.where(pick[None, :, None], row[:, None, :], gram)
+    return tf.where(pick[None, None, :], row[:, :, None], gram)
+
+
+def _spd_solve(a, b):
+    """Solve ``a x = b`` for a batch of small symmetric positive-definite ``(m, m)`` systems.
+
+    A Cholesky factorisation unrolled over the static ``m``. ``tf.linalg.solve`` would do
+    the same job, but its kernel has no TFLite builtin or ONNX counterpart, and this
+    solve runs inside the exported solver loop. ``a`` is the ridge-regularised Gram
+    matrix, whose eigenvalues are at least the ridge, so no pivoting is needed.
+
+    Args:
+        a: ``(batch, m, m)``.
+        b: ``(batch, m)``.
+
+    Returns:
+        ``(batch, m)``.
+    """
+    m = a.shape[-1]
+    lower = [[None] * m for _ in range(m)]
+    for j in range(m):
+        diag = a[:, j, j] - sum((lower[j][k] ** 2 for k in range(j)), tf.zeros_like(a[:, 0, 0]))
+        lower[j][j] = tf.sqrt(tf.maximum(diag, tf.zeros_like(diag)))
+        for i in range(j + 1, m):
+            off = a[:, i, j] - sum((lower[i][k] * lower[j][k] for k in range(j)), tf.zeros_like(diag))
+            lower[i][j] = off / lower[j][j]
+    y = []
+    for i in range(m):
+        y.append((b[:, i] - sum((lower[i][k] * y[k] for k in range(i)), tf.zeros_like(b[:, 0]))) / lower[i][i])
+    x = [None] * m
+    for i in reversed(range(m)):
+        rest = sum((lower[k][i] * x[k] for k in range(i + 1, m)), tf.zeros_like(b[:, 0]))
+        x[i] = (y[i] - rest) / lower[i][i]
+    return tf.stack(x, axis=-1)
 
 
 @register_solver("fixed_point")
@@ -98,8 +152,8 @@ def anderson_solve(
     point is ``mixing * sum alpha_j f(z_j) + (1 - mixing) * sum alpha_j z_j``.
 
     The ``memory x memory`` normal equations are scaled by their largest diagonal entry
-    and regularised with ``ridge * I``, so they are never singular; they are solved in
-    float32 (float64 for float64 states). A sample whose weights come out non-finite
+    and regularised with ``ridge * I``, so they are never singular; they are solved by
+    Cholesky in float32 (float64 for float64 states). A sample whose weights come out non-finite
     falls back to a plain ``f(z)`` step.
 
     Args:
@@ -117,33 +171,38 @@ def anderson_solve(
         raise ValueError(f"ridge must be a positive number, got {ridge!r}.")
 
     def init(z, fz):
-        history = tf.zeros([tf.shape(z)[0], memory, z.shape[-1]], z.dtype)
-        return history, history
+        gram = tf.zeros([tf.shape(z)[0], memory, memory], z.dtype)
+        return _history(z, memory), _history(z, memory), gram
 
     def step(z, fz, state, k):
-        xs, fs = state
+        # The history keeps f(z_j) and the residuals g_j = f(z_j) - z_j; the Gram
+        # matrix of the residuals is updated one row and column per step.
+        fs, gs, gram = state
         slot = k % memory
-        xs = _write_slot(xs, slot, z)
-        fs = _write_slot(fs, slot, fz)
-        valid = tf.range(memory) < tf.minimum(k + 1, memory)
-        g = tf.where(valid[None, :, None], fs - xs, tf.zeros_like(xs))
+        g = fz - z
         g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
-        gram = tf.einsum("bid,bjd->bij", g, g)
-        scale = tf.reduce_max(tf.linalg.diag_part(gram), axis=-1)
-        scale = tf.where(scale > 0, scale, tf.ones_like(scale))
+        fs = _write_slot(fs, slot, fz)
+        gs = _write_slot(gs, slot, g)
+        # Products over the (m, batch, dim) history are written as broadcasts and sums:
+        # einsum would transpose the whole history to put the batch first.
+        gram = _write_symmetric(gram, slot, tf.transpose(tf.reduce_sum(gs * g[None], axis=-1)))
+        valid = tf.cast(tf.range(memory) < tf.minimum(k + 1, memory), z.dtype)
         eye = tf.eye(memory, dtype=z.dtype)
+        scale = tf.reduce_max(tf.reduce_sum(gram * eye, axis=-1), axis=-1)
+        scale = tf.where(scale > 0, scale, tf.ones_like(scale))
         system = gram / scale[:, None, None] + ridge * eye
-        ones = tf.broadcast_to(
-            tf.cast(valid, z.dtype)[None, :, None], [tf.shape(z)[0], memory, 1]
-        )
-        y = tf.linalg.solve(system, ones)[..., 0]
+        # Unused slots hold zeros, so their rows are ridge * I and their weights are 0.
+        ones = tf.broadcast_to(valid[None, :], tf.shape(system)[:2])
+        y = _spd_solve(system, ones)
         alpha = y / tf.reduce_sum(y, axis=-1, keepdims=True)
-        current = tf.broadcast_to(tf.one_hot(slot, memory, dtype=z.dtype), tf.shape(alpha))
+        current = tf.broadcast_to(tf.cast(_slot_mask(slot, memory), z.dtype), tf.shape(alpha))
         alpha = _finite_or(alpha, current)
-        z_next = mixing * tf.einsum("bm,bmd->bd", alpha, fs)
+        # sum_j alpha_j z_j = sum_j alpha_j (f_j - g_j).
+        weights = tf.transpose(alpha)[:, :, None]
+        z_next = tf.reduce_sum(weights * fs, axis=0)
         if mixing < 1:
-            z_next += (1.0 - mixing) * tf.einsum("bm,bmd->bd", alpha, xs)
-        return _finite_or(z_next, fz), (xs, fs)
+            z_next -= (1.0 - mixing) * tf.reduce_sum(weights * gs, axis=0)
+        return _finite_or(z_next, fz), (fs, gs, gram)
 
     return iterate(f, z0, init, step, max_iter, tol, stop_mode)
 
@@ -169,37 +228,40 @@ def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
     check_int("memory", memory)
 
     def init(z, fz):
-        terms = tf.zeros([tf.shape(z)[0], memory, z.shape[-1]], z.dtype)
-        return terms, terms, z, fz - z
+        return _history(z, memory), _history(z, memory), tf.constant(0), z, fz - z
 
-    def apply_h(us, vs, x):
-        return -x + tf.einsum("bmd,bm->bd", us, tf.einsum("bmd,bd->bm", vs, x))
-
-    def apply_h_transposed(us, vs, x):
-        return -x + tf.einsum("bmd,bm->bd", vs, tf.einsum("bmd,bd->bm", us, x))
+    def apply_h(us, vs, count, x, transpose=False):
+        # H x = -x + sum_{j < count} u_j (v_j . x); slots at or past ``count`` are stale.
+        if transpose:
+            us, vs = vs, us
+        live = tf.cast(tf.range(memory) < count, x.dtype)[:, None]
+        coeff = tf.einsum("mbd,bd->mb", vs, x) * live
+        return -x + tf.einsum("mbd,mb->bd", us, coeff)
 
     def step(z, fz, state, k):
-        us, vs, prev_z, prev_g = state
+        us, vs, count, prev_z, prev_g = state
+        # A full history restarts from H = -I: overwriting the oldest term instead
+        # breaks the secant conditions the remaining terms rely on and can diverge.
+        count = tf.where(count >= memory, 0, count)
         g = fz - z
         s = z - prev_z
         y = g - prev_g
-        v = apply_h_transposed(us, vs, s)
+        v = apply_h(us, vs, count, s, transpose=True)
         denom = tf.reduce_sum(v * y, axis=-1, keepdims=True)
         size = tf.norm(v, axis=-1, keepdims=True) * tf.norm(y, axis=-1, keepdims=True)
         eps = float(np.sqrt(np.finfo(z.dtype.as_numpy_dtype).eps))
         usable = tf.logical_and(tf.abs(denom) > eps * size, tf.math.is_finite(denom))
         usable = tf.logical_and(usable, k > 0)
         safe_denom = tf.where(usable, denom, tf.ones_like(denom))
-        u = (s - apply_h(us, vs, y)) / safe_denom
-        slot = (k - 1) % memory
-        # A full history restarts from H = -I: overwriting the oldest term instead
-        # breaks the secant conditions the remaining terms rely on and can diverge.
-        restart = tf.logical_and(slot == 0, k > 1)
-        us = tf.where(restart, tf.zeros_like(us), us)
-        vs = tf.where(restart, tf.zeros_like(vs), vs)
-        us = tf.where(usable[:, :, None], _write_slot(us, slot, u), us)
-        vs = tf.where(usable[:, :, None], _write_slot(vs, slot, v), vs)
-        z_next = _finite_or(z - apply_h(us, vs, g), fz)
-        return z_next, (us, vs, z, g)
+        u = (s - apply_h(us, vs, count, y)) / safe_denom
+        # A sample whose update is unusable gets a zero term, which leaves its H as is.
+        u = tf.where(usable, u, tf.zeros_like(u))
+        v = tf.where(usable, v, tf.zeros_like(v))
+        write = k > 0
+        us = tf.cond(write, lambda: _write_slot(us, count, u), lambda: us)
+        vs = tf.cond(write, lambda: _write_slot(vs, count, v), lambda: vs)
+        count = tf.where(write, count + 1, count)
+        z_next = _finite_or(z - apply_h(us, vs, count, g), fz)
+        return z_next, (us, vs, count, z, g)
 
     return iterate(f, z0, init, step, max_iter, tol, stop_mode)
