@@ -1,7 +1,32 @@
-"""Solver statistics as a Keras metric, so that they reach ``model.fit`` logs."""
+"""Layer statistics as Keras metrics, so that they reach ``model.fit`` logs."""
+
+import contextlib
+import threading
 
 import keras
 from keras import ops
+
+_STATE = threading.local()
+
+
+def recording_statistics():
+    """Whether layers update their statistics (solver stats, routing) when called."""
+    return getattr(_STATE, "recording", True)
+
+
+@contextlib.contextmanager
+def statistics_paused():
+    """Trace or run layers without updating their statistics variables.
+
+    Used when tracing a model for export, so that the exported graph is a pure
+    function of its inputs with no variable writes.
+    """
+    previous = recording_statistics()
+    _STATE.recording = False
+    try:
+        yield
+    finally:
+        _STATE.recording = previous
 
 
 @keras.saving.register_keras_serializable(package="keras_mmfusion")
@@ -64,3 +89,45 @@ class SolverStatsMetric(keras.metrics.Metric):
 
     def get_config(self):
         return {"prefix": self.prefix, "name": self.name, "dtype": self.dtype}
+
+
+@keras.saving.register_keras_serializable(package="keras_mmfusion")
+class RoutingMetric(keras.metrics.Metric):
+    """Running routing fractions and realised cost of a dynamic-routing layer.
+
+    ``result()`` is ``{"<prefix>_cost": ..., "<prefix>_expert_0": ..., ...}``: the mean
+    over samples since the last reset of the chosen expert's cost divided by the
+    largest cost, and the fraction of samples routed to each expert.
+
+    Args:
+        num_experts: the number of experts.
+        prefix: the prefix of the logged names.
+        name: the metric's name.
+    """
+
+    def __init__(self, num_experts, prefix="dynmm", name=None, dtype="float32"):
+        super().__init__(name=name or f"{prefix}_routing", dtype=dtype)
+        self.num_experts = num_experts
+        self.prefix = prefix
+        self._counts = self.add_variable(shape=(num_experts,), initializer="zeros", name="counts", dtype=dtype)
+        self._cost_sum = self.add_variable(shape=(), initializer="zeros", name="cost_sum", dtype=dtype)
+
+    def update_state(self, route, relative_costs):
+        """Record one batch: ``route`` int ``(batch,)``, ``relative_costs`` ``(num_experts,)``."""
+        onehot = ops.one_hot(route, self.num_experts, dtype=self.dtype)
+        self._counts.assign_add(ops.sum(onehot, axis=0))
+        self._cost_sum.assign_add(ops.sum(onehot * ops.cast(relative_costs, self.dtype)))
+
+    def result(self):
+        total = ops.sum(self._counts)
+        fractions = ops.divide_no_nan(self._counts, total)
+        out = {f"{self.prefix}_cost": ops.divide_no_nan(self._cost_sum, total)}
+        out.update({f"{self.prefix}_expert_{i}": fractions[i] for i in range(self.num_experts)})
+        return out
+
+    def reset_state(self):
+        self._counts.assign(ops.zeros((self.num_experts,), self.dtype))
+        self._cost_sum.assign(ops.zeros((), self.dtype))
+
+    def get_config(self):
+        return {"num_experts": self.num_experts, "prefix": self.prefix, "name": self.name, "dtype": self.dtype}

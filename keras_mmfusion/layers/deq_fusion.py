@@ -8,7 +8,7 @@ from keras_mmfusion.equilibrium.jacobian import hutchinson_jacobian_norm
 from keras_mmfusion.equilibrium.solve import check_backward_arguments, fixed_point_solve
 from keras_mmfusion.equilibrium.solvers import available_solvers
 from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
-from keras_mmfusion.metrics import SolverStatsMetric
+from keras_mmfusion.metrics import SolverStatsMetric, recording_statistics
 from keras_mmfusion.validation import check_int
 
 
@@ -225,15 +225,16 @@ class DEQFusion(keras.layers.Layer):
         fused = self.fusion_block(states[-1], updated, x_fuse)
         return ops.concatenate(updated + [fused], axis=-1)
 
-    def call(self, inputs, training=None):
-        check_modalities(f"DEQFusion '{self.name}'", inputs, self._widths)
+    def _injections(self, inputs):
         xs = [x if p is None else p(x) for x, p in zip(inputs, self.projections)]
         weights = ops.cast(self.injection_weights, xs[0].dtype)
         x_fuse = sum(weights[i] * x for i, x in enumerate(xs)) + ops.cast(self.injection_bias, xs[0].dtype)
-        x = (xs, x_fuse)
         width = self._state_units * (len(xs) + 1)
         z0 = ops.zeros((ops.shape(xs[0])[0], width), dtype=xs[0].dtype)
-        z, stats = fixed_point_solve(
+        return (xs, x_fuse), z0
+
+    def _solve_state(self, x, z0):
+        return fixed_point_solve(
             self._equilibrium_map,
             x,
             z0,
@@ -248,7 +249,27 @@ class DEQFusion(keras.layers.Layer):
             phantom_damping=self.phantom_damping,
             solver_options=self.solver_options,
         )
-        self.stats_metric.update_state(stats)
+
+    def solve(self, inputs):
+        """The forward solve on ``inputs``: ``(z_fuse*, stats)``.
+
+        ``stats`` is the full :class:`~keras_mmfusion.equilibrium.SolverStats`,
+        including the per-step ``trace`` of the batch-mean residual (for plots).
+        Statistics are not recorded into :attr:`last_stats`.
+        """
+        if not self.built:
+            self.build([tuple(x.shape) for x in inputs])
+        check_modalities(f"DEQFusion '{self.name}'", inputs, self._widths)
+        x, z0 = self._injections([ops.convert_to_tensor(a) for a in inputs])
+        z, stats = self._solve_state(x, z0)
+        return z[:, -self._state_units :], stats
+
+    def call(self, inputs, training=None):
+        check_modalities(f"DEQFusion '{self.name}'", inputs, self._widths)
+        x, z0 = self._injections(inputs)
+        z, stats = self._solve_state(x, z0)
+        if recording_statistics():
+            self.stats_metric.update_state(stats)
         if training and self.jacobian_weight > 0:
             probes = keras.random.normal(
                 (self.jacobian_probes,) + tuple(ops.shape(z)), dtype=z.dtype, seed=self._seed_generator

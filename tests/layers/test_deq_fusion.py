@@ -3,30 +3,9 @@ import pytest
 import tensorflow as tf
 import keras
 
-import keras_mmfusion as mmf
 from keras_mmfusion.layers import DEQFusion
 
-WIDTHS = (8, 12, 8)
-
-
-def random_inputs(batch=5, widths=WIDTHS, seed=0, dtype="float32"):
-    rng = np.random.default_rng(seed)
-    return [rng.normal(size=(batch, w)).astype(dtype) for w in widths]
-
-
-def fusion_classifier(fusion, widths, units=16, num_classes=2):
-    """The standard encoder -> fusion -> MLP head classifier used by the examples."""
-    inputs = [keras.Input((w,), name=f"modality_{i}") for i, w in enumerate(widths)]
-    encoded = [keras.layers.Dense(units, activation="relu")(x) for x in inputs]
-    hidden = keras.layers.Dense(units, activation="relu")(fusion(encoded))
-    outputs = keras.layers.Dense(num_classes, activation="softmax")(hidden)
-    return keras.Model(inputs, outputs)
-
-
-def linear_classifier(widths, num_classes=2):
-    inputs = [keras.Input((w,)) for w in widths]
-    concat = keras.layers.Concatenate()(inputs)
-    return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(concat))
+from helpers import fit_and_score, fusion_classifier, linear_classifier, random_inputs, synthetic_split
 
 
 def test_output_shape_projection_and_last_stats():
@@ -145,21 +124,14 @@ def test_layer_gradients_match_finite_differences_along_random_directions():
 
 @pytest.fixture(scope="module")
 def synthetic():
-    widths = (8, 8, 8)
-    inputs, labels = mmf.make_synthetic(1600, widths=widths, noise=0.7, seed=4)
-    train = ([x[:1200] for x in inputs], labels[:1200])
-    test = ([x[1200:] for x in inputs], labels[1200:])
-    return widths, train, test
+    return synthetic_split()
 
 
 @pytest.fixture(scope="module")
 def linear_accuracy(synthetic):
-    widths, (x, y), (xt, yt) = synthetic
+    _, train, test = synthetic
     keras.utils.set_random_seed(0)
-    model = linear_classifier(widths)
-    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(x, y, epochs=15, batch_size=64, verbose=0)
-    return model.evaluate(xt, yt, verbose=0, return_dict=True)["accuracy"]
+    return fit_and_score(linear_classifier(synthetic[0]), train, test, epochs=15, lr=1e-2)
 
 
 @pytest.mark.parametrize("mode", ["tf_function", "jit_compile", "eager"])

@@ -1,0 +1,110 @@
+"""Ready-made classifiers around a fusion layer, and fusion layers by short name.
+
+The examples, the benchmarks and the ``mmfusion`` command build their models here, so
+every fusion method is compared inside the same encoder and head.
+"""
+
+import keras
+
+from keras_mmfusion.layers import (
+    ConcatFusion,
+    DEQFusion,
+    DenseFusion,
+    DynamicFusion,
+    GatedFusion,
+    LowRankTensorFusion,
+    SumFusion,
+    TensorFusion,
+)
+
+
+def _deq(units, **kwargs):
+    options = dict(max_iter=20, tol=1e-3, jacobian_weight=0.1, num_groups=4)
+    options.update(kwargs)
+    return DEQFusion(units=units, **options)
+
+
+def _dynmm(units, num_modalities=None, **kwargs):
+    """A cheap expert on modality 0 against all modalities through DenseFusion."""
+    if not num_modalities:
+        raise ValueError("The dynmm fusion needs num_modalities to build its experts.")
+    cheap = keras.layers.Dense(units, activation="relu", name="cheap_expert")
+    full = DenseFusion(units, depth=2, name="full_expert")
+    options = dict(expert_inputs=[[0], list(range(num_modalities))], cost_weight=0.05, temperature=1.0)
+    options.update(kwargs)
+    return DynamicFusion([cheap, full], **options)
+
+
+FUSIONS = {
+    "concat": lambda units, **kw: ConcatFusion(units, activation="relu", **kw),
+    "sum": lambda units, **kw: SumFusion(units, activation="relu", **kw),
+    "gated": lambda units, **kw: GatedFusion(units, **kw),
+    "tensor": lambda units, **kw: TensorFusion(units, activation="relu", **kw),
+    "lowrank": lambda units, **kw: LowRankTensorFusion(units, activation="relu", **kw),
+    "dmf": lambda units, **kw: DenseFusion(units, **{"depth": 2, **kw}),
+    "deq": _deq,
+    "dynmm": _dynmm,
+}
+
+
+def fusion_names():
+    """The short names :func:`make_fusion` accepts."""
+    return sorted(FUSIONS)
+
+
+def make_fusion(name, units, num_modalities=None, **kwargs):
+    """A fusion layer by short name (``"deq"``, ``"dmf"``, ``"dynmm"``, ``"concat"``, ...).
+
+    ``num_modalities`` is needed by ``"dynmm"`` only; ``kwargs`` override the defaults
+    of that layer's constructor.
+    """
+    if name not in FUSIONS:
+        raise ValueError(f"Unknown fusion {name!r}; expected one of {fusion_names()}.")
+    if name == "dynmm":
+        kwargs["num_modalities"] = num_modalities
+    return FUSIONS[name](units, name=f"{name}_fusion", **kwargs)
+
+
+def build_classifier(
+    fusion,
+    input_widths,
+    num_classes,
+    encoder_units=32,
+    head_units=32,
+    dropout=0.0,
+    input_names=None,
+    l2=0.0,
+):
+    """``inputs -> per-modality Dense encoders -> fusion -> Dense head -> softmax``.
+
+    Args:
+        fusion: a fusion layer, called on the list of encoded modalities; ``None``
+            feeds the single encoded modality straight to the head (a one-modality
+            model, for comparison).
+        input_widths: the width of every modality.
+        num_classes: the number of classes.
+        encoder_units: width of each modality's encoder.
+        head_units: width of the hidden layer of the head.
+        dropout: dropout after the encoders and in the head.
+        input_names: the ``keras.Input`` names (default ``modality_0``, ...); they
+            become the input names of exported models.
+        l2: L2 weight decay of the encoders and head.
+
+    Returns:
+        A functional ``keras.Model``.
+    """
+    names = input_names or [f"modality_{i}" for i in range(len(input_widths))]
+    regularizer = keras.regularizers.L2(l2) if l2 else None
+    inputs = [keras.Input((w,), name=n) for w, n in zip(input_widths, names)]
+    encoded = []
+    for i, x in enumerate(inputs):
+        h = keras.layers.Dense(encoder_units, activation="relu", kernel_regularizer=regularizer, name=f"encoder_{i}")(x)
+        if dropout:
+            h = keras.layers.Dropout(dropout)(h)
+        encoded.append(h)
+    fused = encoded[0] if fusion is None else fusion(encoded)
+    hidden = keras.layers.Dense(head_units, activation="relu", kernel_regularizer=regularizer, name="head")(fused)
+    if dropout:
+        hidden = keras.layers.Dropout(dropout)(hidden)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(hidden)
+    return keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs)

@@ -1,0 +1,45 @@
+"""Model builders and data shared by the layer tests."""
+
+import numpy as np
+import keras
+
+import keras_mmfusion as mmf
+
+
+def random_inputs(batch=5, widths=(8, 12, 8), seed=0, dtype="float32"):
+    rng = np.random.default_rng(seed)
+    return [rng.normal(size=(batch, w)).astype(dtype) for w in widths]
+
+
+def fusion_classifier(fusion, widths, units=16, num_classes=2):
+    """The standard encoder -> fusion -> MLP head classifier used by the examples."""
+    inputs = [keras.Input((w,), name=f"modality_{i}") for i, w in enumerate(widths)]
+    encoded = [keras.layers.Dense(units, activation="relu")(x) for x in inputs]
+    hidden = keras.layers.Dense(units, activation="relu")(fusion(encoded))
+    outputs = keras.layers.Dense(num_classes, activation="softmax")(hidden)
+    return keras.Model(inputs, outputs)
+
+
+def linear_classifier(widths, num_classes=2):
+    inputs = [keras.Input((w,)) for w in widths]
+    concat = keras.layers.Concatenate()(inputs)
+    return keras.Model(inputs, keras.layers.Dense(num_classes, activation="softmax")(concat))
+
+
+def synthetic_split(widths=(8, 8, 8), noise=0.7, seed=4, train=1200, test=400):
+    """``(widths, (x, y), (x_test, y_test))`` from the synthetic interaction task."""
+    inputs, labels = mmf.make_synthetic(train + test, widths=list(widths), noise=noise, seed=seed)
+    return (
+        widths,
+        ([x[:train] for x in inputs], labels[:train]),
+        ([x[train:] for x in inputs], labels[train:]),
+    )
+
+
+def fit_and_score(model, train, test, epochs=20, batch_size=64, lr=3e-3, **compile_kwargs):
+    """Train with ``model.fit`` and return the test accuracy."""
+    model.compile(
+        keras.optimizers.Adam(lr), "sparse_categorical_crossentropy", metrics=["accuracy"], **compile_kwargs
+    )
+    model.fit(*train, epochs=epochs, batch_size=batch_size, verbose=0)
+    return model.evaluate(*test, verbose=0, return_dict=True)["accuracy"]
