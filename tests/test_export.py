@@ -1,0 +1,245 @@
+"""Every fusion layer survives SavedModel, TFLite and ONNX export with Keras's outputs."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_mmfusion as mmf
+from keras_mmfusion import export
+
+WIDTHS = (6, 10, 8)
+UNITS = 8
+
+
+def make_fusion(name):
+    return {
+        "deq": lambda: mmf.DEQFusion(UNITS, max_iter=60, tol=1e-6, jacobian_weight=1.0, name="deq"),
+        "dynmm": lambda: mmf.DynamicFusion(
+            [keras.layers.Dense(UNITS, activation="relu"), mmf.ConcatFusion(UNITS, activation="relu")],
+            expert_inputs=[[0], [0, 1, 2]], name="dynmm",
+        ),
+        "dmf": lambda: mmf.DenseFusion(UNITS, depth=2),
+        "concat": lambda: mmf.ConcatFusion(UNITS, activation="relu"),
+        "sum": lambda: mmf.SumFusion(UNITS, activation="relu"),
+        "gated": lambda: mmf.GatedFusion(UNITS),
+        "tensor": lambda: mmf.TensorFusion(UNITS, activation="relu"),
+        "lowrank": lambda: mmf.LowRankTensorFusion(UNITS, rank=3, activation="relu"),
+    }[name]()
+
+
+NAMES = ["deq", "dynmm", "dmf", "concat", "sum", "gated", "tensor", "lowrank"]
+
+
+def data(n, seed):
+    return mmf.make_synthetic(n, num_modalities=3, widths=list(WIDTHS), noise=0.3, seed=seed)
+
+
+@pytest.fixture(scope="module")
+def trained():
+    """One briefly trained classifier per fusion layer, plus held-out data."""
+    x, y = data(1400, seed=7)
+    train = ([a[:1000] for a in x], y[:1000])
+    test = ([a[1000:] for a in x], y[1000:])
+    models = {}
+    for name in NAMES:
+        keras.utils.set_random_seed(0)
+        fusion = make_fusion(name)
+        model = mmf.models.build_classifier(fusion, WIDTHS, 2, encoder_units=UNITS, head_units=UNITS)
+        if name == "deq":
+            # Small GroupNorm gains make the update a contraction (see the layer tests), so
+            # the solve converges to its tolerance: each runtime then computes the same
+            # fixed point rather than wherever a non-convergent solve stops, which depends
+            # on float rounding that differs between runtimes.
+            for weight in fusion.trainable_weights:
+                if weight.path.endswith("gamma"):
+                    weight.assign(0.1 * weight.numpy())
+        model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.fit(*train, epochs=15, batch_size=64, verbose=0)
+        if name == "deq":
+            model.predict(test[0], verbose=0)
+            assert bool(fusion.last_stats["converged"]), fusion.last_stats
+        models[name] = model
+    return models, train, test
+
+
+def batches(test):
+    x = test[0]
+    return {"batch1": [a[:1] for a in x], "batch7": [a[1:8] for a in x]}
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_saved_model_matches_keras_with_named_inputs(name, trained, tmp_path):
+    models, _, test = trained
+    model = models[name]
+    path = export.to_saved_model(model, tmp_path / "serving", version=3)
+    assert path == str(tmp_path / "serving" / "3")
+    assert os.path.isfile(os.path.join(path, "saved_model.pb"))
+    assert "base_path" in (tmp_path / "serving" / "models.config").read_text()
+    signature = tf.saved_model.load(path).signatures["serving_default"]
+    assert sorted(signature.structured_input_signature[1]) == ["modality_0", "modality_1", "modality_2"]
+    assert list(signature.structured_outputs) == ["probabilities"]
+    for x in batches(test).values():
+        errors = export.verify_export(model, path, x)
+        assert errors["probabilities"]["max_abs"] <= 1e-5, errors
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_tflite_float32_and_float16_match_keras_with_builtin_ops_only(name, trained, tmp_path):
+    models, _, test = trained
+    model = models[name]
+    for quantize, tolerance, key in ((None, 1e-4, "max_rel"), ("float16", 1e-2, "max_abs")):
+        path = export.to_tflite(model, tmp_path / f"{name}_{quantize}.tflite", quantize=quantize)
+        report = export.tflite_report(path)
+        assert report["size_bytes"] == os.path.getsize(path)
+        assert not [op for op in report["ops"] if op.startswith("Flex") or op == "CUSTOM"], report
+        for x in batches(test).values():
+            errors = export.verify_export(model, path, x)
+            assert errors["probabilities"][key] <= tolerance, (quantize, errors)
+    if name == "deq":
+        assert "WHILE" in report["ops"]
+    if name == "dynmm":
+        assert "IF" in report["ops"] and "SCATTER_ND" in report["ops"]
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_onnx_matches_keras(name, trained, tmp_path):
+    models, _, test = trained
+    model = models[name]
+    path = export.to_onnx(model, tmp_path / f"{name}.onnx")
+    import onnx
+
+    ops = {node.op_type for node in onnx.load(path).graph.node}
+    if name == "deq":
+        assert "Loop" in ops
+    for x in batches(test).values():
+        errors = export.verify_export(model, path, x)
+        assert errors["probabilities"]["max_abs"] <= 1e-4, errors
+
+
+@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("deq", "dynmm")])
+def test_int8_accuracy_within_two_points(name, trained, tmp_path):
+    models, train, test = trained
+    model = models[name]
+    representative = ([a[i : i + 1] for a in train[0]] for i in range(200))
+    path = export.to_tflite(model, tmp_path / f"{name}_int8.tflite", quantize="int8", representative_data=representative)
+    float_accuracy = float(np.mean(model.predict(test[0], verbose=0).argmax(-1) == test[1]))
+    feed = dict(zip(export.input_names(model), test[0]))
+    probabilities = export.run_export(path, feed)["probabilities"]
+    int8_accuracy = float(np.mean(probabilities.argmax(-1) == test[1]))
+    assert float_accuracy > 0.7
+    assert int8_accuracy >= float_accuracy - 0.02, (int8_accuracy, float_accuracy)
+
+
+@pytest.mark.parametrize(
+    "name, reason",
+    [("deq", "layer 'deq': its equilibrium solver divides"), ("dynmm", "layer 'dynmm': its experts run inside TFLite IF")],
+)
+def test_int8_of_solver_and_routing_layers_is_refused_with_the_layer_and_reason(name, reason, trained, tmp_path):
+    models, train, _ = trained
+    representative = ([a[i : i + 1] for a in train[0]] for i in range(20))
+    path = tmp_path / f"{name}_int8.tflite"
+    with pytest.raises(export.ExportError, match=f"cannot be int8-quantized: {reason}"):
+        export.to_tflite(models[name], path, quantize="int8", representative_data=representative)
+    assert not path.exists()
+
+
+def test_reload_from_keras_file_and_export(trained, tmp_path):
+    models, _, test = trained
+    models["deq"].save(tmp_path / "model.keras")
+    loaded = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    for path in (
+        export.to_saved_model(loaded, tmp_path / "sm"),
+        export.to_tflite(loaded, tmp_path / "m.tflite"),
+        export.to_onnx(loaded, tmp_path / "m.onnx"),
+    ):
+        errors = export.verify_export(models["deq"], path, batches(test)["batch7"])
+        assert errors["probabilities"]["max_rel"] <= 1e-4, (path, errors)
+
+
+def test_serving_signature_takes_a_rest_instances_body(trained, tmp_path):
+    """The tensors a REST ``instances`` body decodes to, fed to the signature."""
+    models, _, test = trained
+    model = models["dmf"]
+    path = export.to_saved_model(model, tmp_path / "serving")
+    instances = [{f"modality_{i}": test[0][i][row].tolist() for i in range(3)} for row in range(4)]
+    columns = {k: tf.constant([inst[k] for inst in instances], tf.float32) for k in instances[0]}
+    outputs = tf.saved_model.load(path).signatures["serving_default"](**columns)
+    expected = model.predict([a[:4] for a in test[0]], verbose=0)
+    np.testing.assert_allclose(outputs["probabilities"].numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_saved_model_cli_show_and_run(trained, tmp_path):
+    cli = shutil.which("saved_model_cli") or os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    if not os.path.exists(cli):
+        pytest.skip("saved_model_cli is not installed next to this Python")
+    models, _, test = trained
+    path = export.to_saved_model(models["concat"], tmp_path / "serving")
+    show = subprocess.run([cli, "show", "--dir", path, "--tag_set", "serve", "--signature_def", "serving_default"],
+                          capture_output=True, text=True, check=True).stdout
+    assert "modality_0" in show and "probabilities" in show and "(-1, 6)" in show
+    expr = ";".join(f"modality_{i}={test[0][i][:2].tolist()}" for i in range(3))
+    run = subprocess.run([cli, "run", "--dir", path, "--tag_set", "serve", "--signature_def", "serving_default",
+                          "--input_exprs", expr], capture_output=True, text=True, check=True).stdout
+    expected = models["concat"].predict([a[:2] for a in test[0]], verbose=0)
+    assert "probabilities" in run
+    numbers = np.array([float(v) for v in run.split("[[")[-1].split("]]")[0].replace("]", " ").replace("[", " ").split()])
+    np.testing.assert_allclose(numbers, expected.ravel(), rtol=1e-4, atol=1e-5)
+
+
+def test_real_model_server_when_installed(trained, tmp_path):
+    server = shutil.which("tensorflow_model_server")
+    if server is None:
+        pytest.skip("tensorflow_model_server is not on PATH (TF Serving is installed from apt or docker, not pip)")
+    import json
+    import socket
+    import time
+    import urllib.request
+
+    models, _, test = trained
+    base = tmp_path / "fusion"
+    export.to_saved_model(models["concat"], base)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([server, f"--rest_api_port={port}", "--port=0", "--model_name=fusion",
+                             f"--model_base_path={base}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        body = json.dumps({"instances": [{f"modality_{i}": test[0][i][0].tolist() for i in range(3)}]}).encode()
+        for _ in range(60):
+            try:
+                request = urllib.request.Request(f"http://127.0.0.1:{port}/v1/models/fusion:predict", data=body)
+                reply = json.loads(urllib.request.urlopen(request, timeout=2).read())
+                break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("tensorflow_model_server did not answer")
+    finally:
+        proc.terminate()
+    expected = models["concat"].predict([a[:1] for a in test[0]], verbose=0)
+    np.testing.assert_allclose(np.array(reply["predictions"]), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_arguments_give_clear_errors(trained, tmp_path):
+    models, _, _ = trained
+    model = models["concat"]
+    with pytest.raises(ValueError, match=r"quantize must be one of"):
+        export.to_tflite(model, tmp_path / "m.tflite", quantize="int4")
+    with pytest.raises(ValueError, match=r"int8' needs representative_data"):
+        export.to_tflite(model, tmp_path / "m.tflite", quantize="int8")
+    # A directory that cannot be created or written, even by root: one under a file.
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    with pytest.raises(export.ExportError, match="Cannot create the directory .*a_file"):
+        export.to_tflite(model, blocker / "sub" / "m.tflite")
+    with pytest.raises(export.ExportError, match="Cannot create the directory .*a_file"):
+        export.to_onnx(model, blocker / "m.onnx")
+    unbuilt = keras.Sequential([keras.layers.Dense(2)])
+    with pytest.raises(ValueError, match="has not been built"):
+        export.to_saved_model(unbuilt, tmp_path / "x")
