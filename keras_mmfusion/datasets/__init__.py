@@ -1,5 +1,16 @@
-"""Datasets: the built-in synthetic default."""
+"""Datasets: the built-in synthetic default and readers for real multimodal data."""
 
+from keras_mmfusion.datasets.multiomics import find_views, load_multiomics, stratified_split
 from keras_mmfusion.datasets.synthetic import make_synthetic
+from keras_mmfusion.datasets.tabular import DataError, load_modalities, read_labels, read_matrix
 
-__all__ = ["make_synthetic"]
+__all__ = [
+    "DataError",
+    "find_views",
+    "load_modalities",
+    "load_multiomics",
+    "make_synthetic",
+    "read_labels",
+    "read_matrix",
+    "stratified_split",
+]

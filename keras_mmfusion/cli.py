@@ -1,0 +1,260 @@
+"""The ``mmfusion`` command: train, evaluate, export and benchmark fusion models.
+
+    mmfusion train --data synthetic --fusion deq --epochs 30 --out runs/deq
+    mmfusion evaluate --model runs/deq/model.keras --data synthetic [--json]
+    mmfusion export --model runs/deq/model.keras --format tflite --quantize float16
+    mmfusion bench deq [-- benchmark arguments]
+
+Errors are reported as one line on stderr with exit status 2.
+"""
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+BENCHMARKS = {
+    "deq": "deq_bench.py",
+    "zoo": "fusion_zoo.py",
+    "dynmm": "dynmm_bench.py",
+    "export": "export_bench.py",
+}
+
+
+class CommandError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        raise CommandError(f"{self.prog}: {message}")
+
+
+def _fusions():
+    # The names are listed without importing TensorFlow, so that --help stays fast.
+    return ["concat", "deq", "dmf", "dynmm", "gated", "lowrank", "sum", "tensor"]
+
+
+def build_parser():
+    parser = _Parser(prog="mmfusion", description="Train, evaluate, export and benchmark multimodal fusion models.")
+    sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+
+    train = sub.add_parser("train", help="train a fusion classifier", description=(
+        "Train a classifier (per-modality encoders, a fusion layer, an MLP head). 20%% of the training "
+        "split (stratified) is held out for validation; the epoch with the best validation value is "
+        "kept; the test split is evaluated once at the end."))
+    train.add_argument("--data", default="synthetic",
+                       help="'synthetic' (default), 'rosmap', or a folder: MOGONET layout (1_tr.csv, 1_te.csv, ..., "
+                            "labels_tr.csv, labels_te.csv) or one .csv/.npy file per modality plus labels.csv")
+    train.add_argument("--fusion", default="deq", choices=_fusions(), help="fusion method (default: deq)")
+    train.add_argument("--epochs", type=int, default=100, help="maximum epochs (default: 100)")
+    train.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs (default: 20)")
+    train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    train.add_argument("--units", type=int, default=32, help="encoder, fusion and head width (default: 32)")
+    train.add_argument("--dropout", type=float, default=0.0, help="dropout after encoders and in the head")
+    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
+    train.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
+    train.add_argument("--monitor", default="val_loss", choices=["val_loss", "val_accuracy"],
+                       help="validation value that selects the best epoch (default: val_loss)")
+    train.add_argument("--jit", action="store_true", help="compile the training step with XLA")
+    train.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
+    train.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    evaluate = sub.add_parser("evaluate", help="evaluate a saved model on a test split")
+    evaluate.add_argument("--model", required=True, help="a .keras file written by 'mmfusion train'")
+    evaluate.add_argument("--data", default="synthetic", help="as for 'train'; its test split is used")
+    evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
+
+    export = sub.add_parser("export", help="export a saved model to SavedModel, TFLite or ONNX")
+    export.add_argument("--model", required=True, help="a .keras file")
+    export.add_argument("--format", required=True, choices=["saved_model", "tflite", "onnx"])
+    export.add_argument("--quantize", choices=["float16", "dynamic", "int8"], help="TFLite quantization")
+    export.add_argument("--data", default=None,
+                        help="data whose training split calibrates int8 (as for 'train'; default synthetic)")
+    export.add_argument("--out", default=None, help="output path (default: next to the model)")
+    export.add_argument("--allow-flex", action="store_true", help="TFLite: allow TF (Flex) ops")
+
+    bench = sub.add_parser("bench", help="run a benchmark script from the source checkout's benchmarks/")
+    bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
+    bench.add_argument("args", nargs=argparse.REMAINDER, help="arguments passed to the benchmark script")
+    return parser
+
+
+# -- subcommands --------------------------------------------------------------------
+
+
+def _load_data(spec):
+    from keras_mmfusion.experiment import load_splits
+
+    return load_splits(spec)
+
+
+def _load_model(path):
+    if not os.path.isfile(path):
+        raise CommandError(f"model file not found: {path}")
+    import keras
+
+    import keras_mmfusion  # noqa: F401 - registers the layers for safe-mode loading
+
+    try:
+        return keras.saving.load_model(path, safe_mode=True)
+    except Exception as error:  # Keras raises ValueError, OSError, zipfile errors ...
+        raise CommandError(f"cannot read model file {path}: {str(error).splitlines()[0]}") from None
+
+
+def _plot_history(history, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    keys = [k for k in ("loss", "accuracy") if k in history]
+    fig, axes = plt.subplots(1, len(keys), figsize=(5 * len(keys), 3.5))
+    for ax, key in zip(list(axes) if len(keys) > 1 else [axes], keys):
+        ax.plot(range(1, len(history[key]) + 1), history[key], label="train")
+        if f"val_{key}" in history:
+            ax.plot(range(1, len(history[f"val_{key}"]) + 1), history[f"val_{key}"], label="validation")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(key)
+        ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def _plot_residuals(model, inputs, path):
+    """Solver residual against iteration for every DEQFusion layer, on ``inputs``."""
+    import keras
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from keras_mmfusion.layers import DEQFusion
+
+    layers = [l for l in model._flatten_layers(include_self=False) if isinstance(l, DEQFusion)]
+    if not layers:
+        return None
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    traces = {}
+    for layer in layers:
+        features = keras.Model(model.inputs, layer.input)(inputs)
+        _, stats = layer.solve(features)
+        trace = stats.trace.numpy()[: int(stats.steps)]
+        traces[layer.name] = trace.tolist()
+        ax.semilogy(range(1, len(trace) + 1), trace, marker=".", label=layer.name)
+    ax.axhline(layers[0].tol, color="grey", linestyle=":", label="tol")
+    ax.set_xlabel("solver iteration (evaluations of the update)")
+    ax.set_ylabel(f"mean {layers[0].stop_mode} residual")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return traces
+
+
+def cmd_train(args):
+    from keras_mmfusion.experiment import Settings, run_trial
+
+    splits = _load_data(args.data)
+    settings = Settings(units=args.units, dropout=args.dropout, lr=args.lr, batch_size=args.batch_size,
+                        epochs=args.epochs, patience=args.patience, monitor=args.monitor, jit_compile=args.jit)
+    print(f"data: {splits.name}, {len(splits.widths)} modalities of widths {splits.widths}, "
+          f"{len(splits.train[1])} train / {len(splits.test[1])} test samples, {splits.num_classes} classes")
+    model, history, metrics = run_trial(splits, args.fusion, args.seed, settings, verbose=0 if args.quiet else 1)
+    os.makedirs(args.out, exist_ok=True)
+    model.save(os.path.join(args.out, "model.keras"))
+    history = {k: [float(v) for v in vals] for k, vals in history.items()}
+    with open(os.path.join(args.out, "history.json"), "w") as f:
+        json.dump(history, f, indent=2)
+    _plot_history(history, os.path.join(args.out, "training_curves.png"))
+    traces = _plot_residuals(model, splits.test[0], os.path.join(args.out, "solver_residuals.png"))
+    metrics.update(data=splits.name, fusion=args.fusion, seed=args.seed, settings=vars(settings))
+    if traces:
+        metrics["solver_residual_trace"] = traces
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump(metrics, f, indent=2)
+    print(_table({k: metrics[k] for k in ("accuracy", "f1", "auc", "best_epoch", "epochs_run")}))
+    print(f"wrote {args.out}/model.keras, history.json, metrics.json and plots")
+
+
+def _table(values):
+    width = max(len(k) for k in values)
+    return "\n".join(f"{k:<{width}}  {v:.4f}" if isinstance(v, float) else f"{k:<{width}}  {v}"
+                     for k, v in values.items())
+
+
+def cmd_evaluate(args):
+    from keras_mmfusion.evaluation import classification_metrics
+
+    model = _load_model(args.model)
+    splits = _load_data(args.data)
+    if [int(t.shape[-1]) for t in model.inputs] != splits.widths:
+        raise CommandError(
+            f"the model expects inputs of widths {[int(t.shape[-1]) for t in model.inputs]} but "
+            f"{args.data} has widths {splits.widths}"
+        )
+    probabilities = model.predict(splits.test[0], batch_size=256, verbose=0)
+    metrics = classification_metrics(splits.test[1], probabilities)
+    metrics["samples"] = len(splits.test[1])
+    print(json.dumps(metrics, indent=2) if args.json else _table(metrics))
+
+
+def cmd_export(args):
+    from keras_mmfusion import export
+
+    model = _load_model(args.model)
+    if args.quantize and args.format != "tflite":
+        raise CommandError("--quantize applies to --format tflite only")
+    stem = os.path.splitext(args.model)[0]
+    if args.format == "saved_model":
+        out = export.to_saved_model(model, args.out or f"{stem}_serving")
+    elif args.format == "onnx":
+        out = export.to_onnx(model, args.out or f"{stem}.onnx")
+    else:
+        representative = None
+        if args.quantize == "int8":
+            x = _load_data(args.data or "synthetic").train[0]
+            representative = ([a[i : i + 1] for a in x] for i in range(min(300, len(x[0]))))
+        suffix = f"_{args.quantize}" if args.quantize else ""
+        out = export.to_tflite(model, args.out or f"{stem}{suffix}.tflite", quantize=args.quantize,
+                               representative_data=representative, builtins_only=not args.allow_flex)
+        report = export.tflite_report(out)
+        print(f"ops: {', '.join(report['ops'])}")
+        print(f"size: {report['size_bytes']} bytes")
+    print(f"wrote {out}")
+
+
+def cmd_bench(args):
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+    script = os.path.join(root, BENCHMARKS[args.name])
+    if not os.path.isfile(script):
+        raise CommandError(f"benchmark script not found: {script} (benchmarks live in the source checkout)")
+    extra = [a for a in args.args if a != "--"]
+    return subprocess.call([sys.executable, script, *extra])
+
+
+COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "bench": cmd_bench}
+
+
+def main(argv=None):
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+    try:
+        args = build_parser().parse_args(argv)
+        return COMMANDS[args.command](args) or 0
+    except CommandError as error:
+        message = str(error)
+    except Exception as error:  # data, export and argument errors from the library
+        from keras_mmfusion.datasets.tabular import DataError
+        from keras_mmfusion.export import ExportError
+
+        if not isinstance(error, (DataError, ExportError, ValueError, OSError)):
+            raise
+        message = str(error).splitlines()[0]
+    print(f"mmfusion: error: {message}", file=sys.stderr)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

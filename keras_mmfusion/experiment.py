@@ -1,0 +1,148 @@
+"""One honest training run: data splits, a classifier, validation-based selection, a test score.
+
+The ``mmfusion`` command, ``examples/rosmap.py`` and the fusion benchmark all run their
+trials through :func:`run_trial`, so they follow the same protocol: a stratified
+validation split carved from the training data, early stopping and best-epoch
+selection on validation only, and one evaluation of the test split at the end.
+"""
+
+import dataclasses
+import os
+
+import keras
+import numpy as np
+
+from keras_mmfusion.datasets import load_modalities, load_multiomics, make_synthetic, stratified_split
+from keras_mmfusion.datasets.tabular import DataError
+from keras_mmfusion.evaluation import classification_metrics, fit_with_validation
+from keras_mmfusion.models import build_classifier, make_fusion
+
+SHARED_ROSMAP = os.path.join("..", "shared", "data", "rosmap")
+
+
+@dataclasses.dataclass
+class Splits:
+    """Train and test data, each a ``(list of (n, d_i) arrays, labels)`` pair."""
+
+    train: tuple
+    test: tuple
+    num_classes: int
+    name: str
+
+    @property
+    def widths(self):
+        return [a.shape[1] for a in self.train[0]]
+
+
+@dataclasses.dataclass
+class Settings:
+    """Model and training settings of a trial."""
+
+    units: int = 32
+    dropout: float = 0.0
+    l2: float = 0.0
+    lr: float = 1e-3
+    batch_size: int = 32
+    epochs: int = 100
+    patience: int = 20
+    validation_fraction: float = 0.2
+    monitor: str = "val_loss"
+    jit_compile: bool = False
+
+
+def rosmap_path():
+    """The ROSMAP folder: ``$MMFUSION_ROSMAP``, else ``../shared/data/rosmap``."""
+    return os.environ.get("MMFUSION_ROSMAP", SHARED_ROSMAP)
+
+
+def load_splits(spec, seed=0):
+    """Data by name or path.
+
+    Args:
+        spec: ``"synthetic"`` (the built-in default), ``"rosmap"`` (see
+            :func:`rosmap_path`), a folder in the MOGONET layout (``1_tr.csv``,
+            ``1_te.csv``, ..., ``labels_tr.csv``, ``labels_te.csv``), or a folder
+            with one ``.csv``/``.npy`` file per modality plus ``labels.csv`` or
+            ``labels.npy`` (20% of it, stratified, becomes the test split).
+        seed: the seed of the generic folder's test split.
+
+    Returns:
+        :class:`Splits`.
+    """
+    if spec == "synthetic":
+        x, y = make_synthetic(4000, num_modalities=3, widths=32, seed=0)
+        return Splits(([a[:3000] for a in x], y[:3000]), ([a[3000:] for a in x], y[3000:]), 2, "synthetic")
+    folder = rosmap_path() if spec == "rosmap" else spec
+    if not os.path.isdir(folder):
+        raise DataError(f"{folder}: data folder not found (expected 'synthetic', 'rosmap' or a folder).")
+    name = "rosmap" if spec == "rosmap" else os.path.basename(os.path.normpath(folder))
+    if os.path.isfile(os.path.join(folder, "labels_tr.csv")):
+        train = load_multiomics(folder, "train")
+        test = load_multiomics(folder, "test")
+        num_classes = int(max(train[1].max(), test[1].max())) + 1
+        return Splits(train, test, num_classes, name)
+    files = sorted(os.listdir(folder))
+    labels = [f for f in files if f in ("labels.csv", "labels.npy")]
+    modalities = [os.path.join(folder, f) for f in files if f.endswith((".csv", ".npy")) and f not in labels]
+    if not labels or len(modalities) < 2:
+        raise DataError(
+            f"{folder}: expected the MOGONET layout (N_tr.csv, labels_tr.csv, ...) or at least two "
+            "modality files (.csv/.npy) plus labels.csv or labels.npy."
+        )
+    x, y = load_modalities(modalities, os.path.join(folder, labels[0]))
+    keep, held = stratified_split(y, 0.2, seed)
+    return Splits(([a[keep] for a in x], y[keep]), ([a[held] for a in x], y[held]), int(y.max()) + 1, name)
+
+
+def select_views(splits, views):
+    """The same splits restricted to the modality indices ``views``."""
+    pick = lambda part: ([part[0][v] for v in views], part[1])  # noqa: E731
+    return Splits(pick(splits.train), pick(splits.test), splits.num_classes, splits.name)
+
+
+def build_model(fusion_name, splits, settings, input_names=None):
+    """The standard classifier around the named fusion (``"single"``: one modality, no fusion)."""
+    fusion = None if fusion_name == "single" else make_fusion(fusion_name, settings.units, num_modalities=len(splits.widths))
+    return build_classifier(
+        fusion, splits.widths, splits.num_classes, encoder_units=settings.units, head_units=settings.units,
+        dropout=settings.dropout, l2=settings.l2, input_names=input_names,
+    )
+
+
+def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
+    """Train on a validation split of ``splits.train``, pick the best epoch, test once.
+
+    Returns:
+        ``(model, history, metrics)`` with test ``accuracy``, ``f1``, ``auc``, the
+        best validation value, the epochs run and the median seconds per epoch.
+    """
+    keras.utils.set_random_seed(seed)
+    keep, held = stratified_split(splits.train[1], settings.validation_fraction, seed)
+    train = ([a[keep] for a in splits.train[0]], splits.train[1][keep])
+    val = ([a[held] for a in splits.train[0]], splits.train[1][held])
+    if len(splits.widths) == 1:
+        train, val = (train[0][0], train[1]), (val[0][0], val[1])
+    model = build_model(fusion_name, splits, settings)
+    history, timer = fit_with_validation(
+        model, train, val, epochs=settings.epochs, batch_size=settings.batch_size, patience=settings.patience,
+        lr=settings.lr, monitor=settings.monitor, verbose=verbose, callbacks=callbacks,
+        jit_compile=settings.jit_compile,
+    )
+    test_x = splits.test[0][0] if len(splits.widths) == 1 else splits.test[0]
+    probabilities = model.predict(test_x, batch_size=256, verbose=0)
+    metrics = classification_metrics(splits.test[1], probabilities)
+    best = (min if "loss" in settings.monitor else max)(history[settings.monitor])
+    metrics.update(
+        best_validation=float(best),
+        best_epoch=int(np.argmin(history[settings.monitor]) if "loss" in settings.monitor
+                       else np.argmax(history[settings.monitor])) + 1,
+        epochs_run=len(timer.times),
+        epoch_seconds=float(np.median(timer.times)),
+        params=int(model.count_params()),
+    )
+    return model, history, metrics
+
+
+def summarise(runs, keys=("accuracy", "f1", "auc")):
+    """``{key: (mean, std)}`` over a list of metric dicts."""
+    return {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))) for k in keys}

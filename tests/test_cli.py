@@ -1,0 +1,101 @@
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from keras_mmfusion import cli
+
+
+def run_cli(*args):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    return subprocess.run([sys.executable, "-m", "keras_mmfusion.cli", *args], capture_output=True, text=True, env=env)
+
+
+def own_lines(stderr):
+    """stderr without TensorFlow's import-time log lines, which TF prints before
+    absl logging is initialised whatever TF_CPP_MIN_LOG_LEVEL says."""
+    noise = ("WARNING: All log messages before absl", "I0000 ", "W0000 ")
+    return [line for line in stderr.strip().splitlines() if not line.startswith(noise)]
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    code = cli.main(["train", "--data", "synthetic", "--fusion", "deq", "--epochs", "1", "--out", str(out), "--quiet"])
+    assert code == 0
+    return out
+
+
+def test_train_writes_model_history_metrics_and_plots(trained_run):
+    files = set(os.listdir(trained_run))
+    assert {"model.keras", "history.json", "metrics.json", "training_curves.png", "solver_residuals.png"} <= files
+    history = json.loads((trained_run / "history.json").read_text())
+    assert len(history["loss"]) == 1 and "val_loss" in history and "deq_steps" in history
+    metrics = json.loads((trained_run / "metrics.json").read_text())
+    assert 0 <= metrics["accuracy"] <= 1 and metrics["fusion"] == "deq" and metrics["epochs_run"] == 1
+    trace = next(iter(metrics["solver_residual_trace"].values()))
+    assert len(trace) >= 2 and trace[-1] < trace[0]
+    for png in ("training_curves.png", "solver_residuals.png"):
+        assert (trained_run / png).read_bytes()[:4] == b"\x89PNG"
+
+
+def test_evaluate_reloads_the_model(trained_run, capsys):
+    assert cli.main(["evaluate", "--model", str(trained_run / "model.keras"), "--data", "synthetic", "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((trained_run / "metrics.json").read_text())
+    assert printed["samples"] == 1000
+    assert printed["accuracy"] == pytest.approx(saved["accuracy"], abs=1e-6)
+
+
+def test_export_subcommand_writes_a_tflite_file(trained_run, capsys):
+    out = trained_run / "model.tflite"
+    assert cli.main(["export", "--model", str(trained_run / "model.keras"), "--format", "tflite", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "WHILE" in printed and out.stat().st_size > 0
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["train", "--fusion", "magic"], "invalid choice: 'magic'"),
+        (["train", "--data", "/nonexistent/folder"], "/nonexistent/folder: data folder not found"),
+        (["evaluate", "--model", "/nonexistent/model.keras"], "model file not found: /nonexistent/model.keras"),
+    ],
+)
+def test_errors_are_one_line_with_nonzero_exit(args, message):
+    done = run_cli(*args)
+    assert done.returncode == 2
+    lines = own_lines(done.stderr)
+    assert len(lines) == 1 and lines[0].startswith("mmfusion") and message in lines[0], done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_unreadable_model_file_is_one_line(tmp_path):
+    bad = tmp_path / "broken.keras"
+    bad.write_bytes(b"not a zip file")
+    done = run_cli("evaluate", "--model", str(bad))
+    assert done.returncode == 2 and "Traceback" not in done.stderr
+    lines = own_lines(done.stderr)
+    assert len(lines) == 1 and f"mmfusion: error: cannot read model file {bad}" in lines[0], done.stderr
+
+
+def test_help_lists_every_subcommand_and_option():
+    done = run_cli("--help")
+    assert all(c in done.stdout for c in ("train", "evaluate", "export", "bench"))
+    train_help = run_cli("train", "--help").stdout
+    for option in ("--data", "--fusion", "--epochs", "--seed", "--jit", "--out", "dynmm", "lowrank"):
+        assert option in train_help
+
+
+def test_generic_folder_is_accepted(tmp_path):
+    rng = np.random.default_rng(0)
+    for name in ("a", "b"):
+        np.save(tmp_path / f"{name}.npy", rng.normal(size=(40, 3)).astype("float32"))
+    np.save(tmp_path / "labels.npy", (np.arange(40) % 2).astype("float32"))
+    from keras_mmfusion.experiment import load_splits
+
+    splits = load_splits(str(tmp_path))
+    assert splits.widths == [3, 3] and len(splits.train[1]) == 32 and len(splits.test[1]) == 8
