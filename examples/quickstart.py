@@ -1,5 +1,6 @@
 """Train a DEQ-fusion classifier on the built-in synthetic dataset, evaluate it, print
-the solver statistics and export the trained model as a .keras file.
+the solver statistics, save it as a .keras file and export it to SavedModel (TF
+Serving), TFLite and ONNX, checking each export against Keras.
 
     python examples/quickstart.py [--epochs N] [--out DIR]
 """
@@ -21,7 +22,7 @@ def build_model(widths, units=32, num_classes=2):
     encoded = [keras.layers.Dense(units, activation="relu", name=f"encoder_{i}")(x) for i, x in enumerate(inputs)]
     fused = mmf.DEQFusion(units=units, max_iter=15, tol=1e-3, jacobian_weight=0.1, name="deq_fusion")(encoded)
     hidden = keras.layers.Dense(units, activation="relu", name="head")(fused)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="classifier")(hidden)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(hidden)
     return keras.Model(inputs, outputs, name="deq_fusion_classifier")
 
 
@@ -53,9 +54,23 @@ def main():
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "model.keras")
     model.save(path)
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
-        json.dump({"test": results, "solver": stats}, f, indent=2)
     print(f"Saved the trained model to {path}")
+
+    from keras_mmfusion import export
+
+    sample = [x[:7] for x in test[0]]
+    exports = {
+        "saved_model": export.to_saved_model(model, os.path.join(args.out, "serving")),
+        "tflite": export.to_tflite(model, os.path.join(args.out, "model.tflite")),
+        "onnx": export.to_onnx(model, os.path.join(args.out, "model.onnx")),
+    }
+    print("Exports, max relative difference from Keras on 7 test samples:")
+    checks = {}
+    for name, artefact in exports.items():
+        checks[name] = export.verify_export(model, artefact, sample)["probabilities"]
+        print(f"  {name:>14}: {checks[name]['max_rel']:.2e}  ({artefact})")
+    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+        json.dump({"test": results, "solver": stats, "exports": checks}, f, indent=2)
 
 
 if __name__ == "__main__":

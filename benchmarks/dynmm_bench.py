@@ -1,0 +1,127 @@
+"""DynMM benchmark: compute and time saved by hard routing, and the accuracy it costs.
+
+    python benchmarks/dynmm_bench.py [--expensive mlp|deq] [--quick]
+                                     [--out benchmarks/results/dynmm_bench.json]
+
+Synthetic data with 50% easy samples; a cheap expert (MLP on modality 0) and an
+expensive one (all modalities through a large fusion head, or DEQFusion), trained with
+the two-stage recipe of ``examples/dynmm_two_stage.py``. For each ``cost_weight`` the
+gate is trained anew on the same frozen experts. Reported on the test split:
+
+- accuracy of the routed model and of the expensive expert alone;
+- MACs per sample: the measured MACs of the chosen expert plus the gate's, averaged
+  over the test samples, against the expensive expert alone (no gate);
+- wall time of batched inference (batch 256, median after warm-up, in a
+  ``tf.function``) of the routed model against the expensive expert alone;
+- a PNG of accuracy against realised relative cost as ``cost_weight`` varies.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples"))
+
+import numpy as np  # noqa: E402
+
+from timing import machine as describe_machine, median_seconds  # noqa: E402
+
+
+def median_ms(fn, repeats=50, warmup=5):
+    return 1e3 * median_seconds(fn, repeats, warmup)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--expensive", choices=["mlp", "deq"], default="mlp")
+    parser.add_argument("--cost-weights", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.5, 1.0])
+    parser.add_argument("--headline", type=float, default=0.1, help="cost_weight reported in the table")
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default="benchmarks/results/dynmm_bench.json")
+    args = parser.parse_args()
+
+    import keras
+    import tensorflow as tf
+
+    import dynmm_two_stage as recipe
+    from keras_mmfusion.costs import count_macs
+
+    keras.utils.set_random_seed(0)
+    epochs = 10 if args.quick else 30
+    train, val, test = recipe.make_data(0)
+    cheap, expensive, inputs = recipe.pretrain_experts(train, val, args.expensive, epochs)
+    expensive_model = recipe.classifier(expensive, inputs)
+    expensive_macs = count_macs(expensive, [recipe.WIDTH] * recipe.MODALITIES,
+                                loop_trips=14 if args.expensive == "deq" else 1)
+    alone = expensive_model.predict(test[0], batch_size=256, verbose=0)
+    accuracy_alone = float(np.mean(alone.argmax(-1) == test[1]))
+    batch = [tf.constant(m[:256]) for m in test[0]]
+    alone_fn = tf.function(lambda xs: expensive_model(xs, training=False))
+    time_alone = median_ms(lambda: alone_fn(batch).numpy())
+
+    weights = sorted(set(args.cost_weights) | {args.headline})
+    rows = {}
+    for weight in weights:
+        print(f"stage 2: cost_weight={weight}", flush=True)
+        model, layer = recipe.train_gate(cheap, expensive, inputs, train, val, weight, epochs)
+        probabilities = model.predict(test[0], batch_size=256, verbose=0)
+        route = layer.last_routing.numpy()
+        routed_fn = tf.function(lambda xs, model=model: model(xs, training=False))
+        rows[weight] = {
+            "accuracy": float(np.mean(probabilities.argmax(-1) == test[1])),
+            "fraction_to_cheap": float(np.mean(route == 0)),
+            "macs_per_sample": float(np.mean(np.asarray(layer.costs)[route])),
+            "batch256_ms": median_ms(lambda: routed_fn(batch).numpy()),
+            "costs": layer.costs,
+        }
+        rows[weight]["mac_reduction"] = 1 - rows[weight]["macs_per_sample"] / expensive_macs
+        rows[weight]["time_reduction"] = 1 - rows[weight]["batch256_ms"] / time_alone
+        rows[weight]["accuracy_drop_points"] = 100 * (accuracy_alone - rows[weight]["accuracy"])
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    png = os.path.splitext(args.out)[0] + "_accuracy_vs_cost.png"
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    xs = [rows[w]["macs_per_sample"] / expensive_macs for w in weights]
+    ys = [rows[w]["accuracy"] for w in weights]
+    ax.plot(xs, ys, "o-", label="DynMM (hard routing)")
+    for w, x_, y_ in zip(weights, xs, ys):
+        ax.annotate(f"{w:g}", (x_, y_), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.scatter([1.0], [accuracy_alone], marker="s", color="k", label="expensive expert alone")
+    ax.set_xlabel("realised MACs per sample / expensive expert")
+    ax.set_ylabel("test accuracy")
+    ax.set_title("Accuracy vs cost as cost_weight varies (labels)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+
+    machine = describe_machine()
+    results = {"machine": machine, "expensive": args.expensive, "expensive_macs": expensive_macs,
+               "accuracy_expensive_alone": accuracy_alone, "expensive_batch256_ms": time_alone,
+               "by_cost_weight": {str(k): v for k, v in rows.items()}, "plot": png}
+    print(f"\nmachine: {machine}")
+    print(f"expensive expert ({args.expensive}) alone: accuracy {accuracy_alone:.4f}, "
+          f"{expensive_macs} MACs/sample, batch-256 inference {time_alone:.2f} ms")
+    print(f"{'cost_weight':>11} {'accuracy':>9} {'drop pts':>9} {'to cheap':>9} {'MACs/sample':>12} "
+          f"{'MAC cut':>8} {'ms/256':>8} {'time cut':>9}")
+    for w in weights:
+        r = rows[w]
+        mark = "  <- headline" if w == args.headline else ""
+        print(f"{w:>11g} {r['accuracy']:>9.4f} {r['accuracy_drop_points']:>9.2f} {r['fraction_to_cheap']:>9.3f} "
+              f"{r['macs_per_sample']:>12.0f} {r['mac_reduction']:>8.1%} {r['batch256_ms']:>8.2f} "
+              f"{r['time_reduction']:>9.1%}{mark}")
+    print(f"targets: MAC cut >= 40%, time cut >= 25%, accuracy drop <= 0.5 points; plot: {png}")
+    with open(args.out, "w") as f:
+        json.dump(results, f, indent=2)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
