@@ -69,7 +69,7 @@ def main():
 
     data = "rosmap" if os.path.isdir(rosmap_path()) else "synthetic"
     splits = load_splits(data)
-    settings = Settings(units=32, dropout=0.5, l2=1e-3, epochs=args.epochs, patience=30)
+    settings = Settings(units=32, epochs=args.epochs, patience=30)
     model, _, metrics = run_trial(splits, args.fusion, 0, settings)
     names = export.input_names(model)
     test_feed = dict(zip(names, splits.test[0]))

@@ -30,7 +30,7 @@ WIDTH, MODALITIES, CLASSES = 32, 3, 2
 
 
 def make_data(seed=0):
-    x, y = mmf.make_synthetic(6000, num_modalities=MODALITIES, widths=WIDTH, noise=1.0, easy_fraction=0.5, seed=seed)
+    x, y = mmf.make_synthetic(6000, num_modalities=MODALITIES, widths=WIDTH, noise=0.6, easy_fraction=0.5, seed=seed)
     split = lambda a, lo, hi: ([m[lo:hi] for m in a[0]], a[1][lo:hi])  # noqa: E731
     return split((x, y), 0, 3600), split((x, y), 3600, 4400), split((x, y), 4400, 6000)
 
@@ -83,16 +83,19 @@ def routed_model(cheap, expensive, inputs, cost_weight, temperature=5.0):
     expensive.trainable = False
     layer = mmf.DynamicFusion(
         [cheap, expensive], expert_inputs=[[0], list(range(MODALITIES))], cost_weight=cost_weight,
-        temperature=temperature, name="dynmm",
+        temperature=temperature, gate_units=64, name="dynmm",
     )
     model = keras.Model(inputs, keras.layers.Softmax()(layer(inputs)))
     return model, layer
 
 
 def train_gate(cheap, expensive, inputs, train, val, cost_weight, epochs):
+    """Stage 2 for a fixed number of epochs: early stopping on validation accuracy would
+    pick the epochs before the cost loss has moved any sample to the cheap expert."""
     model, layer = routed_model(cheap, expensive, inputs, cost_weight)
     schedule = mmf.TemperatureSchedule(start=5.0, end=0.5, epochs=max(epochs // 2, 2))
-    compile_and_fit(model, train, val, epochs, lr=1e-2, callbacks=[schedule])
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    model.fit(*train, validation_data=val, epochs=2 * epochs, batch_size=64, verbose=2, callbacks=[schedule])
     return model, layer
 
 

@@ -23,7 +23,9 @@ import numpy as np  # noqa: E402
 from keras_mmfusion.experiment import Settings, load_splits, run_trial, select_views, summarise  # noqa: E402
 
 PUBLISHED = {"MOGONET (published)": {"accuracy": 0.815, "f1": 0.821, "auc": 0.874}}
-SETTINGS = Settings(units=32, dropout=0.5, l2=1e-3, lr=1e-3, batch_size=32, epochs=200, patience=20)
+# No dropout or weight decay: with dropout 0.5 and L2 1e-3 the DEQ classifier stayed at
+# chance on the validation split (seed 0), while this setting learned.
+SETTINGS = Settings(units=32, dropout=0.0, l2=0.0, lr=1e-3, batch_size=32, epochs=200, patience=30)
 
 
 def main():

@@ -226,8 +226,8 @@ def _int8_blockers(model):
     )
     routing = (
         "its experts run inside TFLite IF branches, and post-training int8 calibration of the "
-        "tensors inside those branches is unreliable: a routed model in the test suite lost 14 "
-        "accuracy points (0.90 to 0.76) although every routing decision was unchanged." + alternative
+        "tensors inside those branches is unreliable: a routed classifier on synthetic data "
+        "lost 14 accuracy points (0.90 to 0.76)." + alternative
     )
     blockers = []
     for layer in model._flatten_layers(include_self=False):
