@@ -25,8 +25,11 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_mmfusion as mmf  # noqa: E402
+from keras_mmfusion.evaluation import fit_with_validation  # noqa: E402
 
 WIDTH, MODALITIES, CLASSES = 32, 3, 2
+# Stage 1 keeps each expert's best epoch by validation accuracy.
+STAGE_1 = dict(batch_size=64, patience=8, lr=3e-3, monitor="val_accuracy", verbose=2)
 
 
 def make_data(seed=0):
@@ -59,21 +62,15 @@ def classifier(core, inputs):
     return keras.Model(inputs, keras.layers.Softmax()(core(inputs if len(inputs) > 1 else inputs[0])))
 
 
-def compile_and_fit(model, train, val, epochs, lr=3e-3, callbacks=()):
-    model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    stop = keras.callbacks.EarlyStopping("val_accuracy", patience=8, mode="max", restore_best_weights=True)
-    return model.fit(*train, validation_data=val, epochs=epochs, batch_size=64, verbose=2,
-                     callbacks=[stop, *callbacks])
-
-
 def pretrain_experts(train, val, kind, epochs):
     """Stage 1: each expert trained on its own as a classifier."""
     cheap, expensive = cheap_expert(), expensive_expert(kind)
     inputs = [keras.Input((WIDTH,), name=f"modality_{i}") for i in range(MODALITIES)]
     print("stage 1: cheap expert (modality 0 only)")
-    compile_and_fit(classifier(cheap, inputs[:1]), (train[0][0], train[1]), (val[0][0], val[1]), epochs)
+    fit_with_validation(classifier(cheap, inputs[:1]), (train[0][0], train[1]), (val[0][0], val[1]), epochs,
+                        **STAGE_1)
     print("stage 1: expensive expert (all modalities)")
-    compile_and_fit(classifier(expensive, inputs), train, val, epochs)
+    fit_with_validation(classifier(expensive, inputs), train, val, epochs, **STAGE_1)
     return cheap, expensive, inputs
 
 

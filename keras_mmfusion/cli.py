@@ -14,6 +14,8 @@ import os
 import subprocess
 import sys
 
+from keras_mmfusion.models import fusion_names
+
 BENCHMARKS = {
     "deq": "deq_bench.py",
     "zoo": "fusion_zoo.py",
@@ -31,11 +33,6 @@ class _Parser(argparse.ArgumentParser):
         raise CommandError(f"{self.prog}: {message}")
 
 
-def _fusions():
-    # The names are listed without importing TensorFlow, so that --help stays fast.
-    return ["concat", "deq", "dmf", "dynmm", "gated", "lowrank", "sum", "tensor"]
-
-
 def build_parser():
     parser = _Parser(prog="mmfusion", description="Train, evaluate, export and benchmark multimodal fusion models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
@@ -47,7 +44,7 @@ def build_parser():
     train.add_argument("--data", default="synthetic",
                        help="'synthetic' (default), 'rosmap', or a folder: MOGONET layout (1_tr.csv, 1_te.csv, ..., "
                             "labels_tr.csv, labels_te.csv) or one .csv/.npy file per modality plus labels.csv")
-    train.add_argument("--fusion", default="deq", choices=_fusions(), help="fusion method (default: deq)")
+    train.add_argument("--fusion", default="deq", choices=fusion_names(), help="fusion method (default: deq)")
     train.add_argument("--epochs", type=int, default=100, help="maximum epochs (default: 100)")
     train.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs (default: 20)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -94,8 +91,6 @@ def _load_model(path):
     if not os.path.isfile(path):
         raise CommandError(f"model file not found: {path}")
     import keras
-
-    import keras_mmfusion  # noqa: F401 - registers the layers for safe-mode loading
 
     try:
         return keras.saving.load_model(path, safe_mode=True)

@@ -52,30 +52,30 @@ def _op_macs(op):
     return 0
 
 
-def _function_macs(graph, name, loop_trips, seen):
+def _function_macs(graph, name, loop_trips):
     function = graph._get_function(name)  # noqa: SLF001 - the graph's function library
     if function is None:
         return 0
-    return _graph_macs(function.graph, loop_trips, seen)
+    return _graph_macs(function.graph, loop_trips)
 
 
-def _graph_macs(graph, loop_trips, seen):
+def _graph_macs(graph, loop_trips):
     total = 0
     for op in graph.get_operations():
         total += _op_macs(op)
         if op.type in ("While", "StatelessWhile"):
             body = op.get_attr("body").name
-            total += loop_trips * _function_macs(graph, body, loop_trips, seen)
+            total += loop_trips * _function_macs(graph, body, loop_trips)
         elif op.type in ("If", "StatelessIf"):
             total += max(
-                _function_macs(graph, op.get_attr(b).name, loop_trips, seen)
+                _function_macs(graph, op.get_attr(b).name, loop_trips)
                 for b in ("then_branch", "else_branch")
             )
         elif op.type in ("Case", "StatelessCase"):
             branches = op.get_attr("branches")
-            total += max((_function_macs(graph, b.name, loop_trips, seen) for b in branches), default=0)
+            total += max((_function_macs(graph, b.name, loop_trips) for b in branches), default=0)
         elif op.type in ("PartitionedCall", "StatefulPartitionedCall"):
-            total += _function_macs(graph, op.get_attr("f").name, loop_trips, seen)
+            total += _function_macs(graph, op.get_attr("f").name, loop_trips)
     return total
 
 
@@ -104,4 +104,4 @@ def count_macs(fn, input_widths, loop_trips=1, training=False):
         return fn(inputs, training=training) if is_keras else fn(inputs)
 
     graph = traced.get_concrete_function(*specs).graph
-    return int(_graph_macs(graph, loop_trips, set()))
+    return int(_graph_macs(graph, loop_trips))

@@ -263,7 +263,7 @@ class DynamicFusion(FusionLayer):
                 outputs = ops.stack([ops.cast(b(inputs), "float32") for b in branches], axis=1)
                 fused = ops.cast(ops.einsum("be,bed->bd", soft, outputs), dtype)
             elif in_xla_context():
-                fused = masked_route(route, branches, inputs, self._units, dtype)
+                fused = masked_route(route, branches, inputs, dtype)
             else:
                 fused = partitioned_route(route, branches, inputs, self._units, dtype)
         if recording_statistics():

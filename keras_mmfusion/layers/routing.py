@@ -21,7 +21,7 @@ def in_xla_context():
     return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
-def masked_route(route, branches, inputs, width, dtype):
+def masked_route(route, branches, inputs, dtype):
     """Run every branch on the full batch and pick each sample's branch output."""
     outputs = tf.stack([tf.cast(branch(inputs), dtype) for branch in branches], axis=1)
     pick = tf.one_hot(route, len(branches), dtype=dtype)
