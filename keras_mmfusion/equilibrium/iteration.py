@@ -139,7 +139,7 @@ def iterate(f, z0, init, step, max_iter, tol, stop_mode):
         return k + 1, z_next, fz_next, best_z, best_res, trace, state
 
     steps, _, _, best_z, best_res, trace, _ = tf.while_loop(
-        cond, body, loop_vars, maximum_iterations=max_iter - 1
+        cond, body, loop_vars, maximum_iterations=max_iter - 1, parallel_iterations=1
     )
     stats = SolverStats(
         steps=steps,

@@ -69,26 +69,15 @@ def _write_slot(buffer, slot, row):
     return tf.tensor_scatter_nd_update(buffer, [[slot]], row[None])
 
 
-def _slot_mask(slot, m):
-    """``(m,)`` booleans, true at ``slot`` (a comparison, which every exporter supports)."""
-    return tf.equal(tf.range(m), slot)
-
-
-def _write_symmetric(gram, slot, row):
-    """Set row and column ``slot`` of the ``(batch, m, m)`` matrices ``gram`` to ``row``."""
-    m = gram.shape[-1]
-    pick = _slot_mask(slot, m)
-    gram = tf.where(pick[None, :, None], row[:, None, :], gram)
-    return tf.where(pick[None, None, :], row[:, :, None], gram)
-
-
 def _spd_solve(a, b):
     """Solve ``a x = b`` for a batch of small symmetric positive-definite ``(m, m)`` systems.
 
-    A Cholesky factorisation unrolled over the static ``m``. ``tf.linalg.solve`` would do
-    the same job, but its kernel has no TFLite builtin or ONNX counterpart, and this
-    solve runs inside the exported solver loop. ``a`` is the ridge-regularised Gram
-    matrix, whose eigenvalues are at least the ridge, so no pivoting is needed.
+    Gauss-Jordan elimination on the augmented ``(batch, m, m + 1)`` matrix, unrolled
+    over the static ``m``: each pivot is a handful of whole-matrix operations, so the
+    solve costs about ``5 m`` small ops. ``tf.linalg.solve`` would do the same job, but
+    its kernel has no TFLite builtin or ONNX counterpart, and this solve runs inside the
+    exported solver loop. ``a`` is the ridge-regularised Gram matrix, whose eigenvalues
+    are at least the ridge, so elimination without pivoting is stable.
 
     Args:
         a: ``(batch, m, m)``.
@@ -98,21 +87,31 @@ def _spd_solve(a, b):
         ``(batch, m)``.
     """
     m = a.shape[-1]
-    lower = [[None] * m for _ in range(m)]
+    aug = tf.concat([a, b[:, :, None]], axis=-1)
+    eye = tf.eye(m, dtype=a.dtype)
     for j in range(m):
-        diag = a[:, j, j] - sum((lower[j][k] ** 2 for k in range(j)), tf.zeros_like(a[:, 0, 0]))
-        lower[j][j] = tf.sqrt(tf.maximum(diag, tf.zeros_like(diag)))
-        for i in range(j + 1, m):
-            off = a[:, i, j] - sum((lower[i][k] * lower[j][k] for k in range(j)), tf.zeros_like(diag))
-            lower[i][j] = off / lower[j][j]
-    y = []
-    for i in range(m):
-        y.append((b[:, i] - sum((lower[i][k] * y[k] for k in range(i)), tf.zeros_like(b[:, 0]))) / lower[i][i])
-    x = [None] * m
-    for i in reversed(range(m)):
-        rest = sum((lower[k][i] * x[k] for k in range(i + 1, m)), tf.zeros_like(b[:, 0]))
-        x[i] = (y[i] - rest) / lower[i][i]
-    return tf.stack(x, axis=-1)
+        # Scale pivot row j to a unit pivot, remove column j from every row, then put
+        # the scaled row back in place of row j (which the removal zeroed).
+        pivot_row = aug[:, j : j + 1, :] / aug[:, j : j + 1, j : j + 1]
+        aug = aug + (eye[:, j : j + 1] - aug[:, :, j : j + 1]) * pivot_row
+    return aug[:, :, m]
+
+
+def _shift_in(history, newest):
+    """Put ``newest`` first in the tuple ``history`` and drop the oldest entry.
+
+    The history is a tuple of ``(batch, dim)`` tensors carried through the loop, so a
+    shift only rebinds tensors: nothing is copied, unlike a write into a stacked buffer.
+    """
+    return (newest,) + history[:-1]
+
+
+def _shift_gram(gram, row):
+    """The ``(batch, m, m)`` Gram matrix after :func:`_shift_in`: ``row`` becomes row and
+    column 0 and the old matrix moves one place down the diagonal."""
+    m = gram.shape[-1]
+    lower = tf.concat([row[:, 1:, None], gram[:, : m - 1, : m - 1]], axis=2)
+    return tf.concat([row[:, None, :], lower], axis=1)
 
 
 @register_solver("fixed_point")
@@ -153,8 +152,10 @@ def anderson_solve(
 
     The ``memory x memory`` normal equations are scaled by their largest diagonal entry
     and regularised with ``ridge * I``, so they are never singular; they are solved by
-    Cholesky in float32 (float64 for float64 states). A sample whose weights come out non-finite
-    falls back to a plain ``f(z)`` step.
+    elimination in float32 (float64 for float64 states). A sample whose weights come out
+    non-finite falls back to a plain ``f(z)`` step. The history is carried as ``memory``
+    separate tensors, newest first, so a step reads it twice (the new Gram row and the
+    weighted sum) and never copies it.
 
     Args:
         f, z0, max_iter, tol, stop_mode: as for :func:`fixed_point_iteration`.
@@ -171,37 +172,33 @@ def anderson_solve(
         raise ValueError(f"ridge must be a positive number, got {ridge!r}.")
 
     def init(z, fz):
-        gram = tf.zeros([tf.shape(z)[0], memory, memory], z.dtype)
-        return _history(z, memory), _history(z, memory), gram
+        zeros = tf.zeros_like(z)
+        return (zeros,) * memory, (zeros,) * memory, tf.zeros([tf.shape(z)[0], memory, memory], z.dtype)
 
     def step(z, fz, state, k):
-        # The history keeps f(z_j) and the residuals g_j = f(z_j) - z_j; the Gram
-        # matrix of the residuals is updated one row and column per step.
+        # The history keeps f(z_j) and the residuals g_j = f(z_j) - z_j, newest first;
+        # the Gram matrix of the residuals gains one row and column per step.
         fs, gs, gram = state
-        slot = k % memory
         g = fz - z
-        g = tf.where(tf.math.is_finite(g), g, tf.zeros_like(g))
-        fs = _write_slot(fs, slot, fz)
-        gs = _write_slot(gs, slot, g)
-        # Products over the (m, batch, dim) history are written as broadcasts and sums:
-        # einsum would transpose the whole history to put the batch first.
-        gram = _write_symmetric(gram, slot, tf.transpose(tf.reduce_sum(gs * g[None], axis=-1)))
+        fs, gs = _shift_in(fs, fz), _shift_in(gs, g)
+        gram = _shift_gram(gram, tf.stack([tf.reduce_sum(g_j * g, axis=-1) for g_j in gs], axis=-1))
+        # Slots not yet written hold zeros, so their rows are ridge * I and, with a zero
+        # right-hand side, their weights are 0.
         valid = tf.cast(tf.range(memory) < tf.minimum(k + 1, memory), z.dtype)
         eye = tf.eye(memory, dtype=z.dtype)
+        # The diagonal as a masked sum: diag_part has no TFLite builtin.
         scale = tf.reduce_max(tf.reduce_sum(gram * eye, axis=-1), axis=-1)
         scale = tf.where(scale > 0, scale, tf.ones_like(scale))
         system = gram / scale[:, None, None] + ridge * eye
-        # Unused slots hold zeros, so their rows are ridge * I and their weights are 0.
-        ones = tf.broadcast_to(valid[None, :], tf.shape(system)[:2])
-        y = _spd_solve(system, ones)
+        y = _spd_solve(system, tf.broadcast_to(valid, tf.shape(system)[:2]))
         alpha = y / tf.reduce_sum(y, axis=-1, keepdims=True)
-        current = tf.broadcast_to(tf.cast(_slot_mask(slot, memory), z.dtype), tf.shape(alpha))
-        alpha = _finite_or(alpha, current)
+        # A sample whose residuals are not finite gets non-finite weights; it takes a
+        # plain step instead, f(z) with weight 1 on the newest entry.
+        alpha = _finite_or(alpha, tf.broadcast_to(eye[0], tf.shape(alpha)))
         # sum_j alpha_j z_j = sum_j alpha_j (f_j - g_j).
-        weights = tf.transpose(alpha)[:, :, None]
-        z_next = tf.reduce_sum(weights * fs, axis=0)
+        z_next = tf.add_n([alpha[:, j, None] * f_j for j, f_j in enumerate(fs)])
         if mixing < 1:
-            z_next -= (1.0 - mixing) * tf.reduce_sum(weights * gs, axis=0)
+            z_next -= (1.0 - mixing) * tf.add_n([alpha[:, j, None] * g_j for j, g_j in enumerate(gs)])
         return _finite_or(z_next, fz), (fs, gs, gram)
 
     return iterate(f, z0, init, step, max_iter, tol, stop_mode)
