@@ -19,6 +19,30 @@ def median_seconds(fn, repeats, warmup=2):
     return float(np.median(times))
 
 
+def median_ratio(fn, reference, repeats, warmup=2):
+    """Time ``fn`` against ``reference`` over ``repeats`` alternating pairs of calls.
+
+    Timing the two side by side, pair after pair, cancels most of the drift a shared
+    machine adds to two separate medians.
+
+    Returns:
+        ``(ratio, seconds)``: the median of ``time(fn()) / time(reference())`` over the
+        pairs, and the median time of ``fn()``.
+    """
+    for _ in range(warmup):
+        fn()
+        reference()
+    ratios, times = [], []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        middle = time.perf_counter()
+        reference()
+        times.append(middle - start)
+        ratios.append(times[-1] / (time.perf_counter() - middle))
+    return float(np.median(ratios)), float(np.median(times))
+
+
 def machine():
     """Cores, library versions, GPUs and platform, recorded with every result."""
     import keras

@@ -51,8 +51,8 @@ def expensive_expert(kind):
     if kind == "deq":
         fused = mmf.DEQFusion(units=64, max_iter=15, tol=1e-3, jacobian_weight=0.1)(encoded)
     else:
-        fused = keras.layers.Dense(512, activation="relu")(mmf.ConcatFusion()(encoded))
-        fused = keras.layers.Dense(512, activation="relu")(fused)
+        fused = keras.layers.Dense(1024, activation="relu")(mmf.ConcatFusion()(encoded))
+        fused = keras.layers.Dense(1024, activation="relu")(fused)
     hidden = keras.layers.Dense(64, activation="relu")(fused)
     return keras.Model(inputs, keras.layers.Dense(CLASSES)(hidden), name="expensive_expert")
 
