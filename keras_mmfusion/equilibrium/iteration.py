@@ -138,6 +138,9 @@ def iterate(f, z0, init, step, max_iter, tol, stop_mode):
         trace = tf.tensor_scatter_nd_update(trace, [[k]], [tf.reduce_mean(res)])
         return k + 1, z_next, fz_next, best_z, best_res, trace, state
 
+    # Each iteration needs the previous one's state, so overlapping iterations gains no
+    # speed; it only lets a step's temporaries outlive it, making peak memory depend on
+    # scheduling.
     steps, _, _, best_z, best_res, trace, _ = tf.while_loop(
         cond, body, loop_vars, maximum_iterations=max_iter - 1, parallel_iterations=1
     )
