@@ -11,7 +11,8 @@ Experts (each a complete classifier returning class logits):
 
 Stage 1 trains each expert on its own. Stage 2 freezes them and trains only the gate of
 a ``DynamicFusion`` layer with the compute-cost loss and an annealed temperature
-(Xue & Marculescu, "Dynamic Multimodal Fusion", arXiv 2204.00102, Section 3.3). At
+(Xue & Marculescu, "Dynamic Multimodal Fusion", arXiv 2204.00102, Section 3.3), and keeps
+the gate of the epoch with the lowest validation objective (``RoutedObjective``). At
 inference the routing is hard and the unchosen expert does not run.
 """
 
@@ -87,12 +88,18 @@ def routed_model(cheap, expensive, inputs, cost_weight, temperature=5.0):
 
 
 def train_gate(cheap, expensive, inputs, train, val, cost_weight, epochs):
-    """Stage 2 for a fixed number of epochs: early stopping on validation accuracy would
-    pick the epochs before the cost loss has moved any sample to the cheap expert."""
+    """Stage 2: train the gate for ``2 * epochs`` epochs and keep the epoch with the lowest
+    validation objective (cross-entropy plus ``cost_weight`` times the realised cost of the
+    hard routing). Validation accuracy alone would pick the epochs before the cost loss
+    has moved any sample to the cheap expert."""
     model, layer = routed_model(cheap, expensive, inputs, cost_weight)
     schedule = mmf.TemperatureSchedule(start=5.0, end=0.5, epochs=max(epochs // 2, 2))
+    objective = mmf.RoutedObjective(cost_weight)
+    keep_best = keras.callbacks.EarlyStopping(objective.name, mode="min", patience=2 * epochs,
+                                              restore_best_weights=True)
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    model.fit(*train, validation_data=val, epochs=2 * epochs, batch_size=64, verbose=2, callbacks=[schedule])
+    model.fit(*train, validation_data=val, epochs=2 * epochs, batch_size=64, verbose=2,
+              callbacks=[schedule, objective, keep_best])
     return model, layer
 
 

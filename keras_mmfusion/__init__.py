@@ -14,7 +14,7 @@ from keras_mmfusion.layers import (
     SumFusion,
     TensorFusion,
 )
-from keras_mmfusion.callbacks import TemperatureSchedule
+from keras_mmfusion.callbacks import RoutedObjective, TemperatureSchedule
 from keras_mmfusion.metrics import RoutingMetric, SolverStatsMetric
 
 __version__ = "0.1.0"
@@ -24,6 +24,7 @@ __all__ = [
     "DEQFusion",
     "DenseFusion",
     "DynamicFusion",
+    "RoutedObjective",
     "TemperatureSchedule",
     "FusionLayer",
     "GatedFusion",

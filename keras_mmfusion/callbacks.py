@@ -46,3 +46,36 @@ class TemperatureSchedule(keras.callbacks.Callback):
     def on_epoch_end(self, epoch, logs=None):
         if logs is not None:
             logs["dynmm_temperature"] = self.value(epoch)
+
+
+class RoutedObjective(keras.callbacks.Callback):
+    """Log the validation value of DynMM's training objective, for model selection.
+
+    At the end of each epoch with validation data this adds
+    ``logs[name] = logs[loss_key] + cost_weight * logs[cost_key]``: the validation loss
+    plus the cost term, where the cost is the realised mean relative cost of the hard
+    routing (``val_dynmm_cost``, logged by ``DynamicFusion``). Selecting on validation
+    accuracy alone prefers the epochs that route everything to the expensive expert;
+    this objective weighs accuracy against cost the way training does. List it before an
+    ``EarlyStopping`` or ``ModelCheckpoint`` that monitors ``name``.
+
+    Args:
+        cost_weight: the weight of the cost term, normally the layer's ``cost_weight``.
+        name: the log key written.
+        loss_key: the validation loss key read.
+        cost_key: the realised validation cost key read.
+    """
+
+    def __init__(self, cost_weight, name="val_dynmm_objective", loss_key="val_loss", cost_key="val_dynmm_cost"):
+        super().__init__()
+        if not (isinstance(cost_weight, (int, float)) and cost_weight >= 0):
+            raise ValueError(f"cost_weight must be a non-negative number, got {cost_weight!r}.")
+        self.cost_weight, self.name, self.loss_key, self.cost_key = float(cost_weight), name, loss_key, cost_key
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is None or self.loss_key not in logs:
+            return
+        if self.cost_key not in logs:
+            raise ValueError(f"RoutedObjective: the logs have no {self.cost_key!r}; "
+                             f"found {sorted(logs)}. Is there a DynamicFusion layer and validation data?")
+        logs[self.name] = float(logs[self.loss_key]) + self.cost_weight * float(logs[self.cost_key])

@@ -169,6 +169,30 @@ def test_temperature_schedule_anneals_exponentially():
     assert layer.temperature == pytest.approx(0.25)
 
 
+def test_routed_objective_selects_the_epoch_by_validation_loss_plus_cost():
+    x, y = routing_task()
+    vx, vy = routing_task(2)
+    model, layer = routed_model(0.5)
+    model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    objective = mmf.RoutedObjective(0.5)
+    keep = keras.callbacks.EarlyStopping(objective.name, mode="min", patience=10, restore_best_weights=True)
+    history = model.fit(x, y, validation_data=(vx, vy), epochs=6, batch_size=64, verbose=0,
+                        callbacks=[objective, keep]).history
+    logged = np.asarray(history["val_dynmm_objective"])
+    np.testing.assert_allclose(logged, np.asarray(history["val_loss"]) + 0.5 * np.asarray(history["val_dynmm_cost"]),
+                               rtol=1e-6)
+    # The restored weights are those of the epoch with the lowest logged objective.
+    final = model.evaluate(vx, vy, batch_size=32, verbose=0, return_dict=True)
+    assert final["loss"] + 0.5 * final["dynmm_cost"] == pytest.approx(logged.min(), rel=1e-5)
+
+
+def test_routed_objective_rejects_bad_arguments_and_missing_logs():
+    with pytest.raises(ValueError, match="cost_weight"):
+        mmf.RoutedObjective(-1.0)
+    with pytest.raises(ValueError, match="val_dynmm_cost"):
+        mmf.RoutedObjective(0.1).on_epoch_end(0, {"val_loss": 0.3})
+
+
 def test_keras_save_and_load_in_safe_mode_with_a_deq_expert(tmp_path):
     keras.utils.set_random_seed(0)
     inputs = [keras.Input((w,)) for w in WIDTHS]
