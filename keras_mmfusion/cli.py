@@ -55,6 +55,9 @@ def build_parser():
     train.add_argument("--monitor", default="val_loss", choices=["val_loss", "val_accuracy"],
                        help="validation value that selects the best epoch (default: val_loss)")
     train.add_argument("--jit", action="store_true", help="compile the training step with XLA")
+    train.add_argument("--no-standardize", action="store_true",
+                       help="feed the raw features (default: standardise each feature with the mean and "
+                            "variance of the training part; the statistics are saved in the model)")
     train.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
@@ -154,7 +157,8 @@ def cmd_train(args):
 
     splits = _load_data(args.data)
     settings = Settings(units=args.units, dropout=args.dropout, lr=args.lr, batch_size=args.batch_size,
-                        epochs=args.epochs, patience=args.patience, monitor=args.monitor, jit_compile=args.jit)
+                        epochs=args.epochs, patience=args.patience, monitor=args.monitor, jit_compile=args.jit,
+                        standardize=not args.no_standardize)
     print(f"data: {splits.name}, {len(splits.widths)} modalities of widths {splits.widths}, "
           f"{len(splits.train[1])} train / {len(splits.test[1])} test samples, {splits.num_classes} classes")
     model, history, metrics = run_trial(splits, args.fusion, args.seed, settings, verbose=0 if args.quiet else 1)

@@ -48,6 +48,8 @@ class Settings:
     validation_fraction: float = 0.2
     monitor: str = "val_loss"
     jit_compile: bool = False
+    standardize: bool = True
+    fusion_options: dict = dataclasses.field(default_factory=dict)
 
 
 def rosmap_path():
@@ -100,12 +102,23 @@ def select_views(splits, views):
     return Splits(pick(splits.train), pick(splits.test), splits.num_classes, splits.name)
 
 
-def build_model(fusion_name, splits, settings, input_names=None):
-    """The standard classifier around the named fusion (``"single"``: one modality, no fusion)."""
-    fusion = None if fusion_name == "single" else make_fusion(fusion_name, settings.units, num_modalities=len(splits.widths))
+def build_model(fusion_name, splits, settings, input_names=None, train_inputs=None):
+    """The standard classifier around the named fusion (``"single"``: one modality, no fusion).
+
+    With ``settings.standardize``, every modality is standardised with the per-feature
+    statistics of ``train_inputs`` (default: all of ``splits.train``).
+    """
+    fusion = None
+    if fusion_name != "single":
+        fusion = make_fusion(fusion_name, settings.units, num_modalities=len(splits.widths),
+                             **settings.fusion_options)
+    if settings.standardize:
+        standardize_with = splits.train[0] if train_inputs is None else train_inputs
+    else:
+        standardize_with = None
     return build_classifier(
         fusion, splits.widths, splits.num_classes, encoder_units=settings.units, head_units=settings.units,
-        dropout=settings.dropout, l2=settings.l2, input_names=input_names,
+        dropout=settings.dropout, l2=settings.l2, input_names=input_names, standardize_with=standardize_with,
     )
 
 
@@ -122,7 +135,7 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
     val = ([a[held] for a in splits.train[0]], splits.train[1][held])
     if len(splits.widths) == 1:
         train, val = (train[0][0], train[1]), (val[0][0], val[1])
-    model = build_model(fusion_name, splits, settings)
+    model = build_model(fusion_name, splits, settings, train_inputs=[a[keep] for a in splits.train[0]])
     history, timer = fit_with_validation(
         model, train, val, epochs=settings.epochs, batch_size=settings.batch_size, patience=settings.patience,
         lr=settings.lr, monitor=settings.monitor, verbose=verbose, callbacks=callbacks,

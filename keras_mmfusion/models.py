@@ -74,8 +74,9 @@ def build_classifier(
     dropout=0.0,
     input_names=None,
     l2=0.0,
+    standardize_with=None,
 ):
-    """``inputs -> per-modality Dense encoders -> fusion -> Dense head -> softmax``.
+    """``inputs -> [standardise] -> per-modality Dense encoders -> fusion -> Dense head -> softmax``.
 
     Args:
         fusion: a fusion layer, called on the list of encoded modalities; ``None``
@@ -89,6 +90,10 @@ def build_classifier(
         input_names: the ``keras.Input`` names (default ``modality_0``, ...); they
             become the input names of exported models.
         l2: L2 weight decay of the encoders and head.
+        standardize_with: optional training arrays, one per modality. Each modality
+            then first goes through a ``keras.layers.Normalization`` adapted on its
+            array (per-feature mean and variance, stored as weights, so saved and
+            exported models carry them). Pass training data only, never test data.
 
     Returns:
         A functional ``keras.Model``.
@@ -96,8 +101,15 @@ def build_classifier(
     names = input_names or [f"modality_{i}" for i in range(len(input_widths))]
     regularizer = keras.regularizers.L2(l2) if l2 else None
     inputs = [keras.Input((w,), name=n) for w, n in zip(input_widths, names)]
+    if standardize_with is not None and len(standardize_with) != len(inputs):
+        raise ValueError(f"standardize_with has {len(standardize_with)} arrays; expected one per modality "
+                         f"({len(inputs)}).")
     encoded = []
     for i, x in enumerate(inputs):
+        if standardize_with is not None:
+            norm = keras.layers.Normalization(axis=-1, name=f"standardize_{i}")
+            norm.adapt(standardize_with[i])
+            x = norm(x)
         h = keras.layers.Dense(encoder_units, activation="relu", kernel_regularizer=regularizer, name=f"encoder_{i}")(x)
         if dropout:
             h = keras.layers.Dropout(dropout)(h)

@@ -86,7 +86,7 @@ def test_help_lists_every_subcommand_and_option():
     done = run_cli("--help")
     assert all(c in done.stdout for c in ("train", "evaluate", "export", "bench"))
     train_help = run_cli("train", "--help").stdout
-    for option in ("--data", "--fusion", "--epochs", "--seed", "--jit", "--out", "dynmm", "lowrank"):
+    for option in ("--data", "--fusion", "--epochs", "--seed", "--jit", "--no-standardize", "--out", "dynmm", "lowrank"):
         assert option in train_help
 
 

@@ -1,0 +1,43 @@
+import numpy as np
+import pytest
+import keras
+
+from keras_mmfusion.experiment import Settings, Splits, build_model
+from keras_mmfusion.models import build_classifier
+
+
+def shifted_modalities(rng, n):
+    """Two modalities with offsets and scales far from zero mean and unit variance."""
+    return [0.4 + 0.03 * rng.normal(size=(n, 6)), -5.0 + 7.0 * rng.normal(size=(n, 4))]
+
+
+def standardized_outputs(model, inputs):
+    outputs = [model.get_layer(f"standardize_{i}").output for i in range(len(inputs))]
+    return keras.Model(model.inputs, outputs)(inputs)
+
+
+def test_standardization_uses_the_given_training_statistics():
+    rng = np.random.default_rng(0)
+    train = shifted_modalities(rng, 500)
+    model = build_classifier(keras.layers.Concatenate(), [6, 4], 2, standardize_with=train)
+    for z in standardized_outputs(model, train):
+        z = np.asarray(z)
+        np.testing.assert_allclose(z.mean(0), 0.0, atol=1e-4)
+        np.testing.assert_allclose(z.std(0), 1.0, atol=1e-3)
+
+
+def test_standardization_needs_one_array_per_modality():
+    with pytest.raises(ValueError, match="one per modality"):
+        build_classifier(keras.layers.Concatenate(), [6, 4], 2, standardize_with=[np.zeros((3, 6))])
+
+
+def test_experiment_models_standardize_with_the_training_part_only():
+    rng = np.random.default_rng(1)
+    train, test = shifted_modalities(rng, 200), [m + 100.0 for m in shifted_modalities(rng, 50)]
+    splits = Splits((train, np.arange(200) % 2), (test, np.arange(50) % 2), 2, "toy")
+    part = [m[:150] for m in train]
+    model = build_model("concat", splits, Settings(units=8), train_inputs=part)
+    for i, m in enumerate(part):
+        np.testing.assert_allclose(np.asarray(model.get_layer(f"standardize_{i}").mean).ravel(), m.mean(0), rtol=1e-5)
+    raw = build_model("concat", splits, Settings(units=8, standardize=False))
+    assert not [l for l in raw.layers if isinstance(l, keras.layers.Normalization)]
