@@ -5,8 +5,9 @@
 Also reachable as ``mmfusion train --data rosmap`` for a single model.
 
 Protocol, for every seed: 20% of the training split (stratified) is held out for
-validation; training stops early on the validation loss and keeps the best epoch; the
-test split is evaluated once. Methods: DEQFusion, DenseFusion, concat fusion, and the
+validation; every feature is standardised with the mean and variance of the remaining
+80%; training stops early on the validation loss and keeps the best epoch; the test split
+is evaluated once. Methods: DEQFusion, DenseFusion, concat fusion, and the
 best single omics view, chosen by mean validation loss (not by test score). The data
 are MOGONET's preprocessed release (Wang et al., Nature Communications 2021), read from
 ``$MMFUSION_ROSMAP`` or ``../shared/data/rosmap``.
@@ -23,9 +24,13 @@ import numpy as np  # noqa: E402
 from keras_mmfusion.experiment import Settings, load_splits, run_trial, select_views, summarise  # noqa: E402
 
 PUBLISHED = {"MOGONET (published)": {"accuracy": 0.815, "f1": 0.821, "auc": 0.874}}
-# No dropout or weight decay: with dropout 0.5 and L2 1e-3 the DEQ classifier stayed at
-# chance on the validation split (seed 0), while this setting learned.
-SETTINGS = Settings(units=32, dropout=0.0, l2=0.0, lr=1e-3, batch_size=32, epochs=200, patience=30)
+# Chosen on the validation splits of the 5 seeds (mean validation loss at the kept epoch),
+# never on test. Every feature is standardised with the statistics of the training part
+# (the views are min-max scaled with per-feature spreads of only 0.03-0.05, which left
+# the encoders' inputs dominated by their offsets); standardised inputs overfit within
+# 5-10 epochs, and dropout 0.5 gave the lowest validation loss of the settings tried.
+SETTINGS = Settings(units=32, dropout=0.5, l2=0.0, lr=1e-3, batch_size=32, epochs=200, patience=30,
+                    standardize=True)
 
 
 def main():
