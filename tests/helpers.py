@@ -43,3 +43,21 @@ def fit_and_score(model, train, test, epochs=20, batch_size=64, lr=3e-3, **compi
     )
     model.fit(*train, epochs=epochs, batch_size=batch_size, verbose=0)
     return model.evaluate(*test, verbose=0, return_dict=True)["accuracy"]
+
+
+# Inputs every fusion layer must refuse, with the message its error must contain.
+BAD_FUSION_INPUTS = [
+    (np.ones((4, 8), "float32"), "must be called on a list"),
+    ([np.ones((4, 8), "float32")], "at least 2 modality tensors"),
+    ([np.ones((4, 8), "float32"), np.ones((4, 2, 8), "float32")], r"input 1 must have rank 2"),
+    ([np.ones((4, 8), "float32"), np.ones((3, 8), "float32")], r"input 1 has batch size 3 but input 0 has batch size 4"),
+]
+
+
+def fit_save_reload(model, x, path):
+    """Train ``model`` one epoch on ``x`` with alternating labels, save it to ``path`` and
+    load it back in safe mode; returns the loaded model."""
+    model.compile("adam", "sparse_categorical_crossentropy")
+    model.fit(x, np.arange(len(x[0])) % 2, epochs=1, verbose=0)
+    model.save(path)
+    return keras.saving.load_model(path, safe_mode=True)

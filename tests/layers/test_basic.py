@@ -12,7 +12,8 @@ from keras_mmfusion.layers import (
     TensorFusion,
 )
 
-from helpers import fit_and_score, fusion_classifier, linear_classifier, random_inputs, synthetic_split
+from helpers import (BAD_FUSION_INPUTS, fit_and_score, fit_save_reload, fusion_classifier, linear_classifier,
+                     random_inputs, synthetic_split)
 
 WIDTHS = (3, 5, 4)
 
@@ -53,12 +54,8 @@ def test_get_config_round_trips(name):
 def test_keras_save_and_load_in_safe_mode(name, tmp_path):
     keras.utils.set_random_seed(0)
     model = fusion_classifier(LAYERS[name][0](), WIDTHS, units=8)
-    model.compile("adam", "sparse_categorical_crossentropy")
     x = random_inputs(batch=16, widths=WIDTHS)
-    model.fit(x, np.arange(16) % 2, epochs=1, verbose=0)
-    path = tmp_path / f"{name}.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
+    loaded = fit_save_reload(model, x, tmp_path / f"{name}.keras")
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
 
 
@@ -142,15 +139,7 @@ def test_dense_fusion_returns_every_level_and_matches_the_equations():
 
 
 @pytest.mark.parametrize("factory", [lambda: ConcatFusion(4), lambda: GatedFusion(4), lambda: DenseFusion(4)])
-@pytest.mark.parametrize(
-    "inputs, message",
-    [
-        (np.ones((4, 8), "float32"), "must be called on a list"),
-        ([np.ones((4, 8), "float32")], "at least 2 modality tensors"),
-        ([np.ones((4, 8), "float32"), np.ones((4, 2, 8), "float32")], r"input 1 must have rank 2"),
-        ([np.ones((4, 8), "float32"), np.ones((3, 8), "float32")], r"input 1 has batch size 3 but input 0"),
-    ],
-)
+@pytest.mark.parametrize("inputs, message", BAD_FUSION_INPUTS)
 def test_bad_inputs_raise_value_error_naming_the_problem(factory, inputs, message):
     with pytest.raises(ValueError, match=message):
         factory()(inputs)

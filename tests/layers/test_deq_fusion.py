@@ -5,7 +5,8 @@ import keras
 
 from keras_mmfusion.layers import DEQFusion
 
-from helpers import fit_and_score, fusion_classifier, linear_classifier, random_inputs, synthetic_split
+from helpers import (BAD_FUSION_INPUTS, fit_and_score, fit_save_reload, fusion_classifier, linear_classifier,
+                     random_inputs, synthetic_split)
 
 
 def test_output_shape_projection_and_last_stats():
@@ -162,12 +163,8 @@ def test_fit_beats_linear_model_and_logs_solver_stats(mode, synthetic, linear_ac
 def test_keras_save_and_load_in_safe_mode(tmp_path):
     widths = (8, 12, 8)
     model = fusion_classifier(DEQFusion(units=16, max_iter=8, jacobian_weight=0.1), widths)
-    model.compile("adam", "sparse_categorical_crossentropy")
     x = random_inputs(batch=16, widths=widths)
-    model.fit(x, np.arange(16) % 2, epochs=1, verbose=0)
-    path = tmp_path / "deq.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
+    loaded = fit_save_reload(model, x, tmp_path / "deq.keras")
     np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
     layer = [l for l in loaded.layers if isinstance(l, DEQFusion)][0]
     assert layer.get_config()["jacobian_weight"] == 0.1
@@ -220,15 +217,7 @@ def test_mixed_precision_runs_with_float32_solver_state():
     assert layer.last_stats["residual"].dtype == tf.float32
 
 
-@pytest.mark.parametrize(
-    "inputs, message",
-    [
-        (np.ones((4, 8), "float32"), "must be called on a list"),
-        ([np.ones((4, 8), "float32")], "at least 2 modality tensors"),
-        ([np.ones((4, 8), "float32"), np.ones((4, 2, 8), "float32")], r"input 1 must have rank 2"),
-        ([np.ones((4, 8), "float32"), np.ones((3, 8), "float32")], r"input 1 has batch size 3 but input 0 has batch size 4"),
-    ],
-)
+@pytest.mark.parametrize("inputs, message", BAD_FUSION_INPUTS)
 def test_bad_inputs_raise_value_error_naming_the_problem(inputs, message):
     with pytest.raises(ValueError, match=message):
         DEQFusion(units=8)(inputs)

@@ -8,7 +8,7 @@ import keras
 import keras_mmfusion as mmf
 from keras_mmfusion.layers import ConcatFusion, DEQFusion, DynamicFusion
 
-from helpers import random_inputs
+from helpers import fit_save_reload, random_inputs
 
 WIDTHS = (3, 5)
 
@@ -200,12 +200,8 @@ def test_keras_save_and_load_in_safe_mode_with_a_deq_expert(tmp_path):
         [keras.layers.Dense(8), DEQFusion(8, max_iter=6)], expert_inputs=[[0], [0, 1]], cost_weight=0.1, temperature=2.0
     )
     model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(layer(inputs)))
-    model.compile("adam", "sparse_categorical_crossentropy")
     x = random_inputs(batch=16, widths=WIDTHS)
-    model.fit(x, np.arange(16) % 2, epochs=1, verbose=0)
-    path = tmp_path / "dynmm.keras"
-    model.save(path)
-    loaded = keras.saving.load_model(path, safe_mode=True)
+    loaded = fit_save_reload(model, x, tmp_path / "dynmm.keras")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0), rtol=1e-6, atol=1e-7)
     clone = [l for l in loaded.layers if isinstance(l, DynamicFusion)][0]
     # Shapes in the nested build configs come back as lists instead of tuples.
