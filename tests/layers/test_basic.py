@@ -80,11 +80,14 @@ def test_every_weight_gets_a_gradient(name):
 def test_jit_compiled_training_lowers_the_loss(name):
     keras.utils.set_random_seed(0)
     x = random_inputs(batch=64, widths=WIDTHS, seed=2)
-    y = (x[0][:, 0] * x[1][:, 0] > 0).astype("int32")
+    # A label every layer can fit from both modalities: the test is about the compiled
+    # training step, and an interaction label left some initialisations stuck at chance.
+    y = (x[0][:, 0] + x[1][:, 0] > 0).astype("int32")
     model = fusion_classifier(LAYERS[name][0](), WIDTHS, units=8)
     model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", jit_compile=True)
+    assert model.jit_compile
     history = model.fit(x, y, epochs=15, batch_size=16, verbose=0)
-    assert history.history["loss"][-1] < history.history["loss"][0] - 0.05
+    assert history.history["loss"][-1] < history.history["loss"][0] - 0.1, history.history["loss"]
 
 
 def test_lowrank_equals_tensor_fusion_with_the_factorised_weight():
