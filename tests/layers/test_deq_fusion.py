@@ -148,7 +148,8 @@ def test_fit_beats_linear_model_and_logs_solver_stats(mode, synthetic, linear_ac
         jit_compile=(mode == "jit_compile"),
     )
     # Eager execution runs the solver loop in Python, so it gets fewer, larger steps.
-    epochs, batch = (6, 200) if mode == "eager" else (20, 64)
+    # 30 epochs: an occasional run starts slowly and was still near chance at epoch 20.
+    epochs, batch = (6, 200) if mode == "eager" else (30, 64)
     history = model.fit(x, y, epochs=epochs, batch_size=batch, verbose=0)
     assert {"deq_steps", "deq_residual"} <= set(history.history)
     assert all(1 <= s <= 10 for s in history.history["deq_steps"])
@@ -157,7 +158,7 @@ def test_fit_beats_linear_model_and_logs_solver_stats(mode, synthetic, linear_ac
         return
     accuracy = model.evaluate(xt, yt, verbose=0, return_dict=True)["accuracy"]
     assert linear_accuracy < 0.62
-    assert accuracy > linear_accuracy + 0.12
+    assert accuracy > linear_accuracy + 0.12, (accuracy, linear_accuracy)
 
 
 def test_keras_save_and_load_in_safe_mode(tmp_path):
