@@ -72,13 +72,15 @@ def per_sample_steps(solve, f, z0, max_iter):
     """
     import tensorflow as tf
 
+    from keras_mmfusion.equilibrium.iteration import residual_norm
+
     never = max_iter + 1
     first = tf.Variable(tf.fill([len(THRESHOLDS), z0.shape[0]], never))
     count = tf.Variable(1)
 
     def recording_f(z):
         fz = f(z)
-        res = tf.norm(fz - z, axis=-1) / (tf.norm(fz, axis=-1) + 1e-5)
+        res = residual_norm(z, fz, "rel")
         hit = tf.logical_and(res[None] <= tf.constant(THRESHOLDS, res.dtype)[:, None], first == never)
         first.assign(tf.where(hit, count - 1, first))
         count.assign_add(1)
@@ -180,7 +182,6 @@ def train_step_peak_memory(backward, iters):
         before = tf.config.experimental.get_memory_info("CPU:0")["current"]
         model.train_on_batch(x, y)
         peaks.append((tf.config.experimental.get_memory_info("CPU:0")["peak"] - before) / 2**20)
-    print(peaks)
     return max(peaks)
 
 
