@@ -98,7 +98,15 @@ class DEQFusion(keras.layers.Layer):
         phantom_damping: damping of the phantom steps.
         solver_options: extra keyword arguments for the solver, e.g.
             ``{"memory": 5, "ridge": 1e-4}`` for Anderson.
-        kernel_initializer: initializer of every Dense kernel.
+        kernel_initializer: initializer of the Dense kernels inside the update ``f``.
+            ``None`` (the default) draws them from ``RandomNormal(stddev=0.01)``: with
+            small weights the injected inputs dominate each update, so for most draws
+            ``f`` is a contraction at initialisation and the solver converges from the
+            first training step. Glorot-scaled kernels can leave the
+            untrained ``f`` far from a contraction: on the standardised ROSMAP omics
+            views, Anderson's mean relative residual was still 2e-2 after 100 steps,
+            against 1e-6 within 60 steps with the small kernels. The input
+            projections always use Glorot uniform.
         seed: seed of the Jacobian probes.
         **kwargs: base ``Layer`` arguments (``name``, ``dtype``, ...).
 
@@ -132,7 +140,7 @@ class DEQFusion(keras.layers.Layer):
         phantom_steps=5,
         phantom_damping=0.5,
         solver_options=None,
-        kernel_initializer="glorot_uniform",
+        kernel_initializer=None,
         seed=None,
         **kwargs,
     ):
@@ -163,6 +171,8 @@ class DEQFusion(keras.layers.Layer):
         self.phantom_steps = phantom_steps
         self.phantom_damping = phantom_damping
         self.solver_options = dict(solver_options or {})
+        if kernel_initializer is None:
+            kernel_initializer = keras.initializers.RandomNormal(stddev=0.01)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed
         self.stats_metric = SolverStatsMetric(prefix="deq", name=f"{self.name}_solver_stats")
@@ -190,7 +200,6 @@ class DEQFusion(keras.layers.Layer):
         self.projections = [
             keras.layers.Dense(
                 units,
-                kernel_initializer=self.kernel_initializer,
                 name=f"projection_{i}",
                 dtype=self.dtype_policy,
             )

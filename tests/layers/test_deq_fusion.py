@@ -123,6 +123,23 @@ def test_layer_gradients_match_finite_differences_along_random_directions():
         assert abs(analytic - numeric) <= 1e-4 * abs(numeric), (analytic, numeric)
 
 
+def test_default_initialisation_starts_near_a_contraction():
+    # Glorot-scaled kernels leave every one of these draws at a relative residual of
+    # about 0.1 after 60 Anderson steps; the default small kernels let most draws
+    # converge outright and keep the rest an order of magnitude closer.
+    medians, converged_draws = [], 0
+    for seed in range(6):
+        keras.utils.set_random_seed(seed)
+        rng = np.random.default_rng(seed)
+        inputs = [np.maximum(rng.normal(size=(128, 32)), 0).astype("float32") for _ in range(3)]
+        layer = DEQFusion(units=32, max_iter=60, tol=1e-4)
+        layer(inputs)
+        medians.append(float(np.median(layer.last_stats["residual"])))
+        converged_draws += bool(np.all(layer.last_stats["converged"]))
+    assert converged_draws >= 3, medians
+    assert max(medians) < 0.05, medians
+
+
 @pytest.fixture(scope="module")
 def synthetic():
     return synthetic_split()
