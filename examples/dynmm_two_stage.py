@@ -103,6 +103,19 @@ def train_gate(cheap, expensive, inputs, train, val, cost_weight, epochs):
     return model, layer
 
 
+def predict_with_routing(model, layer, inputs, batch_size=256):
+    """Class probabilities and the chosen expert of every sample, batch by batch.
+
+    ``layer.last_routing`` holds the routing of the last call only, so it is read after
+    each batch rather than once after ``predict``.
+    """
+    probabilities, routes = [], []
+    for start in range(0, len(inputs[0]), batch_size):
+        probabilities.append(model.predict_on_batch([m[start : start + batch_size] for m in inputs]))
+        routes.append(layer.last_routing.numpy())
+    return np.concatenate(probabilities), np.concatenate(routes)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--expensive", choices=["mlp", "deq"], default="mlp")
@@ -117,8 +130,7 @@ def main():
     print(f"stage 2: gate, cost_weight={args.cost_weight}")
     model, layer = train_gate(cheap, expensive, inputs, train, val, args.cost_weight, args.epochs)
 
-    probabilities = model.predict(test[0], batch_size=256, verbose=0)
-    route = layer.last_routing.numpy()
+    probabilities, route = predict_with_routing(model, layer, test[0])
     accuracy = float(np.mean(probabilities.argmax(-1) == test[1]))
     alone = classifier(expensive, inputs).predict(test[0], batch_size=256, verbose=0)
     relative = float(np.mean(np.asarray(layer.costs)[route]) / layer.costs[1])

@@ -1,0 +1,45 @@
+"""The two-stage DynMM example run as a user would run it, with its outputs reloaded."""
+
+import json
+import os
+import subprocess
+import sys
+
+import keras
+import numpy as np
+
+import keras_mmfusion  # noqa: F401  (registers the layers for safe-mode loading)
+
+EXAMPLES = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "examples")
+
+
+def test_dynmm_two_stage_example_writes_a_model_that_reloads_to_its_reported_metrics(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run(
+        [sys.executable, os.path.join(EXAMPLES, "dynmm_two_stage.py"), "--epochs", "2", "--cost-weight", "0.3",
+         "--out", str(tmp_path)],
+        capture_output=True, text=True, env=env,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert {"model.keras", "metrics.json"} <= set(os.listdir(tmp_path))
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    cheap_macs, expensive_macs = metrics["costs_macs"]
+    assert 0 < cheap_macs < expensive_macs
+
+    sys.path.insert(0, EXAMPLES)
+    try:
+        import dynmm_two_stage as recipe
+    finally:
+        sys.path.remove(EXAMPLES)
+    _, _, test = recipe.make_data(0)
+    model = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    probabilities, route = recipe.predict_with_routing(model, model.get_layer("dynmm"), test[0])
+    # Every test sample has its routing (the layer keeps only its last call's), and the
+    # batched probabilities are predict's.
+    assert route.shape == (len(test[1]),) and set(np.unique(route)) <= {0, 1}
+    np.testing.assert_allclose(probabilities, model.predict(test[0], batch_size=256, verbose=0), atol=1e-6)
+    # The reloaded model reproduces the accuracy and the routing the example reported.
+    assert np.mean(probabilities.argmax(-1) == test[1]) == metrics["accuracy_routed"]
+    assert np.mean(route == 0) == metrics["fraction_to_cheap"]
+    relative = np.mean(np.where(route == 0, cheap_macs, expensive_macs)) / expensive_macs
+    np.testing.assert_allclose(relative, metrics["realised_macs_relative_to_expensive_path"], rtol=1e-6)
