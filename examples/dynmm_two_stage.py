@@ -34,9 +34,14 @@ STAGE_1 = dict(batch_size=64, patience=8, lr=3e-3, monitor="val_accuracy", verbo
 
 
 def make_data(seed=0):
-    x, y = mmf.make_synthetic(6000, num_modalities=MODALITIES, widths=WIDTH, noise=0.6, easy_fraction=0.5, seed=seed)
+    """Train, validation and test splits of 3600, 2800 and 1600 samples.
+
+    The validation split is the larger one because stage 2 is judged on it to within
+    fractions of a point: on 2800 samples one sample is 0.036 points of accuracy.
+    """
+    x, y = mmf.make_synthetic(8000, num_modalities=MODALITIES, widths=WIDTH, noise=0.6, easy_fraction=0.5, seed=seed)
     split = lambda a, lo, hi: ([m[lo:hi] for m in a[0]], a[1][lo:hi])  # noqa: E731
-    return split((x, y), 0, 3600), split((x, y), 3600, 4400), split((x, y), 4400, 6000)
+    return split((x, y), 0, 3600), split((x, y), 3600, 6400), split((x, y), 6400, 8000)
 
 
 def cheap_expert():
