@@ -20,6 +20,10 @@ gate is trained anew on the same frozen experts. Reported on the test split:
   - in graph: the whole test split, batch after batch of 256, inside one
     ``tf.function`` (a ``tf.while_loop`` over the batches), 30 pairs; the time per
     batch leaves out the per-call cost, as a serving runtime that batches requests would;
+  - both models are traced with an unknown batch size, as a serving signature is. The
+    routed model's experts see unknown batch sizes whatever the trace, and the same
+    expert traced for a static batch of 256 runs at a different speed (about 9% slower
+    for the DEQ expert on this machine's CPU), which would bias the comparison;
 - a PNG of accuracy against realised relative cost as ``cost_weight`` varies.
 """
 
@@ -50,16 +54,25 @@ def batched_in_graph(model, inputs, batch=256):
 
     batches = len(inputs[0]) // batch
     stacked = [tf.constant(m[: batches * batch].reshape(batches, batch, -1)) for m in inputs]
+    signature = [[tf.TensorSpec([None, None, m.shape[-1]], tf.float32) for m in inputs]]
 
-    @tf.function
-    def run():
+    @tf.function(input_signature=signature)
+    def run(stacked):
         def body(k, out):
             return k + 1, out.write(k, model([m[k] for m in stacked], training=False))
 
-        out = tf.TensorArray(tf.float32, size=batches)
-        return tf.while_loop(lambda k, out: k < batches, body, (0, out))[1].concat()
+        out = tf.TensorArray(tf.float32, size=tf.shape(stacked[0])[0])
+        return tf.while_loop(lambda k, out: k < tf.shape(stacked[0])[0], body, (0, out))[1].concat()
 
-    return run, batches
+    return lambda: run(stacked), batches
+
+
+def serving_function(model, widths):
+    """``model`` at inference as a ``tf.function`` traced for an unknown batch size."""
+    import tensorflow as tf
+
+    signature = [[tf.TensorSpec([None, w], tf.float32) for w in widths]]
+    return tf.function(lambda xs: model(xs, training=False), input_signature=signature)
 
 
 def main():
@@ -90,7 +103,8 @@ def main():
     accuracy_alone = float(np.mean(alone.argmax(-1) == test[1]))
     val_alone = float(np.mean(expensive_model.predict(val[0], batch_size=256, verbose=0).argmax(-1) == val[1]))
     batch = [tf.constant(m[:256]) for m in test[0]]
-    alone_fn = tf.function(lambda xs: expensive_model(xs, training=False))
+    widths = [m.shape[-1] for m in test[0]]
+    alone_fn = serving_function(expensive_model, widths)
     run_alone = lambda: alone_fn(batch).numpy()  # noqa: E731
     time_alone = median_ms(run_alone)
     graph_alone, graph_batches = batched_in_graph(expensive_model, test[0])
@@ -103,7 +117,7 @@ def main():
         model, layer = recipe.train_gate(cheap, expensive, inputs, train, val, weight, epochs)
         val_accuracy = float(np.mean(model.predict(val[0], batch_size=256, verbose=0).argmax(-1) == val[1]))
         probabilities, route = recipe.predict_with_routing(model, layer, test[0])
-        routed_fn = tf.function(lambda xs, model=model: model(xs, training=False))
+        routed_fn = serving_function(model, widths)
         time_ratio, routed_seconds = median_ratio(lambda: routed_fn(batch).numpy(), run_alone, 300, warmup=20)
         graph_routed, _ = batched_in_graph(model, test[0])
         graph_ratio, graph_seconds = median_ratio(lambda: graph_routed().numpy(), run_graph_alone, 30, warmup=3)
