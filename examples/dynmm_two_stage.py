@@ -14,6 +14,15 @@ a ``DynamicFusion`` layer with the compute-cost loss and an annealed temperature
 (Xue & Marculescu, "Dynamic Multimodal Fusion", arXiv 2204.00102, Section 3.3), and keeps
 the gate of the epoch with the lowest validation objective (``RoutedObjective``). At
 inference the routing is hard and the unchosen expert does not run.
+
+Stage 2 relaxes the choice with Gumbel-softmax weights (``gumbel=True``,
+``straight_through=False``) rather than the layer's default straight-through one-hot.
+With frozen, confident experts the straight-through gradient carries almost no signal
+for a sample on the expensive expert, so the gate learns only from the samples it
+misroutes: on the validation split at ``cost_weight=0.2`` with the ``mlp`` expert it sent
+6% of the samples to the cheap expert (objective 0.195; 20% and 0.169 with Gumbel noise
+added), against 49% with a 0.04-point accuracy drop (objective 0.131) for the
+Gumbel-softmax relaxation. Half of the samples are easy.
 """
 
 import argparse
@@ -86,7 +95,7 @@ def routed_model(cheap, expensive, inputs, cost_weight, temperature=5.0):
     expensive.trainable = False
     layer = mmf.DynamicFusion(
         [cheap, expensive], expert_inputs=[[0], list(range(MODALITIES))], cost_weight=cost_weight,
-        temperature=temperature, gate_units=64, name="dynmm",
+        temperature=temperature, gate_units=64, straight_through=False, gumbel=True, seed=0, name="dynmm",
     )
     model = keras.Model(inputs, keras.layers.Softmax()(layer(inputs)))
     return model, layer
