@@ -61,8 +61,9 @@ def batched_in_graph(model, inputs, batch=256):
         def body(k, out):
             return k + 1, out.write(k, model([m[k] for m in stacked], training=False))
 
-        out = tf.TensorArray(tf.float32, size=tf.shape(stacked[0])[0])
-        return tf.while_loop(lambda k, out: k < tf.shape(stacked[0])[0], body, (0, out))[1].concat()
+        count = tf.shape(stacked[0])[0]
+        out = tf.TensorArray(tf.float32, size=count)
+        return tf.while_loop(lambda k, out: k < count, body, (0, out))[1].concat()
 
     return lambda: run(stacked), batches
 
