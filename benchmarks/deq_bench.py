@@ -2,15 +2,20 @@
 
 3 modalities of width 256, batch 256. Prints a table and writes JSON.
 
-    python benchmarks/deq_bench.py [--out benchmarks/results/deq_bench.json] [--quick]
+    python benchmarks/deq_bench.py [--out benchmarks/results/deq_bench.json] [--quick] [--models 3]
 
 Measurements:
 - steps: for every sample, the evaluations of the update until its relative residual
   first reaches 1e-2, 1e-3 and 1e-4 (a run of up to 300 steps per solver), on a model
   trained with Jacobian regularisation on synthetic data; the table gives the median
-  over the batch, a sample that never gets there counting as 301. A second table gives
-  the 90th percentile and the batch's count (its slowest sample), which is what a solve
-  of the whole batch runs, since it stops only when every sample has converged.
+  over the batch, a sample that never gets there counting as 301. The model is trained
+  on 10240 samples, enough to learn the task (its held-out accuracy is printed). A
+  second table gives the 90th percentile and the batch's count (its slowest sample),
+  which is what a solve of the whole batch runs, since it stops only when every sample
+  has converged. A last table repeats the plain-iteration and Anderson counts on models
+  trained from further seeds (``--models``): how contractive the trained update is
+  differs from one training run to the next, and multi-threaded training is not
+  bit-for-bit repeatable, so a rerun with the same seed can give another model.
 - overhead: forward-solve time / (steps x time of one update evaluation), per solver,
   without and with XLA; the update's time is measured inside a bare loop, timed
   alternately with the solve, so both sides carry the same per-step loop cost and no
@@ -34,6 +39,8 @@ import numpy as np  # noqa: E402
 from timing import machine as describe_machine, median_ratio, median_seconds  # noqa: E402
 
 WIDTH, MODALITIES, BATCH = 256, 3, 256
+# The solver measurements use a model trained on TRAIN_BATCHES batches of BATCH samples.
+TRAIN_BATCHES = 40
 
 
 def build(max_iter=30, tol=1e-4, backward="implicit", solver="anderson", jacobian_weight=0.0):
@@ -90,30 +97,79 @@ def per_sample_steps(solve, f, z0, max_iter):
     return first.numpy()
 
 
-def measure_solvers(repeats, train_epochs, jacobian_weight, max_iter=300):
+def train_model(seed, train_epochs, jacobian_weight):
+    """Train the benchmark's classifier from seed ``seed``; returns ``(model, fusion,
+    training inputs, training accuracy, held-out accuracy)``."""
     import keras
+
+    keras.utils.set_random_seed(seed)
+    model, fusion = build(max_iter=30, jacobian_weight=jacobian_weight)
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    # Enough data for the model to learn the task rather than memorise it: on 2048
+    # samples it fits the training set and stays at chance on held-out data, and its
+    # update is then no guide to the update of a model that works.
+    x, y = data(BATCH * (TRAIN_BATCHES + 2))
+    held_out = ([a[BATCH * TRAIN_BATCHES :] for a in x], y[BATCH * TRAIN_BATCHES :])
+    x, y = [a[: BATCH * TRAIN_BATCHES] for a in x], y[: BATCH * TRAIN_BATCHES]
+    history = model.fit(x, y, batch_size=64, epochs=train_epochs, verbose=0)
+    accuracy = model.evaluate(*held_out, verbose=0, return_dict=True)["accuracy"]
+    return model, fusion, x, history.history["accuracy"][-1], accuracy
+
+
+def trained_update(model, fusion, x):
+    """The trained update ``z -> f(z)`` on the first batch of ``x``, and its start ``z0``."""
+    import keras
+    import tensorflow as tf
+
+    encoder = keras.Model(model.inputs, fusion.input)
+    args, z0 = fusion._injections([tf.constant(e) for e in encoder([a[:BATCH] for a in x])])
+    return (lambda z: fusion._equilibrium_map(z, args)), z0
+
+
+def step_summary(first):
+    """Median, 90th percentile and batch (maximum) of per-sample step counts."""
+    return {
+        **{f"median_steps_{t:g}": float(np.median(hits)) for t, hits in zip(THRESHOLDS, first)},
+        **{f"mean_steps_{t:g}": float(np.mean(hits)) for t, hits in zip(THRESHOLDS, first)},
+        **{f"p90_steps_{t:g}": float(np.percentile(hits, 90)) for t, hits in zip(THRESHOLDS, first)},
+        **{f"batch_steps_{t:g}": int(np.max(hits)) for t, hits in zip(THRESHOLDS, first)},
+    }
+
+
+def measure_other_models(seeds, train_epochs, jacobian_weight, max_iter=300):
+    """Steps of plain iteration and Anderson on models trained from further seeds.
+
+    Whether a trained update is a fast contraction differs from one training run to the
+    next, so the step counts of one model are no estimate of the typical ratio.
+    """
+    from keras_mmfusion.equilibrium import get_solver
+
+    rows = {}
+    for seed in seeds:
+        model, fusion, x, train_accuracy, accuracy = train_model(seed, train_epochs, jacobian_weight)
+        f, z0 = trained_update(model, fusion, x)
+        row = {"train_accuracy": train_accuracy, "held_out_accuracy": accuracy}
+        for solver in ("fixed_point", "anderson"):
+            first = per_sample_steps(get_solver(solver), f, z0, max_iter)
+            row[solver] = {**step_summary(first), "converged_fraction_1e-4": float(np.mean(first[-1] <= max_iter))}
+        rows[str(seed)] = row
+    return rows
+
+
+def measure_solvers(repeats, train_epochs, jacobian_weight, max_iter=300):
     import tensorflow as tf
 
     from keras_mmfusion.equilibrium import get_solver
 
-    keras.utils.set_random_seed(0)
-    model, fusion = build(max_iter=30, jacobian_weight=jacobian_weight)
-    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-    x, y = data(BATCH * 10)
-    held_out = ([a[BATCH * 8 :] for a in x], y[BATCH * 8 :])
-    x, y = [a[: BATCH * 8] for a in x], y[: BATCH * 8]
-    history = model.fit(x, y, batch_size=64, epochs=train_epochs, verbose=0)
-    train_accuracy = history.history["accuracy"][-1]
-    accuracy = model.evaluate(*held_out, verbose=0, return_dict=True)["accuracy"]
+    model, fusion, x, train_accuracy, accuracy = train_model(0, train_epochs, jacobian_weight)
+    f, z0 = trained_update(model, fusion, x)
 
-    encoder = keras.Model(model.inputs, fusion.input)
-    args, z0 = fusion._injections([tf.constant(e) for e in encoder([a[:BATCH] for a in x])])
     def f_loop(jit):
         # The update evaluated max_iter times in a bare loop: the per-step cost the
         # solvers are compared with, free of per-call dispatch.
         return tf.function(
             lambda: tf.while_loop(
-                lambda k, z: k < max_iter, lambda k, z: (k + 1, fusion._equilibrium_map(z, args)),
+                lambda k, z: k < max_iter, lambda k, z: (k + 1, f(z)),
                 (tf.constant(0), z0),
             )[1],
             jit_compile=jit,
@@ -126,12 +182,12 @@ def measure_solvers(repeats, train_epochs, jacobian_weight, max_iter=300):
     for solver in ("fixed_point", "anderson", "broyden"):
         solves = {
             jit: tf.function(
-                lambda: get_solver(solver)(lambda z: fusion._equilibrium_map(z, args), z0, max_iter=max_iter, tol=1e-4),
+                lambda: get_solver(solver)(f, z0, max_iter=max_iter, tol=1e-4),
                 jit_compile=jit,
             )
             for jit in (False, True)
         }
-        first = per_sample_steps(get_solver(solver), lambda z: fusion._equilibrium_map(z, args), z0, max_iter)
+        first = per_sample_steps(get_solver(solver), f, z0, max_iter)
         z, stats = solves[False]()
         steps = int(stats.steps)
         # Each solve is timed alternately with the bare loop of max_iter updates.
@@ -140,10 +196,7 @@ def measure_solvers(repeats, train_epochs, jacobian_weight, max_iter=300):
             for jit, solve in solves.items()
         }
         rows[solver] = {
-            **{f"median_steps_{t:g}": float(np.median(hits)) for t, hits in zip(THRESHOLDS, first)},
-            **{f"mean_steps_{t:g}": float(np.mean(hits)) for t, hits in zip(THRESHOLDS, first)},
-            **{f"p90_steps_{t:g}": float(np.percentile(hits, 90)) for t, hits in zip(THRESHOLDS, first)},
-            **{f"batch_steps_{t:g}": int(np.max(hits)) for t, hits in zip(THRESHOLDS, first)},
+            **step_summary(first),
             "converged_fraction_1e-4": float(np.mean(first[-1] <= max_iter)),
             "steps_run": steps,
             "max_residual": float(tf.reduce_max(stats.residual)),
@@ -216,6 +269,8 @@ def main():
     parser.add_argument("--quick", action="store_true", help="fewer repeats and training epochs")
     parser.add_argument("--jacobian-weight", type=float, default=0.1,
                         help="Jacobian regularisation of the model the solvers are measured on")
+    parser.add_argument("--models", type=int, default=3,
+                        help="models trained from seeds 0..N-1 whose solver steps are counted (default 3)")
     parser.add_argument("--child-memory", nargs=2, metavar=("BACKWARD", "ITERS"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child_memory:
@@ -225,11 +280,13 @@ def main():
     repeats = 3 if args.quick else 10
     machine = describe_machine()
     print(f"machine: {machine}", flush=True)
-    solvers = measure_solvers(repeats, train_epochs=3 if args.quick else 15, jacobian_weight=args.jacobian_weight)
+    train_epochs = 3 if args.quick else 8
+    solvers = measure_solvers(repeats, train_epochs=train_epochs, jacobian_weight=args.jacobian_weight)
+    other_models = measure_other_models(range(1, args.models), train_epochs, args.jacobian_weight)
     memory = measure_memory()
     xla = measure_xla(repeats)
     results = {"machine": machine, "width": WIDTH, "modalities": MODALITIES, "batch": BATCH,
-               **solvers, "train_step_peak_mib": memory, "train_step_ms": xla}
+               **solvers, "other_models": other_models, "train_step_peak_mib": memory, "train_step_ms": xla}
 
     print(f"\nModel trained {solvers['train_epochs']} epochs with jacobian_weight={solvers['jacobian_weight']}, "
           f"training accuracy {solvers['train_accuracy']:.3f}, held-out accuracy {solvers['trained_accuracy']:.3f}")
@@ -250,10 +307,25 @@ def main():
         print(f"{name:<12} " + " ".join(
             f"{row[f'p90_steps_{t:g}']:>6.0f} / {row[f'batch_steps_{t:g}']:>4}" for t in THRESHOLDS))
     fp, aa = solvers["solvers"]["fixed_point"], solvers["solvers"]["anderson"]
+    never = solvers["max_iter"] + 1
     for kind in ("median", "p90", "batch"):
-        ratios = ", ".join(f"{aa[f'{kind}_steps_{t:g}'] / fp[f'{kind}_steps_{t:g}']:.2f}" for t in THRESHOLDS)
+        # A fixed-point count of `never` is a lower bound, so the ratio is an upper bound.
+        ratios = ", ".join(
+            ("<= " if fp[f"{kind}_steps_{t:g}"] >= never else "")
+            + f"{aa[f'{kind}_steps_{t:g}'] / fp[f'{kind}_steps_{t:g}']:.2f}" for t in THRESHOLDS)
         print(f"anderson / fixed_point {kind} steps to residual {', '.join(f'{t:g}' for t in THRESHOLDS)}: "
-              f"{ratios} (target <= 0.5)")
+              f"{ratios} (target <= 0.5; '<=': fixed_point never got there)")
+    models = {"0": {"held_out_accuracy": solvers["trained_accuracy"], **solvers["solvers"]}, **other_models}
+    print(f"\nsteps to relative residual 1e-4 on models trained from different seeds "
+          f"(seed 0 is the model above; {never}: never)")
+    print(f"{'seed':>4} {'held-out acc':>13} {'fixed_point median/batch':>25} {'anderson median/batch':>22} "
+          f"{'anderson/fixed_point median/batch':>34}")
+    for seed, row in models.items():
+        fp, aa = (row[s] for s in ("fixed_point", "anderson"))
+        counts = [(r["median_steps_0.0001"], r["batch_steps_0.0001"]) for r in (fp, aa)]
+        ratio = " / ".join(("<=" if f >= never else "") + f"{a / f:.2f}" for f, a in zip(counts[0], counts[1]))
+        print(f"{seed:>4} {row['held_out_accuracy']:>13.3f} {counts[0][0]:>16.0f} / {counts[0][1]:>6} "
+              f"{counts[1][0]:>13.0f} / {counts[1][1]:>6} {ratio:>34}")
     print(f"\n{'train step peak alloc (MiB)':<28} {'10 it':>8} {'30 it':>8} {'100 it':>8} {'100/10':>7}")
     for backward in ("implicit", "unrolled"):
         vals = [memory[f"{backward}@{i}"] for i in (10, 30, 100)]
