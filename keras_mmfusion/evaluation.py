@@ -44,6 +44,12 @@ class EpochTimer(keras.callbacks.Callback):
         self.times.append(time.perf_counter() - self._start)
 
 
+def compile_classifier(model, lr=1e-3, jit_compile=False):
+    """Compile ``model`` as every tool trains it: Adam, sparse cross-entropy, accuracy."""
+    model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy", metrics=["accuracy"],
+                  jit_compile=jit_compile)
+
+
 def fit_with_validation(model, train, validation, epochs, batch_size=32, patience=20, lr=1e-3,
                         monitor="val_loss", verbose=0, callbacks=(), jit_compile=False):
     """Train with early stopping on the validation split and keep the best epoch.
@@ -51,8 +57,7 @@ def fit_with_validation(model, train, validation, epochs, batch_size=32, patienc
     Returns:
         ``(history, timer)``: the Keras history dict and the :class:`EpochTimer`.
     """
-    model.compile(keras.optimizers.Adam(lr), "sparse_categorical_crossentropy", metrics=["accuracy"],
-                  jit_compile=jit_compile)
+    compile_classifier(model, lr, jit_compile)
     timer = EpochTimer()
     mode = "min" if "loss" in monitor else "max"
     stop = keras.callbacks.EarlyStopping(monitor, patience=patience, mode=mode, restore_best_weights=True)

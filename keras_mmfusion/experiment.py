@@ -14,7 +14,7 @@ import numpy as np
 
 from keras_mmfusion.datasets import load_modalities, load_multiomics, make_synthetic, stratified_split
 from keras_mmfusion.datasets.tabular import DataError
-from keras_mmfusion.evaluation import classification_metrics, fit_with_validation
+from keras_mmfusion.evaluation import classification_metrics, compile_classifier, fit_with_validation
 from keras_mmfusion.models import build_classifier, make_fusion
 
 SHARED_ROSMAP = os.path.join("..", "shared", "data", "rosmap")
@@ -36,7 +36,12 @@ class Splits:
 
 @dataclasses.dataclass
 class Settings:
-    """Model and training settings of a trial."""
+    """Model and training settings of a trial.
+
+    With ``refit``, the validation split only chooses the number of epochs (the best
+    epoch); a fresh model with the same seed is then trained for that many epochs on all
+    of the training data, standardised with all of it, and that model is tested.
+    """
 
     units: int = 32
     dropout: float = 0.0
@@ -49,6 +54,7 @@ class Settings:
     monitor: str = "val_loss"
     jit_compile: bool = False
     standardize: bool = True
+    refit: bool = False
     fusion_options: dict = dataclasses.field(default_factory=dict)
 
 
@@ -125,6 +131,9 @@ def build_model(fusion_name, splits, settings, input_names=None, train_inputs=No
 def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
     """Train on a validation split of ``splits.train``, pick the best epoch, test once.
 
+    With ``settings.refit``, the tested model is retrained on all of ``splits.train``
+    for the chosen number of epochs (see :class:`Settings`).
+
     Returns:
         ``(model, history, metrics)`` with test ``accuracy``, ``f1``, ``auc``, the
         best validation value, the epochs run and the median seconds per epoch.
@@ -141,14 +150,21 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
         lr=settings.lr, monitor=settings.monitor, verbose=verbose, callbacks=callbacks,
         jit_compile=settings.jit_compile,
     )
+    best = (min if "loss" in settings.monitor else max)(history[settings.monitor])
+    best_epoch = int(np.argmin(history[settings.monitor]) if "loss" in settings.monitor
+                     else np.argmax(history[settings.monitor])) + 1
+    if settings.refit:
+        keras.utils.set_random_seed(seed)
+        model = build_model(fusion_name, splits, settings)
+        compile_classifier(model, settings.lr, settings.jit_compile)
+        train_x = splits.train[0][0] if len(splits.widths) == 1 else splits.train[0]
+        model.fit(train_x, splits.train[1], epochs=best_epoch, batch_size=settings.batch_size, verbose=verbose)
     test_x = splits.test[0][0] if len(splits.widths) == 1 else splits.test[0]
     probabilities = model.predict(test_x, batch_size=256, verbose=0)
     metrics = classification_metrics(splits.test[1], probabilities)
-    best = (min if "loss" in settings.monitor else max)(history[settings.monitor])
     metrics.update(
         best_validation=float(best),
-        best_epoch=int(np.argmin(history[settings.monitor]) if "loss" in settings.monitor
-                       else np.argmax(history[settings.monitor])) + 1,
+        best_epoch=best_epoch,
         epochs_run=len(timer.times),
         epoch_seconds=float(np.median(timer.times)),
         params=int(model.count_params()),

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import keras
 
-from keras_mmfusion.experiment import Settings, Splits, build_model
+from keras_mmfusion.experiment import Settings, Splits, build_model, run_trial
 from keras_mmfusion.models import build_classifier
 
 
@@ -41,3 +41,23 @@ def test_experiment_models_standardize_with_the_training_part_only():
         np.testing.assert_allclose(np.asarray(model.get_layer(f"standardize_{i}").mean).ravel(), m.mean(0), rtol=1e-5)
     raw = build_model("concat", splits, Settings(units=8, standardize=False))
     assert not [l for l in raw.layers if isinstance(l, keras.layers.Normalization)]
+
+
+@pytest.mark.parametrize("refit", [False, True])
+def test_refit_retrains_on_the_whole_training_split_for_the_chosen_epochs(refit):
+    rng = np.random.default_rng(2)
+    train, test = shifted_modalities(rng, 100), shifted_modalities(rng, 20)
+    splits = Splits((train, np.arange(100) % 2), (test, np.arange(20) % 2), 2, "toy")
+    settings = Settings(units=8, epochs=6, patience=2, batch_size=16, refit=refit)
+    model, history, metrics = run_trial(splits, "concat", 0, settings)
+    best_epoch = int(np.argmin(history["val_loss"])) + 1
+    assert metrics["best_epoch"] == best_epoch
+    mean = np.asarray(model.get_layer("standardize_0").mean).ravel()
+    if refit:
+        # Standardised with, and trained on, all 100 training samples for best_epoch epochs.
+        np.testing.assert_allclose(mean, train[0].mean(0), rtol=1e-5)
+        assert int(model.optimizer.iterations) == best_epoch * int(np.ceil(100 / 16))
+    else:
+        # The validation run's model: 80 training samples, stopped after epochs_run epochs.
+        assert not np.allclose(mean, train[0].mean(0), rtol=1e-5)
+        assert int(model.optimizer.iterations) == metrics["epochs_run"] * int(np.ceil(80 / 16))
