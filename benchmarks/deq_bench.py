@@ -126,9 +126,11 @@ def trained_update(model, fusion, x):
     return (lambda z: fusion._equilibrium_map(z, args)), z0
 
 
-def step_summary(first):
-    """Median, 90th percentile and batch (maximum) of per-sample step counts."""
+def step_summary(first, max_iter):
+    """Median, 90th percentile and batch (maximum) of per-sample step counts, and the
+    fraction of samples that reached the tightest threshold."""
     return {
+        "converged_fraction_1e-4": float(np.mean(first[-1] <= max_iter)),
         **{f"median_steps_{t:g}": float(np.median(hits)) for t, hits in zip(THRESHOLDS, first)},
         **{f"mean_steps_{t:g}": float(np.mean(hits)) for t, hits in zip(THRESHOLDS, first)},
         **{f"p90_steps_{t:g}": float(np.percentile(hits, 90)) for t, hits in zip(THRESHOLDS, first)},
@@ -151,7 +153,7 @@ def measure_other_models(seeds, train_epochs, jacobian_weight, max_iter=300):
         row = {"train_accuracy": train_accuracy, "held_out_accuracy": accuracy}
         for solver in ("fixed_point", "anderson"):
             first = per_sample_steps(get_solver(solver), f, z0, max_iter)
-            row[solver] = {**step_summary(first), "converged_fraction_1e-4": float(np.mean(first[-1] <= max_iter))}
+            row[solver] = step_summary(first, max_iter)
         rows[str(seed)] = row
     return rows
 
@@ -196,8 +198,7 @@ def measure_solvers(repeats, train_epochs, jacobian_weight, max_iter=300):
             for jit, solve in solves.items()
         }
         rows[solver] = {
-            **step_summary(first),
-            "converged_fraction_1e-4": float(np.mean(first[-1] <= max_iter)),
+            **step_summary(first, max_iter),
             "steps_run": steps,
             "max_residual": float(tf.reduce_max(stats.residual)),
             "forward_ms": 1e3 * timed[False][1],
@@ -308,11 +309,13 @@ def main():
             f"{row[f'p90_steps_{t:g}']:>6.0f} / {row[f'batch_steps_{t:g}']:>4}" for t in THRESHOLDS))
     fp, aa = solvers["solvers"]["fixed_point"], solvers["solvers"]["anderson"]
     never = solvers["max_iter"] + 1
-    for kind in ("median", "p90", "batch"):
+
+    def ratio(anderson, fixed_point):
         # A fixed-point count of `never` is a lower bound, so the ratio is an upper bound.
-        ratios = ", ".join(
-            ("<= " if fp[f"{kind}_steps_{t:g}"] >= never else "")
-            + f"{aa[f'{kind}_steps_{t:g}'] / fp[f'{kind}_steps_{t:g}']:.2f}" for t in THRESHOLDS)
+        return ("<= " if fixed_point >= never else "") + f"{anderson / fixed_point:.2f}"
+
+    for kind in ("median", "p90", "batch"):
+        ratios = ", ".join(ratio(aa[f"{kind}_steps_{t:g}"], fp[f"{kind}_steps_{t:g}"]) for t in THRESHOLDS)
         print(f"anderson / fixed_point {kind} steps to residual {', '.join(f'{t:g}' for t in THRESHOLDS)}: "
               f"{ratios} (target <= 0.5; '<=': fixed_point never got there)")
     models = {"0": {"held_out_accuracy": solvers["trained_accuracy"], **solvers["solvers"]}, **other_models}
@@ -321,11 +324,10 @@ def main():
     print(f"{'seed':>4} {'held-out acc':>13} {'fixed_point median/batch':>25} {'anderson median/batch':>22} "
           f"{'anderson/fixed_point median/batch':>34}")
     for seed, row in models.items():
-        fp, aa = (row[s] for s in ("fixed_point", "anderson"))
-        counts = [(r["median_steps_0.0001"], r["batch_steps_0.0001"]) for r in (fp, aa)]
-        ratio = " / ".join(("<=" if f >= never else "") + f"{a / f:.2f}" for f, a in zip(counts[0], counts[1]))
-        print(f"{seed:>4} {row['held_out_accuracy']:>13.3f} {counts[0][0]:>16.0f} / {counts[0][1]:>6} "
-              f"{counts[1][0]:>13.0f} / {counts[1][1]:>6} {ratio:>34}")
+        fp, aa = ((row[s]["median_steps_0.0001"], row[s]["batch_steps_0.0001"]) for s in ("fixed_point", "anderson"))
+        ratios = " / ".join(ratio(a, f) for a, f in zip(aa, fp))
+        print(f"{seed:>4} {row['held_out_accuracy']:>13.3f} {fp[0]:>16.0f} / {fp[1]:>6} "
+              f"{aa[0]:>13.0f} / {aa[1]:>6} {ratios:>34}")
     print(f"\n{'train step peak alloc (MiB)':<28} {'10 it':>8} {'30 it':>8} {'100 it':>8} {'100/10':>7}")
     for backward in ("implicit", "unrolled"):
         vals = [memory[f"{backward}@{i}"] for i in (10, 30, 100)]

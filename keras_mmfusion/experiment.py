@@ -138,32 +138,31 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
         ``(model, history, metrics)`` with test ``accuracy``, ``f1``, ``auc``, the
         best validation value, the epochs run and the median seconds per epoch.
     """
+    # A one-modality model takes its array, not a list of one.
+    model_input = (lambda arrays: arrays[0]) if len(splits.widths) == 1 else (lambda arrays: arrays)
     keras.utils.set_random_seed(seed)
     keep, held = stratified_split(splits.train[1], settings.validation_fraction, seed)
-    train = ([a[keep] for a in splits.train[0]], splits.train[1][keep])
-    val = ([a[held] for a in splits.train[0]], splits.train[1][held])
-    if len(splits.widths) == 1:
-        train, val = (train[0][0], train[1]), (val[0][0], val[1])
-    model = build_model(fusion_name, splits, settings, train_inputs=[a[keep] for a in splits.train[0]])
+    train_part = [a[keep] for a in splits.train[0]]
+    train = (model_input(train_part), splits.train[1][keep])
+    val = (model_input([a[held] for a in splits.train[0]]), splits.train[1][held])
+    model = build_model(fusion_name, splits, settings, train_inputs=train_part)
     history, timer = fit_with_validation(
         model, train, val, epochs=settings.epochs, batch_size=settings.batch_size, patience=settings.patience,
         lr=settings.lr, monitor=settings.monitor, verbose=verbose, callbacks=callbacks,
         jit_compile=settings.jit_compile,
     )
-    best = (min if "loss" in settings.monitor else max)(history[settings.monitor])
-    best_epoch = int(np.argmin(history[settings.monitor]) if "loss" in settings.monitor
-                     else np.argmax(history[settings.monitor])) + 1
+    monitored = history[settings.monitor]
+    best_epoch = int(np.argmin(monitored) if "loss" in settings.monitor else np.argmax(monitored)) + 1
     if settings.refit:
         keras.utils.set_random_seed(seed)
         model = build_model(fusion_name, splits, settings)
         compile_classifier(model, settings.lr, settings.jit_compile)
-        train_x = splits.train[0][0] if len(splits.widths) == 1 else splits.train[0]
-        model.fit(train_x, splits.train[1], epochs=best_epoch, batch_size=settings.batch_size, verbose=verbose)
-    test_x = splits.test[0][0] if len(splits.widths) == 1 else splits.test[0]
-    probabilities = model.predict(test_x, batch_size=256, verbose=0)
+        model.fit(model_input(splits.train[0]), splits.train[1], epochs=best_epoch, batch_size=settings.batch_size,
+                  verbose=verbose)
+    probabilities = model.predict(model_input(splits.test[0]), batch_size=256, verbose=0)
     metrics = classification_metrics(splits.test[1], probabilities)
     metrics.update(
-        best_validation=float(best),
+        best_validation=float(monitored[best_epoch - 1]),
         best_epoch=best_epoch,
         epochs_run=len(timer.times),
         epoch_seconds=float(np.median(timer.times)),
