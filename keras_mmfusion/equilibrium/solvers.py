@@ -12,7 +12,8 @@ import tensorflow as tf
 
 from keras_mmfusion.validation import check_int
 
-from keras_mmfusion.equilibrium.iteration import iterate
+from keras_mmfusion.equilibrium.history import history_for_current_graph
+from keras_mmfusion.equilibrium.iteration import iterate, select_rows
 
 _SOLVERS = {}
 
@@ -50,9 +51,12 @@ def _check_fraction(name, value):
 
 
 def _finite_or(value, fallback):
-    """``value`` where every entry of a sample's row is finite, else ``fallback``."""
-    ok = tf.reduce_all(tf.math.is_finite(value), axis=-1, keepdims=True)
-    return tf.where(ok, value, fallback)
+    """``value`` where a sample's row sums to a finite number, else ``fallback``.
+
+    A row with a NaN or an infinite entry has a non-finite sum; so does a finite row
+    whose sum overflows, which is as unusable as a step.
+    """
+    return select_rows(tf.math.is_finite(tf.reduce_sum(value, axis=-1)), value, fallback)
 
 
 def _history(z, memory):
@@ -97,23 +101,6 @@ def _spd_solve(a, b):
     return aug[:, :, m]
 
 
-def _shift_in(history, newest):
-    """Put ``newest`` first in the tuple ``history`` and drop the oldest entry.
-
-    The history is a tuple of ``(batch, dim)`` tensors carried through the loop, so a
-    shift only rebinds tensors: nothing is copied, unlike a write into a stacked buffer.
-    """
-    return (newest,) + history[:-1]
-
-
-def _shift_gram(gram, row):
-    """The ``(batch, m, m)`` Gram matrix after :func:`_shift_in`: ``row`` becomes row and
-    column 0 and the old matrix moves one place down the diagonal."""
-    m = gram.shape[-1]
-    lower = tf.concat([row[:, 1:, None], gram[:, : m - 1, : m - 1]], axis=2)
-    return tf.concat([row[:, None, :], lower], axis=1)
-
-
 @register_solver("fixed_point")
 def fixed_point_iteration(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", damping=1.0):
     """Damped fixed-point iteration ``z <- (1 - damping) z + damping f(z)``.
@@ -134,8 +121,10 @@ def fixed_point_iteration(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", damp
     def init(z, fz):
         return tf.zeros([], z.dtype)
 
-    def step(z, fz, state, k):
-        return (1.0 - damping) * z + damping * fz, state
+    def step(z, fz, g, state, k):
+        if damping == 1:
+            return fz, state
+        return z + damping * g, state
 
     return iterate(f, z0, init, step, max_iter, tol, stop_mode)
 
@@ -153,9 +142,10 @@ def anderson_solve(
     The ``memory x memory`` normal equations are scaled by their largest diagonal entry
     and regularised with ``ridge * I``, so they are never singular; they are solved by
     elimination in float32 (float64 for float64 states). A sample whose weights come out
-    non-finite falls back to a plain ``f(z)`` step. The history is carried as ``memory``
-    separate tensors, newest first, so a step reads it twice (the new Gram row and the
-    weighted sum) and never copies it.
+    non-finite falls back to a plain ``f(z)`` step. A step reads the history twice (the
+    new Gram row and the weighted sum); its layout is chosen for the graph being built,
+    one that XLA updates in place under ``jit_compile`` and one that is never copied
+    otherwise (see :mod:`keras_mmfusion.equilibrium.history`).
 
     Args:
         f, z0, max_iter, tol, stop_mode: as for :func:`fixed_point_iteration`.
@@ -171,19 +161,19 @@ def anderson_solve(
     if not (isinstance(ridge, (int, float)) and ridge > 0):
         raise ValueError(f"ridge must be a positive number, got {ridge!r}.")
 
-    def init(z, fz):
-        zeros = tf.zeros_like(z)
-        return (zeros,) * memory, (zeros,) * memory, tf.zeros([tf.shape(z)[0], memory, memory], z.dtype)
+    history = history_for_current_graph(memory)
 
-    def step(z, fz, state, k):
-        # The history keeps f(z_j) and the residuals g_j = f(z_j) - z_j, newest first;
-        # the Gram matrix of the residuals gains one row and column per step.
+    def init(z, fz):
+        return (*history.empty(z), tf.zeros([tf.shape(z)[0], memory, memory], z.dtype))
+
+    def step(z, fz, g, state, k):
+        # The history keeps f(z_j) and the residuals g_j = f(z_j) - z_j; the Gram
+        # matrix of the residuals gains one row and column per step.
         fs, gs, gram = state
-        g = fz - z
-        fs, gs = _shift_in(fs, fz), _shift_in(gs, g)
-        gram = _shift_gram(gram, tf.stack([tf.reduce_sum(g_j * g, axis=-1) for g_j in gs], axis=-1))
+        fs, gs = history.push(fs, gs, fz, g, k)
+        gram = history.update_gram(gram, history.dots(gs, g), k)
         # Slots not yet written hold zeros, so their rows are ridge * I and, with a zero
-        # right-hand side, their weights are 0.
+        # right-hand side, their weights are 0. Both layouts fill slots 0, 1, ... first.
         valid = tf.cast(tf.range(memory) < tf.minimum(k + 1, memory), z.dtype)
         eye = tf.eye(memory, dtype=z.dtype)
         # The diagonal as a masked sum: diag_part has no TFLite builtin.
@@ -194,11 +184,11 @@ def anderson_solve(
         alpha = y / tf.reduce_sum(y, axis=-1, keepdims=True)
         # A sample whose residuals are not finite gets non-finite weights; it takes a
         # plain step instead, f(z) with weight 1 on the newest entry.
-        alpha = _finite_or(alpha, tf.broadcast_to(eye[0], tf.shape(alpha)))
+        alpha = _finite_or(alpha, tf.broadcast_to(history.newest(k, z.dtype), tf.shape(alpha)))
         # sum_j alpha_j z_j = sum_j alpha_j (f_j - g_j).
-        z_next = tf.add_n([alpha[:, j, None] * f_j for j, f_j in enumerate(fs)])
+        z_next = history.combine(fs, alpha)
         if mixing < 1:
-            z_next -= (1.0 - mixing) * tf.add_n([alpha[:, j, None] * g_j for j, g_j in enumerate(gs)])
+            z_next -= (1.0 - mixing) * history.combine(gs, alpha)
         return _finite_or(z_next, fz), (fs, gs, gram)
 
     return iterate(f, z0, init, step, max_iter, tol, stop_mode)
@@ -235,12 +225,11 @@ def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
         coeff = tf.einsum("mbd,bd->mb", vs, x) * live
         return -x + tf.einsum("mbd,mb->bd", us, coeff)
 
-    def step(z, fz, state, k):
+    def step(z, fz, g, state, k):
         us, vs, count, prev_z, prev_g = state
         # A full history restarts from H = -I: overwriting the oldest term instead
         # breaks the secant conditions the remaining terms rely on and can diverge.
         count = tf.where(count >= memory, 0, count)
-        g = fz - z
         s = z - prev_z
         y = g - prev_g
         v = apply_h(us, vs, count, s, transpose=True)

@@ -1,0 +1,103 @@
+"""The history of past iterates that Anderson acceleration keeps, in two layouts.
+
+Both layouts hold ``memory`` pairs ``(f(z_j), g_j = f(z_j) - z_j)`` of ``(batch, dim)``
+tensors and the ``(batch, memory, memory)`` Gram matrix of the ``g_j``, and both give
+the solver the same operations: add the newest pair, take the dot products of a vector
+with every stored residual, and form the weighted sum of the stored ``f(z_j)``. They
+differ in where entries live, and which one is cheaper depends on how the loop runs:
+
+- :class:`RotatingHistory` carries ``memory`` separate tensors, newest first. A shift
+  only rebinds tensors, which is free for TensorFlow's graph executor, but under XLA a
+  loop whose carried buffers change places gets a copy of every moved buffer per step.
+- :class:`CircularHistory` carries one ``(batch, memory, dim)`` buffer per quantity and
+  overwrites slot ``k % memory``. XLA performs that write in place and takes the dot
+  products as one batched matrix product; without XLA the write copies the buffer.
+
+:func:`history_for_current_graph` picks the layout for the graph being built.
+"""
+
+import tensorflow as tf
+
+try:  # Whether the graph being traced will be compiled by XLA.
+    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
+except ImportError:  # pragma: no cover - a TensorFlow without the helper
+    GraphOrParentsInXlaContext = None
+
+
+def in_xla_context():
+    """Whether the ops being created now belong to a function compiled with XLA
+    (``tf.function(jit_compile=True)``, and so Keras's ``jit_compile``)."""
+    if tf.executing_eagerly() or GraphOrParentsInXlaContext is None:
+        return False
+    return bool(GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def history_for_current_graph(memory):
+    """:class:`CircularHistory` under XLA, :class:`RotatingHistory` otherwise."""
+    return CircularHistory(memory) if in_xla_context() else RotatingHistory(memory)
+
+
+class RotatingHistory:
+    """The history as ``memory`` separate tensors, newest first (slot 0)."""
+
+    def __init__(self, memory):
+        self.memory = memory
+
+    def empty(self, z):
+        zeros = tf.zeros_like(z)
+        return (zeros,) * self.memory, (zeros,) * self.memory
+
+    def push(self, fs, gs, fz, g, k):
+        """The history with ``(fz, g)`` added as step ``k``'s entry, dropping the oldest."""
+        return (fz,) + fs[:-1], (g,) + gs[:-1]
+
+    def dots(self, gs, g):
+        """``(batch, memory)``: ``g . g_j`` for every slot ``j``."""
+        return tf.stack([tf.reduce_sum(g_j * g, axis=-1) for g_j in gs], axis=-1)
+
+    def update_gram(self, gram, row, k):
+        """The Gram matrix after :meth:`push`: ``row`` becomes row and column 0 and the
+        old matrix moves one place down the diagonal."""
+        m = self.memory
+        lower = tf.concat([row[:, 1:, None], gram[:, : m - 1, : m - 1]], axis=2)
+        return tf.concat([row[:, None, :], lower], axis=1)
+
+    def newest(self, k, dtype):
+        """``(memory,)`` one-hot weights that pick step ``k``'s entry."""
+        return tf.one_hot(0, self.memory, dtype=dtype)
+
+    def combine(self, values, alpha):
+        """``sum_j alpha[:, j] * values_j`` for ``alpha`` of shape ``(batch, memory)``."""
+        return tf.add_n([alpha[:, j, None] * v for j, v in enumerate(values)])
+
+
+class CircularHistory:
+    """The history as one ``(batch, memory, dim)`` buffer; step ``k`` writes slot ``k % memory``."""
+
+    def __init__(self, memory):
+        self.memory = memory
+
+    def empty(self, z):
+        buffer = tf.zeros([tf.shape(z)[0], self.memory, z.shape[-1]], z.dtype)
+        return buffer, buffer
+
+    def push(self, fs, gs, fz, g, k):
+        batch = tf.shape(g)[0]
+        index = tf.stack([tf.range(batch), tf.fill([batch], k % self.memory)], axis=-1)
+        return tf.tensor_scatter_nd_update(fs, index, fz), tf.tensor_scatter_nd_update(gs, index, g)
+
+    def dots(self, gs, g):
+        return tf.einsum("bmd,bd->bm", gs, g)
+
+    def update_gram(self, gram, row, k):
+        """The Gram matrix with row and column ``k % memory`` replaced by ``row``."""
+        hot = tf.one_hot(k % self.memory, self.memory, dtype=gram.dtype)
+        in_row, in_column = hot[:, None], hot[None, :]
+        replaced = in_column * row[:, :, None] + (1.0 - in_column) * gram
+        return in_row * row[:, None, :] + (1.0 - in_row) * replaced
+
+    def newest(self, k, dtype):
+        return tf.one_hot(k % self.memory, self.memory, dtype=dtype)
+
+    def combine(self, values, alpha):
+        return tf.einsum("bmd,bm->bd", values, alpha)
