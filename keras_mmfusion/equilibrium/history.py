@@ -37,6 +37,22 @@ def history_for_current_graph(memory):
     return CircularHistory(memory) if in_xla_context() else RotatingHistory(memory)
 
 
+def empty_buffer(z, memory):
+    """A zero ``(batch, memory, dim)`` buffer for states like ``z`` ``(batch, dim)``.
+
+    The batch leads, so a product with a ``(batch, dim)`` vector over ``dim`` is a batched
+    matrix product with no transpose of the buffer first.
+    """
+    return tf.zeros([tf.shape(z)[0], memory, z.shape[-1]], z.dtype)
+
+
+def write_slot(buffer, slot, row):
+    """``buffer`` ``(batch, memory, dim)`` with ``row`` ``(batch, dim)`` written at ``slot``."""
+    batch = tf.shape(row)[0]
+    index = tf.stack([tf.range(batch), tf.fill([batch], slot)], axis=-1)
+    return tf.tensor_scatter_nd_update(buffer, index, row)
+
+
 class RotatingHistory:
     """The history as ``memory`` separate tensors, newest first (slot 0)."""
 
@@ -78,13 +94,12 @@ class CircularHistory:
         self.memory = memory
 
     def empty(self, z):
-        buffer = tf.zeros([tf.shape(z)[0], self.memory, z.shape[-1]], z.dtype)
+        buffer = empty_buffer(z, self.memory)
         return buffer, buffer
 
     def push(self, fs, gs, fz, g, k):
-        batch = tf.shape(g)[0]
-        index = tf.stack([tf.range(batch), tf.fill([batch], k % self.memory)], axis=-1)
-        return tf.tensor_scatter_nd_update(fs, index, fz), tf.tensor_scatter_nd_update(gs, index, g)
+        slot = k % self.memory
+        return write_slot(fs, slot, fz), write_slot(gs, slot, g)
 
     def dots(self, gs, g):
         return tf.einsum("bmd,bd->bm", gs, g)

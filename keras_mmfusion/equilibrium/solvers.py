@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from keras_mmfusion.validation import check_int
 
-from keras_mmfusion.equilibrium.history import history_for_current_graph
+from keras_mmfusion.equilibrium.history import empty_buffer, history_for_current_graph, write_slot
 from keras_mmfusion.equilibrium.iteration import iterate, select_rows
 
 _SOLVERS = {}
@@ -57,20 +57,6 @@ def _finite_or(value, fallback):
     whose sum overflows, which is as unusable as a step.
     """
     return select_rows(tf.math.is_finite(tf.reduce_sum(value, axis=-1)), value, fallback)
-
-
-def _history(z, memory):
-    """An empty ``(memory, batch, dim)`` history buffer for states like ``z``."""
-    return tf.zeros([memory, tf.shape(z)[0], z.shape[-1]], z.dtype)
-
-
-def _write_slot(buffer, slot, row):
-    """Write ``row`` ``(batch, dim)`` into slot ``slot`` of ``buffer`` ``(m, batch, dim)``.
-
-    Slots lead the buffer so that a write is one contiguous scatter (an in-place
-    dynamic-update-slice under XLA) rather than a pass over the whole history.
-    """
-    return tf.tensor_scatter_nd_update(buffer, [[slot]], row[None])
 
 
 def _spd_solve(a, b):
@@ -215,15 +201,15 @@ def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
     check_int("memory", memory)
 
     def init(z, fz):
-        return _history(z, memory), _history(z, memory), tf.constant(0), z, fz - z
+        return empty_buffer(z, memory), empty_buffer(z, memory), tf.constant(0), z, fz - z
 
     def apply_h(us, vs, count, x, transpose=False):
         # H x = -x + sum_{j < count} u_j (v_j . x); slots at or past ``count`` are stale.
         if transpose:
             us, vs = vs, us
-        live = tf.cast(tf.range(memory) < count, x.dtype)[:, None]
-        coeff = tf.einsum("mbd,bd->mb", vs, x) * live
-        return -x + tf.einsum("mbd,mb->bd", us, coeff)
+        live = tf.cast(tf.range(memory) < count, x.dtype)
+        coeff = tf.einsum("bmd,bd->bm", vs, x) * live
+        return -x + tf.einsum("bmd,bm->bd", us, coeff)
 
     def step(z, fz, g, state, k):
         us, vs, count, prev_z, prev_g = state
@@ -241,12 +227,12 @@ def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
         safe_denom = tf.where(usable, denom, tf.ones_like(denom))
         u = (s - apply_h(us, vs, count, y)) / safe_denom
         # A sample whose update is unusable gets a zero term, which leaves its H as is.
-        u = tf.where(usable, u, tf.zeros_like(u))
-        v = tf.where(usable, v, tf.zeros_like(v))
-        write = k > 0
-        us = tf.cond(write, lambda: _write_slot(us, count, u), lambda: us)
-        vs = tf.cond(write, lambda: _write_slot(vs, count, v), lambda: vs)
-        count = tf.where(write, count + 1, count)
+        u = select_rows(usable[:, 0], u, tf.zeros_like(u))
+        v = select_rows(usable[:, 0], v, tf.zeros_like(v))
+        # At k = 0 there is no previous step: u and v are zero and the written slot is
+        # not counted, so the next update overwrites it.
+        us, vs = write_slot(us, count, u), write_slot(vs, count, v)
+        count = tf.where(k > 0, count + 1, count)
         z_next = _finite_or(z - apply_h(us, vs, count, g), fz)
         return z_next, (us, vs, count, z, g)
 
