@@ -14,6 +14,8 @@ differ in where entries live, and which one is cheaper depends on how the loop r
   products as one batched matrix product; without XLA the write copies the buffer.
 
 :func:`history_for_current_graph` picks the layout for the graph being built.
+:func:`empty_buffer` and :func:`write_slot` are the batch-first buffer operations, which
+Broyden's rank-one terms use as well.
 """
 
 import tensorflow as tf
