@@ -35,7 +35,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_mmfusion as mmf  # noqa: E402
-from keras_mmfusion.evaluation import fit_with_validation  # noqa: E402
+from keras_mmfusion.evaluation import fit_classifier  # noqa: E402
 
 WIDTH, MODALITIES, CLASSES = 32, 3, 2
 # Stage 1 keeps each expert's best epoch by validation accuracy.
@@ -82,10 +82,9 @@ def pretrain_experts(train, val, kind, epochs):
     cheap, expensive = cheap_expert(), expensive_expert(kind)
     inputs = [keras.Input((WIDTH,), name=f"modality_{i}") for i in range(MODALITIES)]
     print("stage 1: cheap expert (modality 0 only)")
-    fit_with_validation(classifier(cheap, inputs[:1]), (train[0][0], train[1]), (val[0][0], val[1]), epochs,
-                        **STAGE_1)
+    fit_classifier(classifier(cheap, inputs[:1]), (train[0][0], train[1]), epochs, (val[0][0], val[1]), **STAGE_1)
     print("stage 1: expensive expert (all modalities)")
-    fit_with_validation(classifier(expensive, inputs), train, val, epochs, **STAGE_1)
+    fit_classifier(classifier(expensive, inputs), train, epochs, val, **STAGE_1)
     return cheap, expensive, inputs
 
 

@@ -7,7 +7,8 @@ Also reachable as ``mmfusion train --data rosmap`` for a single model.
 Protocol, for every seed: 20% of the training split (stratified) is held out for
 validation; every feature is standardised with the mean and variance of the remaining
 80%; training stops early on the validation loss and keeps the best epoch; the test split
-is evaluated once. With ``--refit``, the validation split only chooses the number of
+is evaluated once. Fusion models train with a softmax head on every modality's encoder as
+well (``modality_weight=1``); only the fused output is evaluated. With ``--refit``, the validation split only chooses the number of
 epochs, and a fresh model trained for that many epochs on the whole training split
 (standardised with all of it) is the one tested. Methods: DEQFusion, DenseFusion, concat fusion, and the
 best single omics view, chosen by mean validation loss (not by test score). The data
@@ -31,8 +32,11 @@ PUBLISHED = {"MOGONET (published)": {"accuracy": 0.815, "f1": 0.821, "auc": 0.87
 # (the views are min-max scaled with per-feature spreads of only 0.03-0.05, which left
 # the encoders' inputs dominated by their offsets); standardised inputs overfit within
 # 5-10 epochs, and dropout 0.5 gave the lowest validation loss of the settings tried.
+# A softmax head on every modality's encoder, trained alongside the fusion with weight 1,
+# lowered concat fusion's mean validation loss from 0.537 to 0.470 and left DEQ fusion's
+# level (0.580 without, 0.577 with), so every fusion method trains with one.
 SETTINGS = Settings(units=32, dropout=0.5, l2=0.0, lr=1e-3, batch_size=32, epochs=200, patience=30,
-                    standardize=True)
+                    standardize=True, modality_weight=1.0)
 
 
 def main():

@@ -50,6 +50,9 @@ def build_parser():
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument("--units", type=int, default=32, help="encoder, fusion and head width (default: 32)")
     train.add_argument("--dropout", type=float, default=0.0, help="dropout after encoders and in the head")
+    train.add_argument("--modality-weight", type=float, default=0.0,
+                       help="weight of the per-modality softmax heads trained alongside the fusion "
+                            "(deep supervision of the encoders; default: 0, none)")
     train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
     train.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
     train.add_argument("--monitor", default="val_loss", choices=["val_loss", "val_accuracy"],
@@ -156,8 +159,8 @@ def cmd_train(args):
     from keras_mmfusion.experiment import Settings, run_trial
 
     splits = _load_data(args.data)
-    settings = Settings(units=args.units, dropout=args.dropout, lr=args.lr, batch_size=args.batch_size,
-                        epochs=args.epochs, patience=args.patience, monitor=args.monitor, jit_compile=args.jit,
+    settings = Settings(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight, lr=args.lr,
+                        batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, monitor=args.monitor, jit_compile=args.jit,
                         standardize=not args.no_standardize)
     print(f"data: {splits.name}, {len(splits.widths)} modalities of widths {splits.widths}, "
           f"{len(splits.train[1])} train / {len(splits.test[1])} test samples, {splits.num_classes} classes")

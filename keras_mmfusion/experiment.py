@@ -14,7 +14,7 @@ import numpy as np
 
 from keras_mmfusion.datasets import load_modalities, load_multiomics, make_synthetic, stratified_split
 from keras_mmfusion.datasets.tabular import DataError
-from keras_mmfusion.evaluation import classification_metrics, compile_classifier, fit_with_validation
+from keras_mmfusion.evaluation import classification_metrics, fit_classifier
 from keras_mmfusion.models import build_classifier, make_fusion
 
 SHARED_ROSMAP = os.path.join("..", "shared", "data", "rosmap")
@@ -41,6 +41,9 @@ class Settings:
     With ``refit``, the validation split only chooses the number of epochs (the best
     epoch); a fresh model with the same seed is then trained for that many epochs on all
     of the training data, standardised with all of it, and that model is tested.
+    ``modality_weight`` > 0 trains fusion models with a softmax head on every
+    modality's encoder as well (see :func:`keras_mmfusion.evaluation.compile_classifier`);
+    one-modality models have no such heads.
     """
 
     units: int = 32
@@ -55,7 +58,12 @@ class Settings:
     jit_compile: bool = False
     standardize: bool = True
     refit: bool = False
+    modality_weight: float = 0.0
     fusion_options: dict = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        if self.modality_weight < 0:
+            raise ValueError(f"modality_weight must be >= 0, got {self.modality_weight}.")
 
 
 def rosmap_path():
@@ -146,19 +154,17 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
     train = (model_input(train_part), splits.train[1][keep])
     val = (model_input([a[held] for a in splits.train[0]]), splits.train[1][held])
     model = build_model(fusion_name, splits, settings, train_inputs=train_part)
-    history, timer = fit_with_validation(
-        model, train, val, epochs=settings.epochs, batch_size=settings.batch_size, patience=settings.patience,
-        lr=settings.lr, monitor=settings.monitor, verbose=verbose, callbacks=callbacks,
-        jit_compile=settings.jit_compile,
-    )
+    modality_weight = settings.modality_weight if fusion_name != "single" else 0.0
+    fit = dict(batch_size=settings.batch_size, lr=settings.lr, modality_weight=modality_weight,
+               verbose=verbose, jit_compile=settings.jit_compile)
+    history, timer = fit_classifier(model, train, settings.epochs, val, patience=settings.patience,
+                                    monitor=settings.monitor, callbacks=callbacks, **fit)
     monitored = history[settings.monitor]
     best_epoch = int(np.argmin(monitored) if "loss" in settings.monitor else np.argmax(monitored)) + 1
     if settings.refit:
         keras.utils.set_random_seed(seed)
         model = build_model(fusion_name, splits, settings)
-        compile_classifier(model, settings.lr, settings.jit_compile)
-        model.fit(model_input(splits.train[0]), splits.train[1], epochs=best_epoch, batch_size=settings.batch_size,
-                  verbose=verbose)
+        fit_classifier(model, (model_input(splits.train[0]), splits.train[1]), best_epoch, **fit)
     probabilities = model.predict(model_input(splits.test[0]), batch_size=256, verbose=0)
     metrics = classification_metrics(splits.test[1], probabilities)
     metrics.update(

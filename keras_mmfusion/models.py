@@ -86,7 +86,8 @@ def build_classifier(
         num_classes: the number of classes.
         encoder_units: width of each modality's encoder.
         head_units: width of the hidden layer of the head.
-        dropout: dropout after the encoders and in the head.
+        dropout: dropout after the encoders (layers ``encoder_dropout_<i>``) and in the
+            head.
         input_names: the ``keras.Input`` names (default ``modality_0``, ...); they
             become the input names of exported models.
         l2: L2 weight decay of the encoders and head.
@@ -96,7 +97,8 @@ def build_classifier(
             exported models carry them). Pass training data only, never test data.
 
     Returns:
-        A functional ``keras.Model``.
+        A functional ``keras.Model`` whose output layer is named ``probabilities``.
+        Each modality's encoder is the layer ``encoder_<i>``.
     """
     names = input_names or [f"modality_{i}" for i in range(len(input_widths))]
     regularizer = keras.regularizers.L2(l2) if l2 else None
@@ -112,11 +114,45 @@ def build_classifier(
             x = norm(x)
         h = keras.layers.Dense(encoder_units, activation="relu", kernel_regularizer=regularizer, name=f"encoder_{i}")(x)
         if dropout:
-            h = keras.layers.Dropout(dropout)(h)
+            h = keras.layers.Dropout(dropout, name=f"encoder_dropout_{i}")(h)
         encoded.append(h)
     fused = encoded[0] if fusion is None else fusion(encoded)
     hidden = keras.layers.Dense(head_units, activation="relu", kernel_regularizer=regularizer, name="head")(fused)
     if dropout:
-        hidden = keras.layers.Dropout(dropout)(hidden)
+        hidden = keras.layers.Dropout(dropout, name="head_dropout")(hidden)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(hidden)
     return keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs)
+
+
+def with_modality_heads(classifier):
+    """A model that trains ``classifier`` with an extra softmax head on every modality's encoding.
+
+    Deep supervision of the encoders: each modality's encoding must also classify on
+    its own, as with the per-modality classifiers of Multimodal Dynamics (Han et al.,
+    CVPR 2022). The returned model shares every layer with ``classifier``, so training
+    it trains ``classifier``; the heads are for training only, and ``classifier`` is
+    the model to evaluate, save and export.
+
+    Args:
+        classifier: a multi-modality model from :func:`build_classifier`.
+
+    Returns:
+        A functional model with the inputs of ``classifier`` and a dict of outputs:
+        ``"probabilities"`` (the classifier's output) and ``"modality_<i>"`` (the head
+        on modality ``i``, a ``Dense`` softmax layer named ``modality_head_<i>``).
+    """
+    count = len(classifier.inputs)
+    if count < 2:
+        raise ValueError("with_modality_heads needs a classifier of two or more modalities; "
+                         f"this one has {count} input.")
+    names = {layer.name for layer in classifier.layers}
+    heads = {}
+    for i in range(count):
+        source = next((n for n in (f"encoder_dropout_{i}", f"encoder_{i}") if n in names), None)
+        if source is None:
+            raise ValueError(f"with_modality_heads: the classifier has no layer 'encoder_{i}'; "
+                             "expected a model from build_classifier.")
+        num_classes = classifier.outputs[0].shape[-1]
+        heads[f"modality_{i}"] = keras.layers.Dense(num_classes, activation="softmax", name=f"modality_head_{i}")(
+            classifier.get_layer(source).output)
+    return keras.Model(classifier.inputs, {"probabilities": classifier.outputs[0], **heads})

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import keras
 import numpy as np
 import pytest
 
@@ -73,6 +74,24 @@ def test_errors_are_one_line_with_nonzero_exit(args, message):
     assert "Traceback" not in done.stderr
 
 
+def test_modality_heads_train_but_are_not_saved(tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--data", "synthetic", "--fusion", "concat", "--epochs", "2", "--modality-weight", "0.5"]
+    assert cli.main([*args, "--out", str(out), "--quiet"]) == 0
+    history = json.loads((out / "history.json").read_text())
+    for prefix in ("", "val_"):
+        assert len(history[f"{prefix}total_loss"]) == 2 and f"{prefix}modality_2_loss" in history
+    model = keras.saving.load_model(out / "model.keras")
+    assert len(model.outputs) == 1 and not [l for l in model.layers if l.name.startswith("modality_head")]
+
+
+def test_negative_modality_weight_is_one_line():
+    done = run_cli("train", "--fusion", "concat", "--modality-weight", "-1", "--epochs", "1")
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    lines = own_lines(done.stderr)
+    assert len(lines) == 1 and "modality_weight must be >= 0" in lines[0], done.stderr
+
+
 def test_unreadable_model_file_is_one_line(tmp_path):
     bad = tmp_path / "broken.keras"
     bad.write_bytes(b"not a zip file")
@@ -86,7 +105,8 @@ def test_help_lists_every_subcommand_and_option():
     done = run_cli("--help")
     assert all(c in done.stdout for c in ("train", "evaluate", "export", "bench"))
     train_help = run_cli("train", "--help").stdout
-    for option in ("--data", "--fusion", "--epochs", "--seed", "--jit", "--no-standardize", "--out", "dynmm", "lowrank"):
+    for option in ("--data", "--fusion", "--epochs", "--seed", "--jit", "--no-standardize", "--modality-weight", "--out",
+                   "dynmm", "lowrank"):
         assert option in train_help
 
 

@@ -3,7 +3,7 @@ import pytest
 import keras
 
 from keras_mmfusion.experiment import Settings, Splits, build_model, run_trial
-from keras_mmfusion.models import build_classifier
+from keras_mmfusion.models import build_classifier, with_modality_heads
 
 
 def shifted_modalities(rng, n):
@@ -61,3 +61,35 @@ def test_refit_retrains_on_the_whole_training_split_for_the_chosen_epochs(refit)
         # The validation run's model: 80 training samples, stopped after epochs_run epochs.
         assert not np.allclose(mean, train[0].mean(0), rtol=1e-5)
         assert int(model.optimizer.iterations) == metrics["epochs_run"] * int(np.ceil(80 / 16))
+
+
+def test_modality_heads_share_the_classifier_layers_and_add_one_head_per_modality():
+    classifier = build_classifier(keras.layers.Concatenate(), [6, 4, 5], 3, encoder_units=8, dropout=0.5)
+    trainer = with_modality_heads(classifier)
+    assert sorted(trainer.output) == ["modality_0", "modality_1", "modality_2", "probabilities"]
+    shared = {id(v) for v in classifier.trainable_weights}
+    assert shared <= {id(v) for v in trainer.trainable_weights}
+    rng = np.random.default_rng(3)
+    x = [rng.normal(size=(7, w)).astype("float32") for w in (6, 4, 5)]
+    out = trainer(x, training=False)
+    np.testing.assert_allclose(out["probabilities"], classifier(x, training=False), rtol=1e-6)
+    for i in range(3):
+        # Each head reads its own modality only: changing another modality leaves it unchanged.
+        other = [m if j == i else m + 1.0 for j, m in enumerate(x)]
+        np.testing.assert_allclose(trainer(other, training=False)[f"modality_{i}"], out[f"modality_{i}"], rtol=1e-6)
+        assert out[f"modality_{i}"].shape == (7, 3)
+
+
+def plain_two_input_model():
+    inputs = [keras.Input((3,)), keras.Input((2,))]
+    return keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.Concatenate()(inputs)))
+
+
+@pytest.mark.parametrize(
+    "model, message",
+    [(lambda: build_classifier(None, [6], 2), "two or more modalities"),
+     (plain_two_input_model, "no layer 'encoder_0'")],
+)
+def test_modality_heads_reject_models_they_cannot_supervise(model, message):
+    with pytest.raises(ValueError, match=message):
+        with_modality_heads(model())
