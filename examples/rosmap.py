@@ -8,12 +8,13 @@ Protocol, for every seed: 20% of the training split (stratified) is held out for
 validation; every feature is standardised with the mean and variance of the remaining
 80%; training stops early on the validation loss and keeps the best epoch; the test split
 is evaluated once. Fusion models train with a softmax head on every modality's encoder as
-well (``modality_weight=1``); only the fused output is evaluated. With ``--refit``, the validation split only chooses the number of
-epochs, and a fresh model trained for that many epochs on the whole training split
-(standardised with all of it) is the one tested. Methods: DEQFusion, DenseFusion, concat fusion, and the
-best single omics view, chosen by mean validation loss (not by test score). The data
-are MOGONET's preprocessed release (Wang et al., Nature Communications 2021), read from
-``$MMFUSION_ROSMAP`` or ``../shared/data/rosmap``.
+well (``modality_weight=1``); only the fused output is evaluated. With ``--refit``, the
+validation split only chooses the number of epochs, and a fresh model trained for that
+many epochs on the whole training split (standardised with all of it) is the one tested.
+Methods: DEQFusion, DenseFusion, concat fusion, and the best single omics view, chosen by
+mean validation loss (not by test score). The data are MOGONET's preprocessed release
+(Wang et al., Nature Communications 2021), read from ``$MMFUSION_ROSMAP`` or
+``../shared/data/rosmap``.
 """
 
 import argparse

@@ -160,8 +160,8 @@ def cmd_train(args):
 
     splits = _load_data(args.data)
     settings = Settings(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight, lr=args.lr,
-                        batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, monitor=args.monitor, jit_compile=args.jit,
-                        standardize=not args.no_standardize)
+                        batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, monitor=args.monitor,
+                        jit_compile=args.jit, standardize=not args.no_standardize)
     print(f"data: {splits.name}, {len(splits.widths)} modalities of widths {splits.widths}, "
           f"{len(splits.train[1])} train / {len(splits.test[1])} test samples, {splits.num_classes} classes")
     model, history, metrics = run_trial(splits, args.fusion, args.seed, settings, verbose=0 if args.quiet else 1)

@@ -88,8 +88,10 @@ class ClassifierLogs(keras.callbacks.Callback):
     """
 
     def on_epoch_end(self, epoch, logs=None):
+        if not logs:
+            return
         for prefix in ("", "val_"):
-            if logs is None or f"{prefix}probabilities_loss" not in logs:
+            if f"{prefix}probabilities_loss" not in logs:
                 continue
             logs[f"{prefix}total_loss"] = logs[f"{prefix}loss"]
             logs[f"{prefix}loss"] = logs.pop(f"{prefix}probabilities_loss")

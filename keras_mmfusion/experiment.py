@@ -61,10 +61,6 @@ class Settings:
     modality_weight: float = 0.0
     fusion_options: dict = dataclasses.field(default_factory=dict)
 
-    def __post_init__(self):
-        if self.modality_weight < 0:
-            raise ValueError(f"modality_weight must be >= 0, got {self.modality_weight}.")
-
 
 def rosmap_path():
     """The ROSMAP folder: ``$MMFUSION_ROSMAP``, else ``../shared/data/rosmap``."""

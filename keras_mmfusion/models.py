@@ -146,13 +146,13 @@ def with_modality_heads(classifier):
         raise ValueError("with_modality_heads needs a classifier of two or more modalities; "
                          f"this one has {count} input.")
     names = {layer.name for layer in classifier.layers}
+    num_classes = classifier.outputs[0].shape[-1]
     heads = {}
     for i in range(count):
         source = next((n for n in (f"encoder_dropout_{i}", f"encoder_{i}") if n in names), None)
         if source is None:
             raise ValueError(f"with_modality_heads: the classifier has no layer 'encoder_{i}'; "
                              "expected a model from build_classifier.")
-        num_classes = classifier.outputs[0].shape[-1]
         heads[f"modality_{i}"] = keras.layers.Dense(num_classes, activation="softmax", name=f"modality_head_{i}")(
             classifier.get_layer(source).output)
     return keras.Model(classifier.inputs, {"probabilities": classifier.outputs[0], **heads})

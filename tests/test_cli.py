@@ -105,8 +105,8 @@ def test_help_lists_every_subcommand_and_option():
     done = run_cli("--help")
     assert all(c in done.stdout for c in ("train", "evaluate", "export", "bench"))
     train_help = run_cli("train", "--help").stdout
-    for option in ("--data", "--fusion", "--epochs", "--seed", "--jit", "--no-standardize", "--modality-weight", "--out",
-                   "dynmm", "lowrank"):
+    for option in ("--data", "--fusion", "--epochs", "--seed", "--jit", "--no-standardize", "--modality-weight",
+                   "--out", "dynmm", "lowrank"):
         assert option in train_help
 
 
