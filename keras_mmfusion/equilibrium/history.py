@@ -77,7 +77,10 @@ class RotatingHistory:
         """The Gram matrix after :meth:`push`: ``row`` becomes row and column 0 and the
         old matrix moves one place down the diagonal."""
         m = self.memory
-        lower = tf.concat([row[:, 1:, None], gram[:, : m - 1, : m - 1]], axis=2)
+        # expand_dims, not row[:, 1:, None]: ``row`` is a tf.stack, and Grappler's
+        # RemoveStackStridedSliceSameAxis rewrite drops the new axis of a slice that
+        # keeps one stacked entry (memory 2), which broke the concat in graphs.
+        lower = tf.concat([tf.expand_dims(row[:, 1:], -1), gram[:, : m - 1, : m - 1]], axis=2)
         return tf.concat([row[:, None, :], lower], axis=1)
 
     def newest(self, k, dtype):

@@ -35,6 +35,17 @@ def test_converges_to_closed_form_fixed_point(solver):
     assert (stats.residual.numpy() <= 1e-10).all()
 
 
+@pytest.mark.parametrize("memory", [1, 2, 3])
+def test_anderson_with_a_short_memory_runs_in_a_graph_as_eagerly(memory):
+    f, z_star, z0 = affine_problem()
+    solve = lambda: get_solver("anderson")(f, z0, max_iter=200, tol=1e-10, memory=memory)  # noqa: E731
+    z_eager, eager = solve()
+    z_graph, graph = tf.function(solve)()
+    np.testing.assert_allclose(z_graph.numpy(), z_star, atol=1e-8)
+    np.testing.assert_allclose(z_graph.numpy(), z_eager.numpy(), rtol=1e-9, atol=1e-12)
+    assert int(graph.steps) == int(eager.steps)
+
+
 @pytest.mark.parametrize("solver", ["anderson", "broyden"])
 def test_accelerated_solvers_need_half_the_steps_on_ill_conditioned_contraction(solver):
     f, z_star, z0 = affine_problem(spectrum=(0.1, 0.98))
