@@ -125,9 +125,10 @@ def anderson_solve(
     (summing to one) that minimise ``||sum_j alpha_j (f(z_j) - z_j)||``; the next
     point is ``mixing * sum alpha_j f(z_j) + (1 - mixing) * sum alpha_j z_j``.
 
-    The ``memory x memory`` normal equations are scaled by their largest diagonal entry
-    and regularised with ``ridge * I``, so they are never singular; they are solved by
-    elimination in float32 (float64 for float64 states). A sample whose weights come out
+    The ``memory x memory`` normal equations are scaled so that every stored residual
+    has unit length and regularised with ``ridge * I``, so they are never singular and
+    the ridge is relative to each residual's own size; they are solved by elimination
+    in float32 (float64 for float64 states). A sample whose weights come out
     non-finite falls back to a plain ``f(z)`` step. A step reads the history twice (the
     new Gram row and the weighted sum); its layout is chosen for the graph being built,
     one that XLA updates in place under ``jit_compile`` and one that is never copied
@@ -136,7 +137,8 @@ def anderson_solve(
     Args:
         f, z0, max_iter, tol, stop_mode: as for :func:`fixed_point_iteration`.
         memory: history size m.
-        ridge: relative Tikhonov term added to the scaled Gram matrix.
+        ridge: Tikhonov term added to the scaled Gram matrix, relative to the
+            squared length of each residual.
         mixing: the mixing parameter beta in ``(0, 1]``.
 
     Returns:
@@ -162,11 +164,16 @@ def anderson_solve(
         # right-hand side, their weights are 0. Both layouts fill slots 0, 1, ... first.
         valid = tf.cast(tf.range(memory) < tf.minimum(k + 1, memory), z.dtype)
         eye = tf.eye(memory, dtype=z.dtype)
-        # The diagonal as a masked sum: diag_part has no TFLite builtin.
-        scale = tf.reduce_max(tf.reduce_sum(gram * eye, axis=-1), axis=-1)
-        scale = tf.where(scale > 0, scale, tf.ones_like(scale))
-        system = gram / scale[:, None, None] + ridge * eye
-        y = _spd_solve(system, tf.broadcast_to(valid, tf.shape(system)[:2]))
+        # Each residual is scaled to unit length (a diagonal scaling of the normal
+        # equations), so the ridge is relative to every residual's own size. Scaling by
+        # the largest one alone would let the oldest, largest residuals set the ridge:
+        # with a long memory the newest residuals are orders of magnitude smaller, and
+        # a ridge relative to the oldest swamps them. The diagonal is a masked sum,
+        # since diag_part has no TFLite builtin.
+        norms_sq = tf.reduce_sum(gram * eye, axis=-1)
+        inv_norm = tf.math.rsqrt(tf.where(norms_sq > 0, norms_sq, tf.ones_like(norms_sq)))
+        system = gram * inv_norm[:, :, None] * inv_norm[:, None, :] + ridge * eye
+        y = _spd_solve(system, valid * inv_norm) * inv_norm
         alpha = y / tf.reduce_sum(y, axis=-1, keepdims=True)
         # A sample whose residuals are not finite gets non-finite weights; it takes a
         # plain step instead, f(z) with weight 1 on the newest entry.

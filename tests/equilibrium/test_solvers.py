@@ -46,6 +46,14 @@ def test_anderson_with_a_short_memory_runs_in_a_graph_as_eagerly(memory):
     assert int(graph.steps) == int(eager.steps)
 
 
+def test_anderson_with_a_long_memory_is_not_held_back_by_the_ridge():
+    # The history spans residuals many orders of magnitude apart; a ridge relative to
+    # the largest of them would swamp the newest and make memory 20 slower than 10.
+    f, _, z0 = affine_problem(dim=100, spectrum=(0.0, 0.95))
+    steps = {m: int(get_solver("anderson")(f, z0, max_iter=500, tol=1e-8, memory=m)[1].steps) for m in (10, 20)}
+    assert steps[20] <= steps[10]
+
+
 @pytest.mark.parametrize("solver", ["anderson", "broyden"])
 def test_accelerated_solvers_need_half_the_steps_on_ill_conditioned_contraction(solver):
     f, z_star, z0 = affine_problem(spectrum=(0.1, 0.98))
