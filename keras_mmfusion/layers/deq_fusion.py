@@ -36,9 +36,11 @@ class _ModalityBlock(keras.layers.Layer):
 
 
 class _PurifyCombineBlock(keras.layers.Layer):
-    """The fused state's update: ``relu(GN(W_f sum_i z_f * W_g(z_i' + z_f) + x_fuse))``.
+    """The fused state's update: ``GN(relu(W_f sum_i z_f * W_g(z_i' + z_f) + x_fuse))``.
 
     The gate ``W_g`` is shared by the modalities and, as in the reference code, linear.
+    GroupNorm comes after the ReLU, as in the modality blocks' last step, so the fused
+    state is normalised rather than clipped at zero.
     """
 
     def __init__(self, units, groups, kernel_initializer, **kwargs):
@@ -56,7 +58,7 @@ class _PurifyCombineBlock(keras.layers.Layer):
 
     def call(self, z_fuse, modality_states, x_fuse):
         purified = [z_fuse * self.gate(z_i + z_fuse) for z_i in modality_states]
-        return ops.relu(self.norm(self.combine(ops.sum(ops.stack(purified), axis=0)) + x_fuse))
+        return self.norm(ops.relu(self.combine(ops.sum(ops.stack(purified), axis=0)) + x_fuse))
 
 
 @keras.saving.register_keras_serializable(package="keras_mmfusion")

@@ -57,6 +57,48 @@ def test_get_config_round_trips():
         assert config[key] == value
 
 
+def numpy_group_norm(x, norm, groups):
+    batch, width = x.shape
+    grouped = x.reshape(batch, groups, width // groups)
+    centred = grouped - grouped.mean(-1, keepdims=True)
+    normed = (centred / np.sqrt(grouped.var(-1, keepdims=True) + 1e-5)).reshape(batch, width)
+    return normed * norm.gamma.numpy() + norm.beta.numpy()
+
+
+def numpy_dense(x, dense):
+    return x @ dense.kernel.numpy() + dense.bias.numpy()
+
+
+def test_update_follows_the_reference_formulation():
+    # One update computed independently in NumPy: per modality
+    # GN3(relu(GN2(W2 relu(GN1(W1 z_i)) + x_i) + z_i)); for the fused state
+    # GN(relu(W_f sum_i z_f * W_g(z_i' + z_f) + sum_i w_i x_i + b)).
+    rng = np.random.default_rng(0)
+    inputs = random_inputs(batch=3, widths=(8, 8), dtype="float64")
+    layer = DEQFusion(units=8, num_groups=2, dtype="float64", kernel_initializer="glorot_uniform")
+    layer(inputs)
+    for weight in layer.weights:  # move every weight off its initial value
+        weight.assign(weight.numpy() + 0.3 * rng.normal(size=weight.shape))
+    z = rng.normal(size=(3, 24))
+    states = np.split(z, 3, axis=-1)
+    updated = []
+    for block, z_i, x_i in zip(layer.modality_blocks, states[:2], inputs):
+        h = np.maximum(numpy_group_norm(numpy_dense(z_i, block.dense1), block.norm1, 2), 0)
+        h = numpy_group_norm(numpy_dense(h, block.dense2) + x_i, block.norm2, 2)
+        updated.append(numpy_group_norm(np.maximum(h + z_i, 0), block.norm3, 2))
+    fuse = layer.fusion_block
+    z_f = states[2]
+    purified = sum(z_f * numpy_dense(u + z_f, fuse.gate) for u in updated)
+    weights, bias = layer.injection_weights.numpy(), layer.injection_bias.numpy()
+    x_fuse = sum(w * x for w, x in zip(weights, inputs)) + bias
+    fused = numpy_group_norm(np.maximum(numpy_dense(purified, fuse.combine) + x_fuse, 0), fuse.norm, 2)
+    (xs, x_fuse_layer), _ = layer._injections([tf.constant(x) for x in inputs])
+    np.testing.assert_allclose(x_fuse_layer.numpy(), x_fuse, rtol=1e-12)
+    expected = np.concatenate(updated + [fused], axis=-1)
+    np.testing.assert_allclose(layer._equilibrium_map(tf.constant(z), (xs, x_fuse_layer)).numpy(), expected,
+                               rtol=1e-9, atol=1e-12)
+
+
 def contractive_layer(inputs, seed=3, **kwargs):
     """A built float64 DEQFusion whose update is a contraction.
 
