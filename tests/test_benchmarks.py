@@ -1,0 +1,74 @@
+"""The DEQ benchmark's acceleration bound, checked against the package's own solvers."""
+
+import functools
+import os
+import sys
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from keras_mmfusion.equilibrium import get_solver
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+sys.path.insert(0, BENCHMARKS)
+try:
+    from deq_bench import THRESHOLDS, linearised_steps, per_sample_steps
+finally:
+    sys.path.remove(BENCHMARKS)
+
+
+def orthogonal(dim, rng):
+    return np.linalg.qr(rng.normal(size=(dim, dim)))[0]
+
+
+def clustered_jacobian(dim, rng):
+    """Non-normal, with real eigenvalues spread over [0, 0.95]: a spectrum Krylov methods
+    accelerate well, since a low-degree polynomial is small on all of it."""
+    eigenvalues = np.diag(np.linspace(0.0, 0.95, dim))
+    basis = np.eye(dim) + 0.3 * rng.normal(size=(dim, dim)) / np.sqrt(dim)
+    return basis @ eigenvalues @ np.linalg.inv(basis)
+
+
+def disk_jacobian(dim, rng, radius=0.6):
+    """Normal, with eigenvalues spread round a circle of ``radius``: no polynomial with
+    p(1) = 1 is much smaller than z^k on it, so Krylov methods gain little."""
+    angles = rng.uniform(0.0, 2 * np.pi, dim // 2)
+    blocks = np.zeros((dim, dim))
+    for i, angle in enumerate(angles):
+        c, s = radius * np.cos(angle), radius * np.sin(angle)
+        blocks[2 * i : 2 * i + 2, 2 * i : 2 * i + 2] = [[c, -s], [s, c]]
+    q = orthogonal(dim, rng)
+    return q @ blocks @ q.T
+
+
+def solver_steps(solve, jacobian, z_star):
+    """Steps of ``solve`` to relative residual 1e-4 on ``z -> z* + J (z - z*)`` from 0,
+    counted by the benchmark's own counter."""
+    j_t, fixed = tf.constant(jacobian.T), tf.constant(z_star[None])
+    f = lambda z: fixed + (z - fixed) @ j_t  # noqa: E731
+    first = per_sample_steps(solve, f, tf.zeros_like(fixed), max_iter=300)
+    return int(first[THRESHOLDS.index(1e-4), 0])
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_gmres_needs_no_more_steps_than_any_solver_on_a_linear_map(seed):
+    rng = np.random.default_rng(seed)
+    jacobian, z_star = clustered_jacobian(60, rng), rng.normal(size=60)
+    plain, gmres = linearised_steps(jacobian, z_star, 1e-4)
+    # The benchmark's plain count is the plain solver's own.
+    assert plain == solver_steps(get_solver("fixed_point"), jacobian, z_star)
+    for solve in (get_solver("anderson"), functools.partial(get_solver("anderson"), memory=20),
+                  functools.partial(get_solver("anderson"), mixing=0.5), get_solver("broyden")):
+        assert gmres <= solver_steps(solve, jacobian, z_star)
+    # On this spectrum acceleration pays: the bound is far below plain iteration.
+    assert gmres < 0.5 * plain
+
+
+def test_gmres_gains_little_on_a_disk_spectrum():
+    rng = np.random.default_rng(0)
+    jacobian, z_star = disk_jacobian(60, rng), rng.normal(size=60)
+    plain, gmres = linearised_steps(jacobian, z_star, 1e-4)
+    assert plain <= 300
+    assert gmres >= 0.7 * plain
+    assert gmres <= solver_steps(get_solver("anderson"), jacobian, z_star)
