@@ -106,9 +106,10 @@ class DEQFusion(keras.layers.Layer):
             ``f`` is a contraction at initialisation and the solver converges from the
             first training step. Glorot-scaled kernels can leave the
             untrained ``f`` far from a contraction: on the standardised ROSMAP omics
-            views, Anderson's mean relative residual was still 2e-2 after 100 steps,
-            against 1e-6 within 60 steps with the small kernels. The input
-            projections always use Glorot uniform.
+            views (three weight draws, width 32), Anderson's mean relative residual
+            after 100 steps was 5e-2 with Glorot kernels, and 8e-7 to 5e-5 within 60
+            steps with the small kernels. The input projections always use Glorot
+            uniform.
         seed: seed of the Jacobian probes.
         **kwargs: base ``Layer`` arguments (``name``, ``dtype``, ...).
 
