@@ -89,7 +89,9 @@ class RotatingHistory:
 
     def combine(self, values, alpha):
         """``sum_j alpha[:, j] * values_j`` for ``alpha`` of shape ``(batch, memory)``."""
-        return tf.add_n([alpha[:, j, None] * v for j, v in enumerate(values)])
+        # expand_dims for the same Grappler rewrite as in update_gram: when ``alpha`` is a
+        # tf.stack (e.g. straight from dots), alpha[:, j, None] came out as (batch,).
+        return tf.add_n([tf.expand_dims(alpha[:, j], -1) * v for j, v in enumerate(values)])
 
 
 class CircularHistory:
