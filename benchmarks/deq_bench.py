@@ -25,6 +25,9 @@ Measurements:
   without and with XLA; the update's time is measured inside a bare loop, timed
   alternately with the solve, so both sides carry the same per-step loop cost and no
   per-call dispatch.
+- solver work: ms per step of a solve's parts with a cheap update, so that the cost a
+  solver adds to each evaluation shows: fixed-point and Anderson solves, and Anderson's
+  history operations (storing the newest pair; the dot products and the weighted sum).
 - memory: peak memory allocated by TensorFlow during one training step (allocator
   statistics), implicit vs unrolled backward, at 10, 30 and 100 forward iterations;
   each point runs in a fresh process and is the largest of three measured steps.
@@ -291,6 +294,69 @@ def measure_solvers(repeats, train_epochs, jacobian_weight, max_iter=300):
             "linearised": krylov_bound(model, fusion, x)}
 
 
+def measure_solver_work(repeats, steps=60, memory=5):
+    """Per-step time of a solve's parts, on a cheap update so the solver's own work shows.
+
+    The update is ``0.9 tanh(z) + x`` on a state of the benchmark's batch and width (all
+    modalities plus the fused state). Each row is a loop of ``steps`` steps, without and
+    with XLA, in ms per step: the update alone; fixed-point and Anderson solves that run
+    every step (``tol=1e-30``); a loop that only scales one row; and Anderson's two
+    history operations, each added to that loop: storing the newest pair (two rows
+    written into the history) and the history's two reads (the dot products with every
+    stored residual, then the weighted sum of the stored updates). The history is the
+    layout Anderson uses in that kind of graph (see ``keras_mmfusion.equilibrium.history``).
+    """
+    import tensorflow as tf
+
+    from keras_mmfusion.equilibrium import get_solver
+    from keras_mmfusion.equilibrium.history import history_for_current_graph
+
+    rng = np.random.default_rng(0)
+    x = tf.constant(rng.normal(size=(BATCH, (MODALITIES + 1) * WIDTH)), tf.float32)
+
+    def update(z):
+        return 0.9 * tf.tanh(z) + x
+
+    def loop(body, *carry):
+        # Every carried value feeds the result, so no compiler can drop part of the loop.
+        out = tf.while_loop(lambda k, *c: k < steps, lambda k, *c: (k + 1, *body(k, *c)), (0, *carry))[1:]
+        return tf.add_n([tf.reduce_sum(t) for t in tf.nest.flatten(out)])
+
+    def solve(name):
+        return get_solver(name)(update, tf.zeros_like(x), max_iter=steps, tol=1e-30)
+
+    def history_writes():
+        history = history_for_current_graph(memory)
+        return loop(lambda k, fs, gs, g: (*history.push(fs, gs, g, g, k), 0.9 * g), *history.empty(x), x)
+
+    def history_reads():
+        history = history_for_current_graph(memory)
+        fs, gs = history.empty(x)
+        for k in range(memory):
+            fs, gs = history.push(fs, gs, x * (k + 1), x * (k + 2), k)
+        return loop(lambda k, g: (0.9 * g + 1e-3 * history.combine(fs, history.dots(gs, g)),), x)
+
+    parts = {
+        "update alone": lambda: loop(lambda k, z: (update(z),), x),
+        "fixed_point solve": lambda: solve("fixed_point")[0],
+        "anderson solve": lambda: solve("anderson")[0],
+        "row scaling alone": lambda: loop(lambda k, g: (0.9 * g,), x),
+        "+ store newest pair": history_writes,
+        "+ dots and weighted sum": history_reads,
+    }
+    for name in ("fixed_point", "anderson"):
+        taken = int(tf.function(lambda: solve(name)[1].steps)())
+        if taken != steps:
+            raise RuntimeError(f"the {name} solve stopped after {taken} of {steps} steps; its time per step would be wrong")
+    rows = {}
+    for name, part in parts.items():
+        for jit in (False, True):
+            fn = tf.function(part, jit_compile=jit)
+            seconds = median_seconds(lambda: fn().numpy(), repeats)
+            rows.setdefault(name, {})["xla" if jit else "no_xla"] = 1e3 * seconds / steps
+    return {"steps": steps, "memory": memory, "ms_per_step": rows}
+
+
 def train_step_peak_memory(backward, iters):
     """Run in a child process: the allocator's peak during one training step, in MiB.
 
@@ -365,10 +431,11 @@ def main():
     train_epochs = 3 if args.quick else 8
     solvers = measure_solvers(repeats, train_epochs=train_epochs, jacobian_weight=args.jacobian_weight)
     other_models = measure_other_models(range(1, args.models), train_epochs, args.jacobian_weight)
+    work = measure_solver_work(repeats)
     memory = measure_memory()
     xla = measure_xla(repeats)
     results = {"machine": machine, "width": WIDTH, "modalities": MODALITIES, "batch": BATCH,
-               **solvers, "other_models": other_models, "train_step_peak_mib": memory, "train_step_ms": xla}
+               **solvers, "other_models": other_models, "solver_work": work, "train_step_peak_mib": memory, "train_step_ms": xla}
 
     print(f"\nModel trained {solvers['train_epochs']} epochs with jacobian_weight={solvers['jacobian_weight']}, "
           f"training accuracy {solvers['train_accuracy']:.3f}, held-out accuracy {solvers['trained_accuracy']:.3f}")
@@ -419,6 +486,19 @@ def main():
     bound = [row["gmres"] / row["plain"] for row in linear]
     print(f"GMRES / fixed_point: median {np.median(bound):.2f}, range {min(bound):.2f}-{max(bound):.2f}. On a linear "
           "map no Anderson or Broyden variant takes fewer steps than GMRES.")
+    print(f"\nms per step of a {work['steps']}-step loop with the cheap update 0.9 tanh(z) + x at the same batch and "
+          f"width; '+' rows add Anderson's history operations (memory {work['memory']}) to the row scaling")
+    print(f"{'part':<26} {'no XLA':>8} {'XLA':>8}")
+    for name, row in work["ms_per_step"].items():
+        print(f"{name:<26} {row['no_xla']:>8.3f} {row['xla']:>8.3f}")
+    parts = work["ms_per_step"]
+    for key, label, f_ms in (("no_xla", "no XLA", solvers["f_eval_ms"]), ("xla", "XLA", solvers["f_eval_ms_xla"])):
+        own = {s: parts[f"{s} solve"][key] - parts["update alone"][key] for s in ("fixed_point", "anderson")}
+        print(f"{label}: a solver's own work per step (solve - update alone): fixed_point {own['fixed_point']:.2f} ms, "
+              f"anderson {own['anderson']:.2f} ms; 1 + that / the trained update's {f_ms:.2f} ms: "
+              f"{1 + own['fixed_point'] / f_ms:.2f} and {1 + own['anderson'] / f_ms:.2f} "
+              f"(measured overhead above: {solvers['solvers']['fixed_point']['overhead' if key == 'no_xla' else 'overhead_xla']:.2f} "
+              f"and {solvers['solvers']['anderson']['overhead' if key == 'no_xla' else 'overhead_xla']:.2f})")
     print(f"\n{'train step peak alloc (MiB)':<28} {'10 it':>8} {'30 it':>8} {'100 it':>8} {'100/10':>7}")
     for backward in ("implicit", "unrolled"):
         vals = [memory[f"{backward}@{i}"] for i in (10, 30, 100)]
