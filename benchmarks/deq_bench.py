@@ -492,13 +492,14 @@ def main():
     for name, row in work["ms_per_step"].items():
         print(f"{name:<26} {row['no_xla']:>8.3f} {row['xla']:>8.3f}")
     parts = work["ms_per_step"]
-    for key, label, f_ms in (("no_xla", "no XLA", solvers["f_eval_ms"]), ("xla", "XLA", solvers["f_eval_ms_xla"])):
+    for key, label, suffix in (("no_xla", "no XLA", ""), ("xla", "XLA", "_xla")):
+        f_ms = solvers[f"f_eval_ms{suffix}"]
         own = {s: parts[f"{s} solve"][key] - parts["update alone"][key] for s in ("fixed_point", "anderson")}
+        measured = {s: solvers["solvers"][s][f"overhead{suffix}"] for s in own}
         print(f"{label}: a solver's own work per step (solve - update alone): fixed_point {own['fixed_point']:.2f} ms, "
               f"anderson {own['anderson']:.2f} ms; 1 + that / the trained update's {f_ms:.2f} ms: "
               f"{1 + own['fixed_point'] / f_ms:.2f} and {1 + own['anderson'] / f_ms:.2f} "
-              f"(measured overhead above: {solvers['solvers']['fixed_point']['overhead' if key == 'no_xla' else 'overhead_xla']:.2f} "
-              f"and {solvers['solvers']['anderson']['overhead' if key == 'no_xla' else 'overhead_xla']:.2f})")
+              f"(measured overhead above: {measured['fixed_point']:.2f} and {measured['anderson']:.2f})")
     print(f"\n{'train step peak alloc (MiB)':<28} {'10 it':>8} {'30 it':>8} {'100 it':>8} {'100/10':>7}")
     for backward in ("implicit", "unrolled"):
         vals = [memory[f"{backward}@{i}"] for i in (10, 30, 100)]

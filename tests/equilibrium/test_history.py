@@ -10,7 +10,7 @@ BATCH, DIM = 3, 4
 
 
 def pushed(history, entries):
-    """The history after pushing ``entries`` (a list of ``(f, g)`` pairs), and the newest ``g``."""
+    """The history ``(fs, gs)`` after pushing ``entries``, a list of ``(f, g)`` pairs."""
     fs, gs = history.empty(tf.zeros([BATCH, DIM], tf.float64))
     for k, (f, g) in enumerate(entries):
         fs, gs = history.push(fs, gs, f, g, k)
