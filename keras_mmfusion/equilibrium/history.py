@@ -20,18 +20,7 @@ Broyden's rank-one terms use as well.
 
 import tensorflow as tf
 
-try:  # Whether the graph being traced will be compiled by XLA.
-    from tensorflow.python.ops.control_flow_util import GraphOrParentsInXlaContext
-except ImportError:  # pragma: no cover - a TensorFlow without the helper
-    GraphOrParentsInXlaContext = None
-
-
-def in_xla_context():
-    """Whether the ops being created now belong to a function compiled with XLA
-    (``tf.function(jit_compile=True)``, and so Keras's ``jit_compile``)."""
-    if tf.executing_eagerly() or GraphOrParentsInXlaContext is None:
-        return False
-    return bool(GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+from keras_mmfusion.graph_context import in_xla_context
 
 
 def history_for_current_graph(memory):

@@ -8,7 +8,8 @@ from keras import ops
 
 from keras_mmfusion.costs import count_macs
 from keras_mmfusion.layers.fusion_layer import FusionLayer
-from keras_mmfusion.layers.routing import in_xla_context, masked_route, partitioned_route
+from keras_mmfusion.graph_context import in_xla_context
+from keras_mmfusion.layers.routing import masked_route, partitioned_route
 from keras_mmfusion.metrics import RoutingMetric, recording_statistics
 from keras_mmfusion.validation import check_int
 

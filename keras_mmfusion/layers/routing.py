@@ -11,14 +11,6 @@ every branch runs on the whole batch and the outputs are selected by the route.
 """
 
 import tensorflow as tf
-from tensorflow.python.ops import control_flow_util  # XLA-context query; no public API
-
-
-def in_xla_context():
-    """Whether the graph being built is compiled by XLA (``jit_compile=True``)."""
-    if tf.executing_eagerly():
-        return False
-    return bool(control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
 
 
 def masked_route(route, branches, inputs, dtype):
