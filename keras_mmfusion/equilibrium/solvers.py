@@ -13,7 +13,7 @@ import tensorflow as tf
 from keras_mmfusion.validation import check_int
 
 from keras_mmfusion.equilibrium.history import empty_buffer, history_for_current_graph, write_slot
-from keras_mmfusion.equilibrium.iteration import iterate, select_rows
+from keras_mmfusion.equilibrium.iteration import iterate, row_sum, select_rows
 
 _SOLVERS = {}
 
@@ -56,7 +56,7 @@ def _finite_or(value, fallback):
     A row with a NaN or an infinite entry has a non-finite sum; so does a finite row
     whose sum overflows, which is as unusable as a step.
     """
-    return select_rows(tf.math.is_finite(tf.reduce_sum(value, axis=-1)), value, fallback)
+    return select_rows(tf.math.is_finite(row_sum(value)), value, fallback)
 
 
 def _spd_solve(a, b):
@@ -104,7 +104,7 @@ def fixed_point_iteration(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", damp
     """
     _check_fraction("damping", damping)
 
-    def init(z, fz):
+    def init(z):
         return tf.zeros([], z.dtype)
 
     def step(z, fz, g, state, k):
@@ -151,7 +151,7 @@ def anderson_solve(
 
     history = history_for_current_graph(memory)
 
-    def init(z, fz):
+    def init(z):
         return (*history.empty(z), tf.zeros([tf.shape(z)[0], memory, memory], z.dtype))
 
     def step(z, fz, g, state, k):
@@ -207,8 +207,8 @@ def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
     """
     check_int("memory", memory)
 
-    def init(z, fz):
-        return empty_buffer(z, memory), empty_buffer(z, memory), tf.constant(0), z, fz - z
+    def init(z):
+        return empty_buffer(z, memory), empty_buffer(z, memory), tf.constant(0), z, tf.zeros_like(z)
 
     def apply_h(us, vs, count, x, transpose=False):
         # H x = -x + sum_{j < count} u_j (v_j . x); slots at or past ``count`` are stale.
@@ -226,8 +226,8 @@ def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
         s = z - prev_z
         y = g - prev_g
         v = apply_h(us, vs, count, s, transpose=True)
-        denom = tf.reduce_sum(v * y, axis=-1, keepdims=True)
-        size = tf.norm(v, axis=-1, keepdims=True) * tf.norm(y, axis=-1, keepdims=True)
+        denom = tf.expand_dims(row_sum(v * y), -1)
+        size = tf.expand_dims(tf.sqrt(row_sum(v * v)) * tf.sqrt(row_sum(y * y)), -1)
         eps = float(np.sqrt(np.finfo(z.dtype.as_numpy_dtype).eps))
         usable = tf.logical_and(tf.abs(denom) > eps * size, tf.math.is_finite(denom))
         usable = tf.logical_and(usable, k > 0)
