@@ -12,7 +12,13 @@ import tensorflow as tf
 
 from keras_mmfusion.validation import check_int
 
-from keras_mmfusion.equilibrium.history import empty_buffer, history_for_current_graph, write_slot
+from keras_mmfusion.equilibrium.history import (
+    empty_buffer,
+    history_for_current_graph,
+    slot_dots,
+    weighted_sum,
+    write_slot,
+)
 from keras_mmfusion.equilibrium.iteration import iterate, row_sum, select_rows
 
 _SOLVERS = {}
@@ -215,8 +221,7 @@ def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
         if transpose:
             us, vs = vs, us
         live = tf.cast(tf.range(memory) < count, x.dtype)
-        coeff = tf.einsum("bmd,bd->bm", vs, x) * live
-        return -x + tf.einsum("bmd,bm->bd", us, coeff)
+        return -x + weighted_sum(us, slot_dots(vs, x) * live)
 
     def step(z, fz, g, state, k):
         us, vs, count, prev_z, prev_g = state
