@@ -63,9 +63,9 @@ def slot_dots(buffer, x):
     """``(batch, memory)``: each sample's dot product of ``x`` ``(batch, dim)`` with its
     row in every slot of ``buffer`` ``(batch, memory, dim)``.
 
-    A batched matrix product without XLA. Under XLA that product ran about 3 times
-    slower on a CPU than the elementwise product summed by :func:`row_sum`, which
-    is what it becomes there.
+    A batched matrix product without XLA. Under XLA on a CPU that product took about
+    1.5 times as long as the elementwise product summed by :func:`row_sum`, which is
+    what it becomes there.
     """
     if not in_xla_context():
         return tf.einsum("bmd,bd->bm", buffer, x)
@@ -77,7 +77,8 @@ def weighted_sum(buffer, weights):
     """``(batch, dim)``: ``sum_j weights[:, j] * buffer[:, j]`` for ``weights`` ``(batch, memory)``.
 
     A batched matrix product without XLA; under XLA an elementwise product summed
-    over the slots, which XLA compiles to one vectorised loop.
+    over the slots, which XLA compiles to one vectorised loop and which took about
+    half as long as the batched product on a CPU.
     """
     if not in_xla_context():
         return tf.einsum("bmd,bm->bd", buffer, weights)
