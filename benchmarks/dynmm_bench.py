@@ -99,7 +99,7 @@ def main():
     cheap, expensive, inputs = recipe.pretrain_experts(train, val, args.expensive, epochs)
     expensive_model = recipe.classifier(expensive, inputs)
     expensive_macs = count_macs(expensive, [recipe.WIDTH] * recipe.MODALITIES,
-                                loop_trips=14 if args.expensive == "deq" else 1)
+                                loop_trips=15 if args.expensive == "deq" else 1)
     alone = expensive_model.predict(test[0], batch_size=256, verbose=0)
     accuracy_alone = float(np.mean(alone.argmax(-1) == test[1]))
     val_alone = float(np.mean(expensive_model.predict(val[0], batch_size=256, verbose=0).argmax(-1) == val[1]))

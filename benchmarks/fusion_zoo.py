@@ -58,8 +58,9 @@ def run_one(splits, fusion_name, seed, settings):
 
     model, _, metrics = run_trial(splits, fusion_name, seed, settings)
     deq = [l for l in model._flatten_layers(include_self=False) if isinstance(l, mmf.DEQFusion)]
-    # The solver loop is counted at the mean steps of the test-split prediction.
-    trips = max(int(round(float(deq[0].last_stats["steps"]))) - 1, 1) if deq else 1
+    # The solver loop, one update evaluation per trip, is counted at the mean steps of
+    # the test-split prediction.
+    trips = max(int(round(float(deq[0].last_stats["steps"]))), 1) if deq else 1
     metrics.update(macs=count_macs(model, splits.widths, loop_trips=trips))
     return metrics
 

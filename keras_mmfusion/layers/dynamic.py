@@ -24,9 +24,9 @@ def _output_shape(layer, shape):
 
 
 def _loop_trips(layer):
-    """The worst-case solver iterations of any equilibrium layer inside ``layer``."""
-    trips = [getattr(sub, "max_iter", 1) for sub in layer._flatten_layers(include_self=True)]
-    return max(max(trips) - 1, 1)
+    """The worst-case solver loop trips of any equilibrium layer inside ``layer``: one
+    evaluation of its update per trip, at most ``max_iter``."""
+    return max(getattr(sub, "max_iter", 1) for sub in layer._flatten_layers(include_self=True))
 
 
 @keras.saving.register_keras_serializable(package="keras_mmfusion")
