@@ -163,8 +163,11 @@ def iterate(f, z0, init, step, max_iter, tol, stop_mode):
 
     z = tf.cast(z0, dtype)
     tol_t = tf.cast(tol, dtype)
-    inf = tf.cast(float("inf"), dtype)
-    loop_vars = (tf.constant(0), z, z, tf.fill(tf.shape(z)[:1], inf), tf.zeros([max_iter], dtype), init(z))
+    # No sample has a best iterate yet. The largest finite value stands for "none":
+    # tf2onnx exported a fill with +inf wrongly (every ONNX solve returned its start).
+    # Only a finite residual can beat it, and a sample that never had one reports +inf.
+    none_yet = tf.cast(dtype.max, dtype)
+    loop_vars = (tf.constant(0), z, z, tf.fill(tf.shape(z)[:1], none_yet), tf.zeros([max_iter], dtype), init(z))
 
     def cond(k, z, best_z, best_res, trace, state):
         return tf.logical_not(tf.reduce_all(best_res <= tol_t))
@@ -191,6 +194,7 @@ def iterate(f, z0, init, step, max_iter, tol, stop_mode):
     steps, _, best_z, best_res, trace, _ = tf.while_loop(
         cond, body, loop_vars, maximum_iterations=max_iter, parallel_iterations=1
     )
+    best_res = tf.where(best_res < none_yet, best_res, tf.cast(float("inf"), dtype))
     stats = SolverStats(
         steps=steps,
         residual=best_res,
