@@ -19,7 +19,7 @@ UNITS = 8
 
 def make_fusion(name):
     return {
-        "deq": lambda: mmf.DEQFusion(UNITS, max_iter=60, tol=1e-6, jacobian_weight=5.0, name="deq"),
+        "deq": lambda: mmf.DEQFusion(UNITS, max_iter=60, tol=1e-5, jacobian_weight=5.0, name="deq"),
         "dynmm": lambda: mmf.DynamicFusion(
             [keras.layers.Dense(UNITS, activation="relu"), mmf.ConcatFusion(UNITS, activation="relu")],
             expert_inputs=[[0], [0, 1, 2]], name="dynmm",
