@@ -5,7 +5,9 @@ A solver is described by two functions, ``init(z0) -> state`` and
 residual vector the loop has already computed. :func:`iterate` runs them inside one
 ``tf.while_loop`` with static shapes and a bounded iteration count. It keeps the
 lowest-residual iterate of every sample and returns it together with a
-:class:`SolverStats` record, so a solver step only has to propose the next point.
+:class:`SolverStats` record, so a solver step only has to propose the next point. A
+sample whose proposal is not finite (a NaN or an infinity in it, or a row whose sum
+overflows) restarts from its best iterate.
 """
 
 from typing import NamedTuple
@@ -112,6 +114,15 @@ def select_rows(condition, x, y):
     return tf.compat.v1.where(condition, x, y)
 
 
+def finite_or(value, fallback):
+    """Row ``i`` of ``value`` where it sums to a finite number, else row ``i`` of ``fallback``.
+
+    A row with a NaN or an infinite entry has a non-finite sum; so does a finite row
+    whose sum overflows, which is as unusable as a step.
+    """
+    return select_rows(tf.math.is_finite(row_sum(value)), value, fallback)
+
+
 def check_solver_arguments(max_iter, tol, stop_mode):
     """Raise a ``ValueError`` naming the argument that is out of range."""
     check_int("max_iter", max_iter)
@@ -185,6 +196,11 @@ def iterate(f, z0, init, step, max_iter, tol, stop_mode):
         best_res = tf.where(better, res, best_res)
         trace = tf.tensor_scatter_nd_update(trace, [[k]], [tf.reduce_mean(res)])
         z_next, state = step(z, fz, g, state, k)
+        # A sample whose proposal is not finite restarts from its best iterate. Taking
+        # the fallback from the best-iterate select also makes the proposal depend on
+        # every use of z, so XLA can write the proposal into z's loop buffer; with the
+        # select independent of the proposal it copied z at every step.
+        z_next = finite_or(z_next, best_z)
         return k + 1, z_next, best_z, best_res, trace, state
 
     # Each iteration needs the previous one's state, so overlapping iterations gains no

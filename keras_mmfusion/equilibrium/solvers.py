@@ -19,7 +19,7 @@ from keras_mmfusion.equilibrium.history import (
     weighted_sum,
     write_slot,
 )
-from keras_mmfusion.equilibrium.iteration import iterate, row_sum, select_rows
+from keras_mmfusion.equilibrium.iteration import finite_or, iterate, row_sum, select_rows
 
 _SOLVERS = {}
 
@@ -54,15 +54,6 @@ def available_solvers():
 def _check_fraction(name, value):
     if not (isinstance(value, (int, float)) and 0 < value <= 1):
         raise ValueError(f"{name} must be in (0, 1], got {value!r}.")
-
-
-def _finite_or(value, fallback):
-    """``value`` where a sample's row sums to a finite number, else ``fallback``.
-
-    A row with a NaN or an infinite entry has a non-finite sum; so does a finite row
-    whose sum overflows, which is as unusable as a step.
-    """
-    return select_rows(tf.math.is_finite(row_sum(value)), value, fallback)
 
 
 def _spd_solve(a, b):
@@ -135,10 +126,11 @@ def anderson_solve(
     has unit length and regularised with ``ridge * I``, so they are never singular and
     the ridge is relative to each residual's own size; they are solved by elimination
     in float32 (float64 for float64 states). A sample whose weights come out
-    non-finite falls back to a plain ``f(z)`` step. A step reads the history twice (the
-    new Gram row and the weighted sum); its layout is chosen for the graph being built,
-    one that XLA updates in place under ``jit_compile`` and one that is never copied
-    otherwise (see :mod:`keras_mmfusion.equilibrium.history`).
+    non-finite takes a plain ``f(z)`` step instead; one whose next point is not finite
+    restarts from its best iterate, as in every solver. A step reads the history twice
+    (the new Gram row and the weighted sum); its layout is chosen for the graph being
+    built, one that XLA updates in place under ``jit_compile`` and one that is never
+    copied otherwise (see :mod:`keras_mmfusion.equilibrium.history`).
 
     Args:
         f, z0, max_iter, tol, stop_mode: as for :func:`fixed_point_iteration`.
@@ -183,12 +175,12 @@ def anderson_solve(
         alpha = y / tf.reduce_sum(y, axis=-1, keepdims=True)
         # A sample whose residuals are not finite gets non-finite weights; it takes a
         # plain step instead, f(z) with weight 1 on the newest entry.
-        alpha = _finite_or(alpha, tf.broadcast_to(history.newest(k, z.dtype), tf.shape(alpha)))
+        alpha = finite_or(alpha, tf.broadcast_to(history.newest(k, z.dtype), tf.shape(alpha)))
         # sum_j alpha_j z_j = sum_j alpha_j (f_j - g_j).
         z_next = history.combine(fs, alpha)
         if mixing < 1:
             z_next -= (1.0 - mixing) * history.combine(gs, alpha)
-        return _finite_or(z_next, fz), (fs, gs, gram)
+        return z_next, (fs, gs, gram)
 
     return iterate(f, z0, init, step, max_iter, tol, stop_mode)
 
@@ -202,7 +194,7 @@ def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
     restarts from ``H = -I``. Each step is the
     full quasi-Newton step ``z <- z - H g(z)``; there is no line search. An update whose
     denominator ``v^T y`` is negligible relative to ``||v|| ||y||`` is skipped, and a
-    non-finite step falls back to ``f(z)``.
+    sample whose step is not finite restarts from its best iterate.
 
     Args:
         f, z0, max_iter, tol, stop_mode: as for :func:`fixed_point_iteration`.
@@ -245,7 +237,6 @@ def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
         # not counted, so the next update overwrites it.
         us, vs = write_slot(us, count, u), write_slot(vs, count, v)
         count = tf.where(k > 0, count + 1, count)
-        z_next = _finite_or(z - apply_h(us, vs, count, g), fz)
-        return z_next, (us, vs, count, z, g)
+        return z - apply_h(us, vs, count, g), (us, vs, count, z, g)
 
     return iterate(f, z0, init, step, max_iter, tol, stop_mode)
