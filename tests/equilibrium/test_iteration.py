@@ -79,9 +79,12 @@ def test_a_non_finite_proposal_restarts_from_the_best_iterate():
     a = tf.constant(np.diag(np.linspace(0.1, 0.6, 5)))
     points = []
 
+    def affine(z):
+        return z @ a + 1.0
+
     def f(z):
         points.append(z.numpy())
-        return z @ a + 1.0
+        return affine(z)
 
     z0 = tf.zeros([2, 5], tf.float64)
     z, stats = _solve_with_a_nan_proposal(f, z0)
@@ -94,7 +97,7 @@ def test_a_non_finite_proposal_restarts_from_the_best_iterate():
     np.testing.assert_allclose(z.numpy(), np.broadcast_to(1.0 / (1.0 - np.diag(a)), (2, 5)), rtol=1e-9)
     # Compiled, the same solve gives the same result.
     for jit in (False, True):
-        run = tf.function(lambda z0: _solve_with_a_nan_proposal(lambda z: z @ a + 1.0, z0), jit_compile=jit)
+        run = tf.function(lambda z0: _solve_with_a_nan_proposal(affine, z0), jit_compile=jit)
         z_graph, stats_graph = run(z0)
         assert int(stats_graph.steps) == int(stats.steps)
         np.testing.assert_allclose(z_graph.numpy(), z.numpy(), rtol=1e-12)
