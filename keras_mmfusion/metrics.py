@@ -33,9 +33,11 @@ def statistics_paused():
 class SolverStatsMetric(keras.metrics.Metric):
     """Running means of an equilibrium layer's solver statistics, and the last values.
 
-    ``result()`` is ``{"<prefix>_steps": ..., "<prefix>_residual": ...}``: the mean over
-    the calls since the last reset of the forward solver's steps and of the batch's
-    largest per-sample residual. Keras merges a dict result into the training logs.
+    ``result()`` is ``{"<prefix>_steps": ..., "<prefix>_residual": ...,
+    "<prefix>_converged": ...}``: the mean over the calls since the last reset of the
+    forward solver's steps and of the batch's largest per-sample residual, and the
+    fraction of all samples solved since the last reset whose solve met the
+    tolerance. Keras merges a dict result into the training logs.
     The values of the most recent call are kept across resets and read with
     :meth:`last`.
 
@@ -50,6 +52,8 @@ class SolverStatsMetric(keras.metrics.Metric):
         self._steps_sum = self._scalar("steps_sum")
         self._residual_sum = self._scalar("residual_sum")
         self._count = self._scalar("count")
+        self._converged_sum = self._scalar("converged_sum")
+        self._sample_count = self._scalar("sample_count")
         self._last_steps = self._scalar("last_steps")
         self._last_residual = self._scalar("last_residual")
         self._last_converged = self._scalar("last_converged")
@@ -65,6 +69,8 @@ class SolverStatsMetric(keras.metrics.Metric):
         self._steps_sum.assign_add(steps)
         self._residual_sum.assign_add(residual)
         self._count.assign_add(ops.ones((), self.dtype))
+        self._converged_sum.assign_add(ops.sum(ops.cast(stats.converged, self.dtype)))
+        self._sample_count.assign_add(ops.cast(ops.shape(stats.converged)[0], self.dtype))
         self._last_steps.assign(steps)
         self._last_residual.assign(residual)
         self._last_converged.assign(converged)
@@ -73,10 +79,11 @@ class SolverStatsMetric(keras.metrics.Metric):
         return {
             f"{self.prefix}_steps": ops.divide_no_nan(self._steps_sum, self._count),
             f"{self.prefix}_residual": ops.divide_no_nan(self._residual_sum, self._count),
+            f"{self.prefix}_converged": ops.divide_no_nan(self._converged_sum, self._sample_count),
         }
 
     def reset_state(self):
-        for variable in (self._steps_sum, self._residual_sum, self._count):
+        for variable in (self._steps_sum, self._residual_sum, self._count, self._converged_sum, self._sample_count):
             variable.assign(ops.zeros((), self.dtype))
 
     def last(self):

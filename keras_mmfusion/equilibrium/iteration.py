@@ -33,12 +33,17 @@ class SolverStats(NamedTuple):
         converged: ``(batch,)`` bool, ``residual <= tol``.
         trace: ``(max_iter,)`` mean residual over the batch after each evaluation of ``f``;
             entries at and beyond ``steps`` are zero.
+        jacobian: the Hutchinson estimate of ``||J_f(z*)||_F^2 / dim`` at the solution,
+            differentiable with respect to the variables ``f`` reads, when
+            :func:`~keras_mmfusion.equilibrium.fixed_point_solve` was given
+            ``jacobian_probes``; otherwise ``None``.
     """
 
     steps: tf.Tensor
     residual: tf.Tensor
     converged: tf.Tensor
     trace: tf.Tensor
+    jacobian: tf.Tensor = None
 
 
 def internal_dtype(dtype):

@@ -6,6 +6,32 @@ import tensorflow as tf
 from keras_mmfusion.validation import check_int
 
 
+def gaussian_probes(z, num_probes):
+    """``(num_probes, batch, dim)`` standard-normal probes shaped like ``z``."""
+    check_int("num_probes", num_probes)
+    return tf.random.normal(tf.concat([[num_probes], tf.shape(z)], 0), dtype=z.dtype)
+
+
+def check_probes(probes, z):
+    """``probes`` as a ``(num_probes, batch, dim)`` tensor in ``z``'s dtype."""
+    probes = tf.cast(tf.convert_to_tensor(probes), z.dtype)
+    if probes.shape.rank != 3 or probes.shape[0] is None:
+        raise ValueError(f"probes must have shape (num_probes, batch, dim), got {probes.shape}.")
+    return probes
+
+
+def jacobian_norm_from_vjp(vjp, z, probes):
+    """The Hutchinson estimate ``mean_k ||e_k^T J||^2 / size(z)`` from a VJP function.
+
+    ``vjp(e)`` returns ``e^T J`` for a ``(batch, dim)`` probe ``e``. The products are
+    recorded by any active tape, so the estimate is differentiable wherever ``vjp`` is.
+    """
+    total = tf.zeros([], z.dtype)
+    for i in range(probes.shape[0]):
+        total += tf.reduce_sum(tf.square(tf.cast(vjp(probes[i]), z.dtype)))
+    return total / (probes.shape[0] * tf.cast(tf.size(z), z.dtype))
+
+
 @tf.autograph.experimental.do_not_convert
 def hutchinson_jacobian_norm(f, z, num_probes=1, probes=None):
     """Hutchinson estimate of ``||J_f(z)||_F^2`` divided by the state size.
@@ -13,7 +39,9 @@ def hutchinson_jacobian_norm(f, z, num_probes=1, probes=None):
     For a probe ``e ~ N(0, I)``, ``E ||e^T J||^2 = ||J||_F^2``. The estimate averages
     ``||e^T J_b||^2 / dim`` over probes and samples ``b``. It is differentiable with
     respect to the variables ``f`` reads (the products are recorded by any outer
-    tape), so it can be added to a training loss.
+    tape), so it can be added to a training loss. Its gradient involves second
+    derivatives of ``f``; every op in ``f`` must differentiate exactly to second order
+    (see :class:`keras_mmfusion.layers.normalization.ExactGroupNormalization`).
 
     Args:
         f: maps a ``(batch, dim)`` tensor to one of the same shape.
@@ -26,22 +54,10 @@ def hutchinson_jacobian_norm(f, z, num_probes=1, probes=None):
         A scalar in ``z``'s dtype.
     """
     z = tf.convert_to_tensor(z)
-    if probes is None:
-        check_int("num_probes", num_probes)
-        probes = tf.random.normal(tf.concat([[num_probes], tf.shape(z)], 0), dtype=z.dtype)
-    else:
-        probes = tf.cast(tf.convert_to_tensor(probes), z.dtype)
-        num_probes = probes.shape[0]
-        if probes.shape.rank != 3 or num_probes is None:
-            raise ValueError(
-                f"probes must have shape (num_probes, batch, dim), got {probes.shape}."
-            )
-    with tf.GradientTape(persistent=num_probes > 1, watch_accessed_variables=False) as tape:
+    probes = gaussian_probes(z, num_probes) if probes is None else check_probes(probes, z)
+    with tf.GradientTape(persistent=probes.shape[0] > 1, watch_accessed_variables=False) as tape:
         tape.watch(z)
         fz = f(z)
-    total = tf.zeros([], z.dtype)
-    for i in range(num_probes):
-        vjp = tape.gradient(fz, z, output_gradients=tf.cast(probes[i], fz.dtype))
-        total += tf.reduce_sum(tf.square(tf.cast(vjp, z.dtype)))
-    size = tf.cast(tf.size(z), z.dtype)
-    return total / (num_probes * size)
+    return jacobian_norm_from_vjp(
+        lambda e: tape.gradient(fz, z, output_gradients=tf.cast(e, fz.dtype)), z, probes
+    )

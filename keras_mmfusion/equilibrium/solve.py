@@ -8,7 +8,8 @@ backward modes:
   Models", 2019). With ``z* = f(z*, x)`` and upstream gradient ``v = dL/dz*``, solve
   the adjoint fixed point ``g = J_f(z*)^T g + v`` with the forward solver family, then
   one vector-Jacobian product ``g^T df/d(x, theta)`` gives every input and parameter
-  gradient.
+  gradient. ``f`` is evaluated once at ``z*`` for the backward pass; with
+  ``jacobian_probes``, that same evaluation also gives the Jacobian penalty.
 - ``"phantom"``: ``k`` damped steps ``z <- (1 - lam) z + lam f(z, x)`` from ``z*``,
   differentiated by ordinary autodiff (Geng et al., "On Training Implicit Models", 2021).
 - ``"unrolled"``: ordinary autodiff through ``max_iter`` plain iterations of ``f``
@@ -28,6 +29,7 @@ from keras_mmfusion.equilibrium.iteration import (
     check_solver_arguments,
     residual_norm,
 )
+from keras_mmfusion.equilibrium.jacobian import check_probes, jacobian_norm_from_vjp
 from keras_mmfusion.equilibrium.solvers import get_solver
 from keras_mmfusion.validation import check_int
 
@@ -63,6 +65,7 @@ def fixed_point_solve(
     phantom_steps=5,
     phantom_damping=0.5,
     solver_options=None,
+    jacobian_probes=None,
 ):
     """Solve ``z = f(z, x)`` and make the solution differentiable.
 
@@ -84,6 +87,12 @@ def fixed_point_solve(
         phantom_steps: the number of unrolled steps ``k`` of the phantom gradient.
         phantom_damping: the damping ``lam`` of the phantom steps, in ``(0, 1]``.
         solver_options: keyword arguments for the solver, e.g. ``{"memory": 5}``.
+        jacobian_probes: optional ``(num_probes, batch, dim)`` probes. With them,
+            ``stats.jacobian`` is the Hutchinson estimate of ``||J_f(z*)||_F^2 / dim``
+            at the solution (see :func:`hutchinson_jacobian_norm`), differentiable with
+            respect to the variables ``f`` reads, for a training loss (Bai et al.,
+            2021). In ``"implicit"`` mode the estimate and the backward pass share one
+            evaluation of ``f`` at ``z*``, made in the forward pass.
 
     Returns:
         ``(z, stats)``: the solution in ``z0``'s dtype and a ``SolverStats`` of the
@@ -96,8 +105,20 @@ def fixed_point_solve(
     options = dict(solver_options or {})
     solve = get_solver(solver)
 
+    probes = None if jacobian_probes is None else check_probes(jacobian_probes, z0)
+
+    def with_penalty(z, stats):
+        if probes is None:
+            return z, stats
+        z_star = tf.stop_gradient(z)
+        with tf.GradientTape(watch_accessed_variables=False, persistent=probes.shape[0] > 1) as tape:
+            tape.watch(z_star)
+            fz = f(z_star, x)
+        penalty = jacobian_norm_from_vjp(lambda e: tape.gradient(fz, z_star, output_gradients=e), z_star, probes)
+        return z, stats._replace(jacobian=penalty)
+
     if backward == "unrolled":
-        return _unrolled(f, x, z0, max_iter, tol, stop_mode)
+        return with_penalty(*_unrolled(f, x, z0, max_iter, tol, stop_mode))
 
     def forward(fn):
         return solve(fn, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **options)
@@ -105,9 +126,10 @@ def fixed_point_solve(
     if backward == "phantom":
         z, stats = _solve_with_gradient(f, x, forward, _no_gradient)
         z = tf.stop_gradient(z)
+        z_star = z
         for _ in range(phantom_steps):
             z = (1.0 - phantom_damping) * z + phantom_damping * f(z, x)
-        return z, stats
+        return z, with_penalty(z_star, stats)[1]
 
     def adjoint_solve(fn, v):
         return solve(
@@ -118,6 +140,9 @@ def fixed_point_solve(
             stop_mode=stop_mode,
             **options,
         )
+
+    if probes is not None:
+        return _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes)
 
     def implicit_gradient(z_star, xs, fz_of, dz, variables):
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
@@ -139,6 +164,40 @@ def fixed_point_solve(
         return grads[: len(xs)], grads[len(xs) :]
 
     return _solve_with_gradient(f, x, forward, implicit_gradient)
+
+
+def _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes):
+    """The implicit backward pass and the Jacobian penalty from one evaluation of ``f`` at ``z*``.
+
+    ``fz = f(z*, x)`` is evaluated in the forward pass, recorded by any outer tape and
+    by an inner tape that watches ``z*``. The penalty's vector-Jacobian products
+    ``e^T J`` come from the inner tape and are recorded by the outer tape, so the
+    penalty's gradient is exact (it needs second derivatives of ``f``). The returned
+    solution has the value ``z*``; its gradient ``dz`` is replaced by the adjoint
+    solution ``g = J^T g + dz`` (again from the inner tape) and flows on through the
+    recorded ``fz`` to ``x`` and to the variables, which is ``g^T df/d(x, theta)``.
+    """
+    with record.stop_recording():
+        z_star, stats = forward(lambda z: f(z, x))
+    z_star = tf.stop_gradient(z_star)
+    with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
+        tape.watch(z_star)
+        f_at_solution = f(z_star, x)
+
+    def vjp(v):
+        return tape.gradient(f_at_solution, z_star, output_gradients=tf.cast(v, f_at_solution.dtype))
+
+    penalty = jacobian_norm_from_vjp(vjp, z_star, probes)
+
+    @tf.custom_gradient
+    def solution(fz):
+        def grad(dz):
+            g, _ = adjoint_solve(lambda g: vjp(g) + dz, dz)
+            return g
+
+        return tf.identity(z_star), grad
+
+    return solution(f_at_solution), stats._replace(jacobian=penalty)
 
 
 def _no_gradient(z_star, xs, fz_of, dz, variables):

@@ -3,11 +3,11 @@
 import keras
 from keras import ops
 
-from keras_mmfusion.equilibrium.iteration import check_solver_arguments
-from keras_mmfusion.equilibrium.jacobian import hutchinson_jacobian_norm
+from keras_mmfusion.equilibrium.iteration import check_solver_arguments, internal_dtype
 from keras_mmfusion.equilibrium.solve import check_backward_arguments, fixed_point_solve
 from keras_mmfusion.equilibrium.solvers import available_solvers
 from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
+from keras_mmfusion.layers.normalization import ExactGroupNormalization
 from keras_mmfusion.metrics import SolverStatsMetric, recording_statistics
 from keras_mmfusion.validation import check_int
 
@@ -21,9 +21,9 @@ class _ModalityBlock(keras.layers.Layer):
         norm = dict(groups=groups, epsilon=1e-5, dtype=self.dtype_policy)
         self.dense1 = keras.layers.Dense(units, name="dense1", **dense)
         self.dense2 = keras.layers.Dense(units, name="dense2", **dense)
-        self.norm1 = keras.layers.GroupNormalization(name="norm1", **norm)
-        self.norm2 = keras.layers.GroupNormalization(name="norm2", **norm)
-        self.norm3 = keras.layers.GroupNormalization(name="norm3", **norm)
+        self.norm1 = ExactGroupNormalization(name="norm1", **norm)
+        self.norm2 = ExactGroupNormalization(name="norm2", **norm)
+        self.norm3 = ExactGroupNormalization(name="norm3", **norm)
 
     def build(self, input_shape):
         for layer in (self.dense1, self.dense2, self.norm1, self.norm2, self.norm3):
@@ -48,7 +48,7 @@ class _PurifyCombineBlock(keras.layers.Layer):
         dense = dict(kernel_initializer=kernel_initializer, dtype=self.dtype_policy)
         self.gate = keras.layers.Dense(units, name="gate", **dense)
         self.combine = keras.layers.Dense(units, name="combine", **dense)
-        self.norm = keras.layers.GroupNormalization(
+        self.norm = ExactGroupNormalization(
             groups=groups, epsilon=1e-5, name="norm", dtype=self.dtype_policy
         )
 
@@ -245,7 +245,7 @@ class DEQFusion(keras.layers.Layer):
         z0 = ops.zeros((ops.shape(xs[0])[0], width), dtype=xs[0].dtype)
         return (xs, x_fuse), z0
 
-    def _solve_state(self, x, z0):
+    def _solve_state(self, x, z0, jacobian_probes=None):
         return fixed_point_solve(
             self._equilibrium_map,
             x,
@@ -260,6 +260,7 @@ class DEQFusion(keras.layers.Layer):
             phantom_steps=self.phantom_steps,
             phantom_damping=self.phantom_damping,
             solver_options=self.solver_options,
+            jacobian_probes=jacobian_probes,
         )
 
     def solve(self, inputs):
@@ -279,17 +280,19 @@ class DEQFusion(keras.layers.Layer):
     def call(self, inputs, training=None):
         check_modalities(f"DEQFusion '{self.name}'", inputs, self._widths)
         x, z0 = self._injections(inputs)
-        z, stats = self._solve_state(x, z0)
-        if recording_statistics():
-            self.stats_metric.update_state(stats)
+        probes = None
         if training and self.jacobian_weight > 0:
             probes = keras.random.normal(
-                (self.jacobian_probes,) + tuple(ops.shape(z)), dtype=z.dtype, seed=self._seed_generator
+                (self.jacobian_probes,) + tuple(ops.shape(z0)), dtype=z0.dtype, seed=self._seed_generator
             )
-            penalty = hutchinson_jacobian_norm(
-                lambda s: self._equilibrium_map(s, x), ops.stop_gradient(z), probes=probes
-            )
-            self.add_loss(self.jacobian_weight * ops.cast(penalty, "float32"))
+        z, stats = self._solve_state(x, z0, jacobian_probes=probes)
+        if recording_statistics():
+            self.stats_metric.update_state(stats)
+        if probes is not None:
+            # The penalty keeps the solver's precision: float64 for float64 layers,
+            # float32 otherwise (mixed precision included).
+            penalty = ops.cast(stats.jacobian, internal_dtype(z0.dtype))
+            self.add_loss(ops.cast(self.jacobian_weight, penalty.dtype) * penalty)
         return z[:, -self._state_units :]
 
     @property

@@ -190,3 +190,48 @@ def test_unrolled_map_with_unknown_batch_size():
 
     z, stats = tf.function(lambda: fixed_point_solve(g, x, tf.zeros((BATCH, DIM), tf.float64), backward="unrolled", max_iter=5))()
     assert z.shape == (BATCH, DIM) and int(stats.steps) == 5
+
+
+def test_penalty_and_implicit_backward_share_one_evaluation_at_the_solution():
+    f, x, variables, loss = make_problem(seed=2)
+    calls = []
+
+    def counted(z, x):
+        calls.append(1)
+        return f(z, x)
+
+    probes = tf.constant(np.random.default_rng(5).normal(size=(2, BATCH, DIM)))
+    options = dict(solver="anderson", **IMPLICIT)
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        z, stats = fixed_point_solve(counted, x, tf.zeros((BATCH, DIM), tf.float64), jacobian_probes=probes, **options)
+        total = loss(z) + 3.0 * stats.jacobian
+    shared = tape.gradient(total, [x, *variables])
+    # The forward solve evaluates f `steps` times; the penalty and the adjoint solve
+    # both read the one evaluation at z* made after it.
+    assert len(calls) == int(stats.steps) + 1
+
+    # The same gradient from separate pieces: the implicit gradient of the loss, and
+    # the penalty's gradient at the fixed point held constant.
+    with tf.GradientTape(persistent=True) as tape:
+        tape.watch(x)
+        z_alone, _ = fixed_point_solve(f, x, tf.zeros((BATCH, DIM), tf.float64), **options)
+        value = loss(z_alone)
+        penalty = hutchinson_jacobian_norm(lambda s: f(s, x), tf.stop_gradient(z_alone), probes=probes)
+    separate = [a + 3.0 * b for a, b in zip(tape.gradient(value, [x, *variables]),
+                                              tape.gradient(penalty, [x, *variables]))]
+    np.testing.assert_allclose(float(stats.jacobian), float(penalty), rtol=1e-12)
+    np.testing.assert_allclose(z.numpy(), z_alone.numpy(), rtol=0, atol=0)
+    for name, a, b in zip(["x", "W", "U", "b"], shared, separate):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-8, err_msg=name)
+
+
+@pytest.mark.parametrize("backward", ["phantom", "unrolled"])
+def test_penalty_is_reported_for_every_backward_mode(backward):
+    f, x, _, _ = make_problem(seed=2)
+    probes = tf.constant(np.random.default_rng(5).normal(size=(1, BATCH, DIM)))
+    z, stats = fixed_point_solve(f, x, tf.zeros((BATCH, DIM), tf.float64), backward=backward, max_iter=100,
+                                 tol=1e-12, jacobian_probes=probes)
+    expected = hutchinson_jacobian_norm(lambda s: f(s, x), tf.stop_gradient(z), probes=probes)
+    # Phantom steps start from z* (to which the penalty refers) and stay within the tolerance of it.
+    np.testing.assert_allclose(float(stats.jacobian), float(expected), rtol=1e-8)

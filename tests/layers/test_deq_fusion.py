@@ -3,6 +3,7 @@ import pytest
 import tensorflow as tf
 import keras
 
+from keras_mmfusion.equilibrium import hutchinson_jacobian_norm
 from keras_mmfusion.layers import DEQFusion
 
 from helpers import (BAD_FUSION_INPUTS, fit_and_score, fit_save_reload, fusion_classifier, linear_classifier,
@@ -163,6 +164,48 @@ def test_layer_gradients_match_finite_differences_along_random_directions():
 
         numeric = (shifted(1) - shifted(-1)) / (2 * eps)
         assert abs(analytic - numeric) <= 1e-4 * abs(numeric), (analytic, numeric)
+
+
+def test_jacobian_penalty_gradient_matches_finite_differences_for_every_weight():
+    # The penalty differentiates a vector-Jacobian product of the update, so its
+    # gradient needs exact second derivatives of every op in it, GroupNorm included.
+    rng = np.random.default_rng(7)
+    inputs = [tf.constant(x) for x in random_inputs(batch=3, widths=(8, 12), dtype="float64")]
+    layer = DEQFusion(units=8, num_groups=2, dtype="float64", kernel_initializer="glorot_uniform")
+    layer(inputs)
+    for weight in layer.trainable_weights:  # off the initial values, where GroupNorm gains are all 1
+        weight.assign(weight.numpy() + 0.3 * rng.normal(size=weight.shape))
+    z = tf.constant(rng.normal(size=(3, 24)))
+    probes = tf.constant(rng.normal(size=(2, 3, 24)))
+
+    def penalty():
+        x, _ = layer._injections(inputs)
+        return hutchinson_jacobian_norm(lambda s: layer._equilibrium_map(s, x), z, probes=probes)
+
+    with tf.GradientTape() as tape:
+        value = penalty()
+    assert value.dtype == tf.float64
+    grads = tape.gradient(value, layer.trainable_weights)
+    h = 1e-5
+    for weight, grad in zip(layer.trainable_weights, grads):
+        start = weight.numpy()
+        direction = rng.normal(size=start.shape)
+        weight.assign(start + h * direction)
+        up = float(penalty())
+        weight.assign(start - h * direction)
+        down = float(penalty())
+        weight.assign(start)
+        numeric = (up - down) / (2 * h)
+        # The fused state's last GroupNorm shift adds a constant: no gradient, exactly.
+        analytic = 0.0 if grad is None else float(tf.reduce_sum(grad * direction))
+        assert abs(analytic - numeric) <= 1e-5 * abs(numeric) + 1e-9, (weight.path, analytic, numeric)
+
+
+def test_float64_layer_keeps_its_jacobian_penalty_in_float64():
+    inputs = random_inputs(batch=4, widths=(8, 8), dtype="float64")
+    layer = DEQFusion(units=8, max_iter=5, jacobian_weight=2.0, dtype="float64", seed=1)
+    layer(inputs, training=True)
+    assert layer.losses[0].dtype == tf.float64
 
 
 def test_default_initialisation_starts_near_a_contraction():
