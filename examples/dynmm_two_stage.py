@@ -64,7 +64,7 @@ def expensive_expert(kind):
     inputs = [keras.Input((WIDTH,)) for _ in range(MODALITIES)]
     encoded = [keras.layers.Dense(64, activation="relu")(x) for x in inputs]
     if kind == "deq":
-        fused = mmf.DEQFusion(units=64, max_iter=15, tol=1e-3, jacobian_weight=5.0)(encoded)
+        fused = mmf.DEQFusion(units=64)(encoded)
     else:
         fused = keras.layers.Dense(1024, activation="relu")(mmf.ConcatFusion()(encoded))
         fused = keras.layers.Dense(1024, activation="relu")(fused)

@@ -20,7 +20,7 @@ def build_model(widths, units=32, num_classes=2):
     """Per-modality encoders, DEQ fusion, and an MLP head."""
     inputs = [keras.Input((w,), name=f"modality_{i}") for i, w in enumerate(widths)]
     encoded = [keras.layers.Dense(units, activation="relu", name=f"encoder_{i}")(x) for i, x in enumerate(inputs)]
-    fused = mmf.DEQFusion(units=units, max_iter=15, tol=1e-3, jacobian_weight=5.0, name="deq_fusion")(encoded)
+    fused = mmf.DEQFusion(units=units, name="deq_fusion")(encoded)
     hidden = keras.layers.Dense(units, activation="relu", name="head")(fused)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(hidden)
     return keras.Model(inputs, outputs, name="deq_fusion_classifier")

@@ -137,7 +137,7 @@ class DEQFusion(keras.layers.Layer):
         backward="implicit",
         backward_max_iter=None,
         backward_tol=None,
-        jacobian_weight=0.0,
+        jacobian_weight=10.0,
         jacobian_probes=1,
         num_groups=4,
         phantom_steps=5,
