@@ -303,13 +303,13 @@ def measure_solver_work(repeats, steps=60, memory=5):
     every step (``tol=1e-30``); a loop that only scales one row; and Anderson's two
     history operations, each added to that loop: storing the newest pair (two rows
     written into the history) and the history's two reads (the dot products with every
-    stored residual, then the weighted sum of the stored updates). The history is the
-    layout Anderson uses in that kind of graph (see ``keras_mmfusion.equilibrium.history``).
+    stored residual, then the weighted sum of the stored updates), with the history
+    Anderson uses (see ``keras_mmfusion.equilibrium.history``).
     """
     import tensorflow as tf
 
     from keras_mmfusion.equilibrium import get_solver
-    from keras_mmfusion.equilibrium.history import history_for_current_graph
+    from keras_mmfusion.equilibrium.history import CircularHistory
 
     rng = np.random.default_rng(0)
     x = tf.constant(rng.normal(size=(BATCH, (MODALITIES + 1) * WIDTH)), tf.float32)
@@ -326,11 +326,11 @@ def measure_solver_work(repeats, steps=60, memory=5):
         return get_solver(name)(update, tf.zeros_like(x), max_iter=steps, tol=1e-30)
 
     def history_writes():
-        history = history_for_current_graph(memory)
+        history = CircularHistory(memory)
         return loop(lambda k, fs, gs, g: (*history.push(fs, gs, g, g, k), 0.9 * g), *history.empty(x), x)
 
     def history_reads():
-        history = history_for_current_graph(memory)
+        history = CircularHistory(memory)
         fs, gs = history.empty(x)
         for k in range(memory):
             fs, gs = history.push(fs, gs, x * (k + 1), x * (k + 2), k)

@@ -1,19 +1,16 @@
-"""The history of past iterates that Anderson acceleration keeps, in two layouts.
+"""The history of past iterates that Anderson acceleration keeps.
 
-Both layouts hold ``memory`` pairs ``(f(z_j), g_j = f(z_j) - z_j)`` of ``(batch, dim)``
-tensors and the ``(batch, memory, memory)`` Gram matrix of the ``g_j``, and both give
-the solver the same operations: add the newest pair, take the dot products of a vector
-with every stored residual, and form the weighted sum of the stored ``f(z_j)``. They
-differ in where entries live, and which one is cheaper depends on how the loop runs:
+The history holds ``memory`` pairs ``(f(z_j), g_j = f(z_j) - z_j)`` of ``(batch, dim)``
+tensors in one ``(batch, memory, dim)`` buffer per quantity, and the ``(batch, memory,
+memory)`` Gram matrix of the ``g_j``. Step ``k`` overwrites slot ``k % memory``.
 
-- :class:`RotatingHistory` carries ``memory`` separate tensors, newest first. A shift
-  only rebinds tensors, which is free for TensorFlow's graph executor, but under XLA a
-  loop whose carried buffers change places gets a copy of every moved buffer per step.
-- :class:`CircularHistory` carries one ``(batch, memory, dim)`` buffer per quantity and
-  overwrites slot ``k % memory``. XLA performs that write in place; without XLA the
-  write copies the buffer.
+Every loop variable of the solver loop is written by an op in each step; none is passed
+on into another loop variable's slot. The TFLite ``WHILE`` kernel does not run such a
+loop as TensorFlow does: a history rotated as ``(new,) + old[:-1]`` left every slot
+holding the newest value there, so Anderson combined the wrong vectors and the exported
+solve took other steps than Keras's. Written by index, the history is the same in every
+runtime. Under XLA the write is in place; without XLA it copies the buffer.
 
-:func:`history_for_current_graph` picks the layout for the graph being built.
 :func:`empty_buffer`, :func:`write_slot`, :func:`slot_dots` and :func:`weighted_sum` are
 the batch-first buffer operations, which Broyden's rank-one terms use as well.
 """
@@ -27,11 +24,6 @@ try:  # XLA's own ops, for graphs that XLA compiles; no public API.
     from tensorflow.compiler.tf2xla.python import xla
 except ImportError:  # pragma: no cover - a TensorFlow built without them
     xla = None
-
-
-def history_for_current_graph(memory):
-    """:class:`CircularHistory` under XLA, :class:`RotatingHistory` otherwise."""
-    return CircularHistory(memory) if in_xla_context() else RotatingHistory(memory)
 
 
 def empty_buffer(z, memory):
@@ -85,60 +77,24 @@ def weighted_sum(buffer, weights):
     return tf.reduce_sum(buffer * tf.expand_dims(weights, -1), axis=1)
 
 
-class RotatingHistory:
-    """The history as ``memory`` separate tensors, newest first (slot 0)."""
-
-    def __init__(self, memory):
-        self.memory = memory
-
-    def empty(self, z):
-        zeros = tf.zeros_like(z)
-        return (zeros,) * self.memory, (zeros,) * self.memory
-
-    def push(self, fs, gs, fz, g, k):
-        """The history with ``(fz, g)`` added as step ``k``'s entry, dropping the oldest."""
-        return (fz,) + fs[:-1], (g,) + gs[:-1]
-
-    def dots(self, gs, g):
-        """``(batch, memory)``: ``g . g_j`` for every slot ``j``."""
-        return tf.stack([tf.reduce_sum(g_j * g, axis=-1) for g_j in gs], axis=-1)
-
-    def update_gram(self, gram, row, k):
-        """The Gram matrix after :meth:`push`: ``row`` becomes row and column 0 and the
-        old matrix moves one place down the diagonal."""
-        m = self.memory
-        # expand_dims, not row[:, 1:, None]: ``row`` is a tf.stack, and Grappler's
-        # RemoveStackStridedSliceSameAxis rewrite drops the new axis of a slice that
-        # keeps one stacked entry (memory 2), which broke the concat in graphs.
-        lower = tf.concat([tf.expand_dims(row[:, 1:], -1), gram[:, : m - 1, : m - 1]], axis=2)
-        return tf.concat([row[:, None, :], lower], axis=1)
-
-    def newest(self, k, dtype):
-        """``(memory,)`` one-hot weights that pick step ``k``'s entry."""
-        return tf.one_hot(0, self.memory, dtype=dtype)
-
-    def combine(self, values, alpha):
-        """``sum_j alpha[:, j] * values_j`` for ``alpha`` of shape ``(batch, memory)``."""
-        # expand_dims for the same Grappler rewrite as in update_gram: when ``alpha`` is a
-        # tf.stack (e.g. straight from dots), alpha[:, j, None] came out as (batch,).
-        return tf.add_n([tf.expand_dims(alpha[:, j], -1) * v for j, v in enumerate(values)])
-
-
 class CircularHistory:
-    """The history as one ``(batch, memory, dim)`` buffer; step ``k`` writes slot ``k % memory``."""
+    """The history as one ``(batch, memory, dim)`` buffer per quantity; step ``k`` writes slot ``k % memory``."""
 
     def __init__(self, memory):
         self.memory = memory
 
     def empty(self, z):
+        """Zero buffers for ``f(z_j)`` and ``g_j``; unwritten slots get zero weight."""
         buffer = empty_buffer(z, self.memory)
         return buffer, buffer
 
     def push(self, fs, gs, fz, g, k):
+        """The history with ``(fz, g)`` written as step ``k``'s entry, over the oldest."""
         slot = k % self.memory
         return write_slot(fs, slot, fz), write_slot(gs, slot, g)
 
     def dots(self, gs, g):
+        """``(batch, memory)``: ``g . g_j`` for every slot ``j``."""
         return slot_dots(gs, g)
 
     def update_gram(self, gram, row, k):
@@ -149,7 +105,9 @@ class CircularHistory:
         return in_row * row[:, None, :] + (1.0 - in_row) * replaced
 
     def newest(self, k, dtype):
+        """``(memory,)`` one-hot weights that pick step ``k``'s entry."""
         return tf.one_hot(k % self.memory, self.memory, dtype=dtype)
 
     def combine(self, values, alpha):
+        """``sum_j alpha[:, j] * values_j`` for ``alpha`` of shape ``(batch, memory)``."""
         return weighted_sum(values, alpha)

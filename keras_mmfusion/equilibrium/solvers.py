@@ -13,8 +13,8 @@ import tensorflow as tf
 from keras_mmfusion.validation import check_int
 
 from keras_mmfusion.equilibrium.history import (
+    CircularHistory,
     empty_buffer,
-    history_for_current_graph,
     slot_dots,
     weighted_sum,
     write_slot,
@@ -128,9 +128,9 @@ def anderson_solve(
     in float32 (float64 for float64 states). A sample whose weights come out
     non-finite takes a plain ``f(z)`` step instead; one whose next point is not finite
     restarts from its best iterate, as in every solver. A step reads the history twice
-    (the new Gram row and the weighted sum); its layout is chosen for the graph being
-    built, one that XLA updates in place under ``jit_compile`` and one that is never
-    copied otherwise (see :mod:`keras_mmfusion.equilibrium.history`).
+    (the new Gram row and the weighted sum); the history is written by index, so that
+    every runtime an exported model runs in iterates as TensorFlow does (see
+    :mod:`keras_mmfusion.equilibrium.history`).
 
     Args:
         f, z0, max_iter, tol, stop_mode: as for :func:`fixed_point_iteration`.
@@ -147,7 +147,7 @@ def anderson_solve(
     if not (isinstance(ridge, (int, float)) and ridge > 0):
         raise ValueError(f"ridge must be a positive number, got {ridge!r}.")
 
-    history = history_for_current_graph(memory)
+    history = CircularHistory(memory)
 
     def init(z):
         return (*history.empty(z), tf.zeros([tf.shape(z)[0], memory, memory], z.dtype))
@@ -206,7 +206,11 @@ def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
     check_int("memory", memory)
 
     def init(z):
-        return empty_buffer(z, memory), empty_buffer(z, memory), tf.constant(0), z, tf.zeros_like(z)
+        # The previous point and residual travel as one stacked (batch, 2, dim) tensor,
+        # built by an op in every step: a loop variable passed on unchanged into
+        # another one's slot (prev_z = z) is not carried over as TensorFlow does by
+        # the TFLite WHILE kernel.
+        return empty_buffer(z, memory), empty_buffer(z, memory), tf.constant(0), tf.stack([z, tf.zeros_like(z)], 1)
 
     def apply_h(us, vs, count, x, transpose=False):
         # H x = -x + sum_{j < count} u_j (v_j . x); slots at or past ``count`` are stale.
@@ -216,7 +220,8 @@ def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
         return -x + weighted_sum(us, slot_dots(vs, x) * live)
 
     def step(z, fz, g, state, k):
-        us, vs, count, prev_z, prev_g = state
+        us, vs, count, previous = state
+        prev_z, prev_g = previous[:, 0], previous[:, 1]
         # A full history restarts from H = -I: overwriting the oldest term instead
         # breaks the secant conditions the remaining terms rely on and can diverge.
         count = tf.where(count >= memory, 0, count)
@@ -237,6 +242,6 @@ def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
         # not counted, so the next update overwrites it.
         us, vs = write_slot(us, count, u), write_slot(vs, count, v)
         count = tf.where(k > 0, count + 1, count)
-        return z - apply_h(us, vs, count, g), (us, vs, count, z, g)
+        return z - apply_h(us, vs, count, g), (us, vs, count, tf.stack([z, g], 1))
 
     return iterate(f, z0, init, step, max_iter, tol, stop_mode)
