@@ -25,7 +25,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
-from keras_mmfusion.metrics import statistics_paused
+from keras_mmfusion.metrics import collecting_solver_stats, statistics_paused
 
 QUANTIZE_MODES = (None, "float16", "dynamic", "int8")
 
@@ -72,18 +72,35 @@ def input_signature(model):
     ]
 
 
-def serving_function(model):
-    """A ``tf.function`` from the named modality inputs to a dict of named outputs."""
+DIAGNOSTICS = ("steps", "trace", "residual", "converged")
+
+
+def serving_function(model, diagnostics=False):
+    """A ``tf.function`` from the named modality inputs to a dict of named outputs.
+
+    With ``diagnostics``, every equilibrium layer (``DEQFusion``) in the model adds four
+    outputs, named after the layer: ``<layer>_steps`` ``(1,)`` int32, the evaluations of
+    its update in the forward solve; ``<layer>_trace`` ``(max_iter,)``, the batch-mean
+    residual after each evaluation (zero past ``steps``); ``<layer>_residual``
+    ``(batch,)``, each sample's residual; and ``<layer>_converged`` ``(batch,)`` bool,
+    whether it met the tolerance.
+    """
     signature = input_signature(model)
     outputs = output_names(model)
     single_input = len(signature) == 1
 
     @tf.function(input_signature=signature)
     def serve(*xs):
-        with statistics_paused():
+        with statistics_paused(), collecting_solver_stats() as collected:
             result = model(xs[0] if single_input else list(xs), training=False)
         result = result if isinstance(result, (list, tuple)) else [result]
-        return {name: tf.identity(y, name=name) for name, y in zip(outputs, result)}
+        named = {name: tf.identity(y, name=name) for name, y in zip(outputs, result)}
+        if diagnostics:
+            for layer, stats in collected.items():
+                values = dict(stats._asdict(), steps=tf.reshape(stats.steps, [1]))
+                for key in DIAGNOSTICS:
+                    named[f"{layer}_{key}"] = tf.identity(values[key], name=f"{layer}_{key}")
+        return named
 
     return serve
 
@@ -119,21 +136,22 @@ MODELS_CONFIG = """model_config_list {{
 """
 
 
-def _write_saved_model(model, path):
+def _write_saved_model(model, path, diagnostics=False):
     import keras
 
     archive = keras.export.ExportArchive()
     archive.track(model)
-    archive.add_endpoint("serving_default", serving_function(model))
+    archive.add_endpoint("serving_default", serving_function(model, diagnostics))
     archive.write_out(os.fspath(path), verbose=False)
 
 
-def to_saved_model(model, base_dir, version=1, model_name=None):
+def to_saved_model(model, base_dir, version=1, model_name=None, diagnostics=False):
     """Write a SavedModel in TF Serving's layout, ``base_dir/<version>/``.
 
     The ``serving_default`` signature takes one input per modality, named as the
     model's ``keras.Input`` layers, with a dynamic batch dimension, and returns the
-    outputs named as the model's output layers. A ``models.config`` example for
+    outputs named as the model's output layers, plus the solver's diagnostics with
+    ``diagnostics=True`` (see :func:`serving_function`). A ``models.config`` example for
     ``tensorflow_model_server --model_config_file`` is written next to the versions.
 
     Returns:
@@ -145,7 +163,7 @@ def to_saved_model(model, base_dir, version=1, model_name=None):
     base_dir = os.path.abspath(os.fspath(base_dir))
     target = os.path.join(base_dir, str(version))
     _check_writable(target)
-    _write_saved_model(model, target)
+    _write_saved_model(model, target, diagnostics)
     name = model_name or os.path.basename(base_dir)
     with open(os.path.join(base_dir, "models.config"), "w") as f:
         f.write(MODELS_CONFIG.format(name=name, base_path=f"/models/{name}"))
@@ -238,7 +256,7 @@ def _int8_blockers(model):
     return blockers
 
 
-def to_tflite(model, path, quantize=None, representative_data=None, builtins_only=True):
+def to_tflite(model, path, quantize=None, representative_data=None, builtins_only=True, diagnostics=False):
     """Convert ``model`` to a ``.tflite`` file.
 
     Args:
@@ -252,6 +270,7 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
             modality (or a dict keyed by input name).
         builtins_only: allow only TFLite builtin ops (the default). ``False`` also
             allows TF (Flex) ops, which need the Flex delegate at run time.
+        diagnostics: also return the solver's diagnostics (see :func:`serving_function`).
 
     Returns:
         ``path``. :func:`tflite_report` gives the op list and file size.
@@ -270,7 +289,7 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
     _check_writable(path)
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.path.join(tmp, "saved_model")
-        _write_saved_model(model, saved)
+        _write_saved_model(model, saved, diagnostics)
         if quantize != "int8":
             try:
                 flatbuffer = _converter(saved, quantize, builtins_only).convert()
@@ -315,20 +334,60 @@ def tflite_report(path):
 # -- ONNX ---------------------------------------------------------------------------
 
 
-def to_onnx(model, path, opset=17):
-    """Convert ``model`` to ONNX with tf2onnx; returns ``path``."""
+def to_onnx(model, path, opset=17, diagnostics=False):
+    """Convert ``model`` to ONNX with tf2onnx; returns ``path``.
+
+    The serving function is frozen first, every captured tensor (variables and the
+    constants layers such as ``keras.layers.Normalization`` keep, e.g. its mean and
+    variance) becoming a constant of the graph, so the ONNX graph's only inputs are
+    the modality inputs. Outputs keep the serving names (``probabilities``, ...).
+    With ``diagnostics``, the graph also returns the solver's diagnostics (see
+    :func:`serving_function`).
+    """
     import tf2onnx
+    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     _check_model(model)
     path = os.fspath(path)
     _check_writable(path)
     try:
-        tf2onnx.convert.from_function(
-            serving_function(model), input_signature=input_signature(model), opset=opset, output_path=path
+        concrete = serving_function(model, diagnostics).get_concrete_function()
+        # tf2onnx.convert.from_function freezes too, but keeps the function's captured
+        # constants as required graph inputs.
+        frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
+        inputs = [t.name for t in frozen.inputs]
+        outputs = [f"{name}:0" for name in concrete.structured_outputs]
+        graph, _ = tf2onnx.convert.from_graph_def(
+            frozen.graph.as_graph_def(add_shapes=True), input_names=inputs, output_names=outputs, opset=opset
         )
     except Exception as error:
         raise ExportError(f"ONNX conversion of model '{model.name}' failed: {error}") from error
+    names = {f"{name}:0": name for name in concrete.structured_outputs}
+    names.update({tensor: tensor.split(":")[0] for tensor in inputs})
+    _rename_onnx_values(graph.graph, names)
+    with open(path, "wb") as f:
+        f.write(graph.SerializeToString())
     return path
+
+
+def _rename_onnx_values(graph, names):
+    """Rename values ``old -> new`` for every pair in ``names`` throughout an ONNX graph.
+
+    Subgraphs (the bodies of ``Loop`` and ``If``) are renamed too, since they may read
+    the outer graph's values by name.
+    """
+    import onnx
+
+    for value in list(graph.input) + list(graph.output):
+        value.name = names.get(value.name, value.name)
+    for node in graph.node:
+        node.input[:] = [names.get(i, i) for i in node.input]
+        node.output[:] = [names.get(o, o) for o in node.output]
+        for attribute in node.attribute:
+            if attribute.type == onnx.AttributeProto.GRAPH:
+                _rename_onnx_values(attribute.g, names)
+            for subgraph in attribute.graphs:
+                _rename_onnx_values(subgraph, names)
 
 
 # -- verification -------------------------------------------------------------------

@@ -29,6 +29,29 @@ def statistics_paused():
         _STATE.recording = previous
 
 
+@contextlib.contextmanager
+def collecting_solver_stats():
+    """Collect the ``SolverStats`` of every equilibrium layer called inside the block.
+
+    Yields a dict that fills with ``layer name -> SolverStats`` as layers report them
+    (see :func:`report_solver_stats`). Export uses it to return the solver's
+    per-sample diagnostics from a traced model, next to its outputs.
+    """
+    previous = getattr(_STATE, "collected", None)
+    _STATE.collected = collected = {}
+    try:
+        yield collected
+    finally:
+        _STATE.collected = previous
+
+
+def report_solver_stats(name, stats):
+    """Hand ``stats`` of layer ``name`` to the enclosing :func:`collecting_solver_stats`, if any."""
+    collected = getattr(_STATE, "collected", None)
+    if collected is not None:
+        collected[name] = stats
+
+
 @keras.saving.register_keras_serializable(package="keras_mmfusion")
 class SolverStatsMetric(keras.metrics.Metric):
     """Running means of an equilibrium layer's solver statistics, and the last values.

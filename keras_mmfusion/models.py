@@ -13,6 +13,7 @@ from keras_mmfusion.layers import (
     DynamicFusion,
     GatedFusion,
     LowRankTensorFusion,
+    PropagateNonFinite,
     SumFusion,
     TensorFusion,
 )
@@ -97,7 +98,9 @@ def build_classifier(
 
     Returns:
         A functional ``keras.Model`` whose output layer is named ``probabilities``.
-        Each modality's encoder is the layer ``encoder_<i>``.
+        Each modality's encoder is the layer ``encoder_<i>``. A sample with a NaN or
+        an infinity in any input gets NaN probabilities (see
+        :class:`~keras_mmfusion.layers.PropagateNonFinite`).
     """
     names = input_names or [f"modality_{i}" for i in range(len(input_widths))]
     regularizer = keras.regularizers.L2(l2) if l2 else None
@@ -106,12 +109,16 @@ def build_classifier(
         raise ValueError(f"standardize_with has {len(standardize_with)} arrays; expected one per modality "
                          f"({len(inputs)}).")
     encoded = []
-    for i, x in enumerate(inputs):
+    for i, raw in enumerate(inputs):
+        x = raw
         if standardize_with is not None:
             norm = keras.layers.Normalization(axis=-1, name=f"standardize_{i}")
             norm.adapt(standardize_with[i])
             x = norm(x)
         h = keras.layers.Dense(encoder_units, activation="relu", kernel_regularizer=regularizer, name=f"encoder_{i}")(x)
+        # A sample with a non-finite input must come out NaN, not as a plausible answer,
+        # and the fusion must see it as such (a DEQ solve then reports converged=False).
+        h = PropagateNonFinite(name=f"non_finite_{i}")([h, raw])
         if dropout:
             h = keras.layers.Dropout(dropout, name=f"encoder_dropout_{i}")(h)
         encoded.append(h)
@@ -119,6 +126,9 @@ def build_classifier(
     hidden = keras.layers.Dense(head_units, activation="relu", kernel_regularizer=regularizer, name="head")(fused)
     if dropout:
         hidden = keras.layers.Dropout(dropout, name="head_dropout")(hidden)
+    # Again after the head's ReLU layer, which maps NaN to 0 in TensorFlow's fused
+    # kernel: a NaN fused output (a solve that found no finite iterate) stays NaN too.
+    hidden = PropagateNonFinite(name="non_finite_head")([hidden, fused, *inputs])
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(hidden)
     return keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs)
 
@@ -148,7 +158,7 @@ def with_modality_heads(classifier):
     num_classes = classifier.outputs[0].shape[-1]
     heads = {}
     for i in range(count):
-        source = next((n for n in (f"encoder_dropout_{i}", f"encoder_{i}") if n in names), None)
+        source = next((n for n in (f"encoder_dropout_{i}", f"non_finite_{i}", f"encoder_{i}") if n in names), None)
         if source is None:
             raise ValueError(f"with_modality_heads: the classifier has no layer 'encoder_{i}'; "
                              "expected a model from build_classifier.")

@@ -7,7 +7,8 @@ residual vector the loop has already computed. :func:`iterate` runs them inside 
 lowest-residual iterate of every sample and returns it together with a
 :class:`SolverStats` record, so a solver step only has to propose the next point. A
 sample whose proposal is not finite (a NaN or an infinity in it, or a row whose sum
-overflows) restarts from its best iterate.
+overflows) restarts from its best iterate; a sample that never had a finite residual
+returns NaN.
 """
 
 from typing import NamedTuple
@@ -112,11 +113,16 @@ def row_sum(x):
 def select_rows(condition, x, y):
     """Row ``i`` of ``x`` where ``condition[i]``, else row ``i`` of ``y``.
 
-    ``condition`` is ``(batch,)``. The rank-1 form of ``Select`` picks whole rows; a
-    broadcast ``tf.where`` expands the condition to ``x``'s shape first and cost
-    about 1.5 times as much on a 2-core CPU.
+    ``condition`` is ``(batch,)``. Under XLA, the rank-1 form of ``Select``, which
+    picks whole rows; a broadcast ``tf.where`` expands the condition to ``x``'s shape
+    first and cost about 1.5 times as much on a 2-core CPU. Elsewhere the broadcast
+    form, since a graph built without XLA may be exported: tf2onnx lowers the rank-1
+    form to arithmetic on both operands, so a NaN in the row not chosen (a sample
+    with a non-finite input) spread to every row of the ONNX result.
     """
-    return tf.compat.v1.where(condition, x, y)
+    if in_xla_context():
+        return tf.compat.v1.where(condition, x, y)
+    return tf.where(tf.expand_dims(condition, -1), x, y)
 
 
 def finite_or(value, fallback):
@@ -164,8 +170,8 @@ def iterate(f, z0, init, step, max_iter, tol, stop_mode):
         stop_mode: ``"abs"`` or ``"rel"``.
 
     Returns:
-        ``(z, stats)``: the lowest-residual iterate of each sample, in ``z0``'s dtype,
-        and a :class:`SolverStats`.
+        ``(z, stats)``: the lowest-residual iterate of each sample, in ``z0``'s dtype
+        (NaN for a sample without a finite residual), and a :class:`SolverStats`.
     """
     check_solver_arguments(max_iter, tol, stop_mode)
     z0 = as_flat_state(z0)
@@ -215,7 +221,13 @@ def iterate(f, z0, init, step, max_iter, tol, stop_mode):
     steps, _, best_z, best_res, trace, _ = tf.while_loop(
         cond, body, loop_vars, maximum_iterations=max_iter, parallel_iterations=1
     )
-    best_res = tf.where(best_res < none_yet, best_res, tf.cast(float("inf"), dtype))
+    # A sample that never had a finite residual (a non-finite input, or an update that
+    # overflows) has no usable iterate: it returns NaN, never its starting point, which
+    # would pass for an answer downstream.
+    # A NaN scalar, broadcast: tf2onnx exports a Fill with a non-finite value wrongly.
+    found = best_res < none_yet
+    best_z = tf.where(tf.expand_dims(found, -1), best_z, tf.constant(float("nan"), dtype))
+    best_res = tf.where(found, best_res, tf.cast(float("inf"), dtype))
     stats = SolverStats(
         steps=steps,
         residual=best_res,

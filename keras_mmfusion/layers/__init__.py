@@ -11,15 +11,19 @@ from keras_mmfusion.layers.deq_fusion import DEQFusion
 from keras_mmfusion.layers.dense_fusion import DenseFusion
 from keras_mmfusion.layers.dynamic import DynamicFusion
 from keras_mmfusion.layers.fusion_layer import FusionLayer
+from keras_mmfusion.layers.non_finite import PropagateNonFinite
+from keras_mmfusion.layers.normalization import ExactGroupNormalization
 
 __all__ = [
     "ConcatFusion",
     "DEQFusion",
     "DenseFusion",
     "DynamicFusion",
+    "ExactGroupNormalization",
     "FusionLayer",
     "GatedFusion",
     "LowRankTensorFusion",
+    "PropagateNonFinite",
     "SumFusion",
     "TensorFusion",
 ]

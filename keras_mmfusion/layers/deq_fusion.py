@@ -8,7 +8,7 @@ from keras_mmfusion.equilibrium.solve import check_backward_arguments, fixed_poi
 from keras_mmfusion.equilibrium.solvers import available_solvers
 from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
 from keras_mmfusion.layers.normalization import ExactGroupNormalization
-from keras_mmfusion.metrics import SolverStatsMetric, recording_statistics
+from keras_mmfusion.metrics import SolverStatsMetric, recording_statistics, report_solver_stats
 from keras_mmfusion.validation import check_int
 
 
@@ -286,6 +286,7 @@ class DEQFusion(keras.layers.Layer):
                 (self.jacobian_probes,) + tuple(ops.shape(z0)), dtype=z0.dtype, seed=self._seed_generator
             )
         z, stats = self._solve_state(x, z0, jacobian_probes=probes)
+        report_solver_stats(self.name, stats)
         if recording_statistics():
             self.stats_metric.update_state(stats)
         if probes is not None:

@@ -20,8 +20,9 @@ class ExactGroupNormalization(keras.layers.GroupNormalization):
     on the tape, so every order of derivative is exact.
 
     The moments are computed in float32 for float16 and bfloat16 inputs (float64 for
-    float64), and the ops are elementwise arithmetic, means and ``rsqrt``, which have
-    TFLite builtins and ONNX counterparts and compile under XLA.
+    float64). A group whose variance overflows gives NaN, not zeros. The ops are
+    elementwise arithmetic, means, ``rsqrt`` and a select, which have TFLite builtins
+    and ONNX counterparts and compile under XLA.
 
     Args:
         groups: the number of groups; the last axis must be divisible by it.
@@ -62,7 +63,11 @@ class ExactGroupNormalization(keras.layers.GroupNormalization):
         mean = ops.mean(grouped, axis=axes, keepdims=True)
         centered = grouped - mean
         variance = ops.mean(ops.square(centered), axis=axes, keepdims=True)
-        normalized = ops.reshape(centered * ops.rsqrt(variance + self.epsilon), ops.shape(x))
+        # A variance that overflows (inputs near sqrt of the dtype's largest value)
+        # would scale the group to zero and pass for a normalised output; NaN says
+        # that it could not be computed.
+        inv = ops.where(ops.isfinite(variance), ops.rsqrt(variance + self.epsilon), float("nan"))
+        normalized = ops.reshape(centered * inv, ops.shape(x))
         if self.scale:
             normalized = normalized * ops.cast(self.gamma, dtype)
         if self.center:

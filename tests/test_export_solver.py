@@ -1,0 +1,157 @@
+"""Exported equilibrium solves iterate as Keras's do: same steps, residual traces and flags.
+
+Final outputs alone hide a solver that iterates differently, since each runtime returns
+its best iterate. These tests compare the solver's own record across runtimes, on a
+small map with a known fixed point and on a trained, standardised DEQ classifier built
+as users build it (the layer's defaults, ``build_classifier`` with ``standardize_with``).
+"""
+
+import numpy as np
+import pytest
+import tensorflow as tf
+import keras
+
+import keras_mmfusion as mmf
+from keras_mmfusion import export
+from keras_mmfusion.equilibrium import fixed_point_solve
+from keras_mmfusion.metrics import report_solver_stats
+
+SOLVERS = ["anderson", "broyden", "fixed_point"]
+FORMATS = ["saved_model", "tflite", "onnx"]
+WIDTHS = (6, 10, 8)
+
+
+def exported(model, fmt, tmp_path):
+    """``model`` exported with the solver diagnostics in format ``fmt``; returns the path."""
+    if fmt == "saved_model":
+        return export.to_saved_model(model, tmp_path / "serving", diagnostics=True)
+    if fmt == "tflite":
+        return export.to_tflite(model, tmp_path / "model.tflite", diagnostics=True)
+    return export.to_onnx(model, tmp_path / "model.onnx", diagnostics=True)
+
+
+def keras_outputs(model, xs):
+    """The serving function run by TensorFlow: Keras's outputs and solver diagnostics."""
+    serve = export.serving_function(model, diagnostics=True)
+    return {k: v.numpy() for k, v in serve(*[tf.constant(x) for x in xs]).items()}
+
+
+def assert_same_iteration(reference, got, layer, trace_rtol):
+    steps = int(reference[f"{layer}_steps"][0])
+    assert int(got[f"{layer}_steps"][0]) == steps, (got[f"{layer}_steps"], steps)
+    np.testing.assert_array_equal(got[f"{layer}_converged"], reference[f"{layer}_converged"])
+    # The trace holds the batch-mean residual after every evaluation of the update.
+    np.testing.assert_allclose(got[f"{layer}_trace"][:steps], reference[f"{layer}_trace"][:steps],
+                               rtol=trace_rtol, atol=1e-7)
+    assert not np.any(got[f"{layer}_trace"][steps:])
+
+
+@keras.saving.register_keras_serializable(package="test_export_solver")
+class TanhEquilibrium(keras.layers.Layer):
+    """``z* = tanh(W z* + U x)`` with ``||W||_2 = 0.95``: a slow contraction on which
+    plain iteration and the accelerated solvers take clearly different paths."""
+
+    def __init__(self, solver, width=16, **kwargs):
+        super().__init__(**kwargs)
+        self.solver, self.width = solver, width
+        rng = np.random.default_rng(0)
+        w = rng.normal(size=(width, width))
+        self.w = (0.95 * w / np.linalg.norm(w, 2)).astype("float32")
+        self.u = rng.normal(size=(width, width)).astype("float32")
+
+    def call(self, x):
+        def f(z, x):
+            return tf.tanh(z @ self.w + x @ self.u)
+
+        z, stats = fixed_point_solve(f, x, tf.zeros_like(x), solver=self.solver, max_iter=60, tol=1e-6)
+        report_solver_stats(self.name, stats)
+        return z
+
+    def get_config(self):
+        return {**super().get_config(), "solver": self.solver, "width": self.width}
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_solver_iterates_alike_in_every_runtime_on_a_known_fixed_point(solver, tmp_path):
+    x = np.random.default_rng(1).normal(size=(4, 16)).astype("float32")
+    layer = TanhEquilibrium(solver, name="solve")
+    inputs = keras.Input((16,), name="x")
+    model = keras.Model(inputs, keras.layers.Identity(name="z")(layer(inputs)))
+    # The fixed point in float64, by plain iteration to convergence.
+    z = np.zeros((4, 16))
+    for _ in range(2000):
+        z = np.tanh(z @ layer.w.astype("float64") + x @ layer.u.astype("float64"))
+    reference = keras_outputs(model, [x])
+    assert bool(np.all(reference["solve_converged"]))
+    for fmt in ("tflite", "onnx"):
+        got = export.run_export(exported(model, fmt, tmp_path), {"x": x})
+        assert_same_iteration(reference, got, "solve", trace_rtol=1e-3)
+        np.testing.assert_allclose(got["z"], z, atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def trained_deq():
+    """A DEQ classifier as users build it, trained briefly: ``{solver: model}`` and test inputs.
+
+    One model is trained (Anderson, the default); the Broyden and plain-iteration models
+    carry its weights with the solver swapped.
+    """
+    x, y = mmf.make_synthetic(1000, num_modalities=3, widths=list(WIDTHS), noise=0.3, seed=7)
+    x = [a * 4.0 + 2.0 for a in x]  # offsets and scales for the standardisation to remove
+    train = ([a[:800] for a in x], y[:800])
+    keras.utils.set_random_seed(0)
+    model = mmf.models.build_classifier(mmf.models.make_fusion("deq", 8), WIDTHS, 2, encoder_units=8,
+                                        head_units=8, standardize_with=train[0])
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.fit(*train, epochs=8, batch_size=64, verbose=0)
+    models = {"anderson": model}
+    for solver in SOLVERS[1:]:
+        config = model.get_config()
+        for layer in config["layers"]:
+            if layer["class_name"] == "DEQFusion":
+                layer["config"]["solver"] = solver
+        models[solver] = keras.Model.from_config(config)
+        models[solver].set_weights(model.get_weights())
+    return models, [a[800:808] for a in x]
+
+
+@pytest.mark.parametrize("solver", SOLVERS)
+def test_trained_classifier_iterates_alike_in_every_runtime(solver, trained_deq, tmp_path):
+    models, xs = trained_deq
+    model = models[solver]
+    reference = keras_outputs(model, xs)
+    assert int(reference["deq_fusion_steps"][0]) > 2  # a solve, not a first-step exit
+    feed = dict(zip(export.input_names(model), xs))
+    for fmt in FORMATS:
+        got = export.run_export(exported(model, fmt, tmp_path / fmt), feed)
+        assert_same_iteration(reference, got, "deq_fusion", trace_rtol=1e-3)
+        np.testing.assert_allclose(got["probabilities"], reference["probabilities"], atol=1e-4)
+
+
+def with_bad_samples(xs):
+    """The inputs with sample 0 holding a NaN, sample 1 an infinity and sample 2 a huge value."""
+    bad = [np.array(a, copy=True) for a in xs]
+    bad[0][0, 0] = np.nan
+    bad[1][1, 2] = np.inf
+    bad[2][2, 1] = 1e30
+    return bad
+
+
+def test_non_finite_and_overflowing_inputs_give_nan_and_not_converged(trained_deq, tmp_path):
+    models, xs = trained_deq
+    model = models["anderson"]
+    bad = with_bad_samples(xs)
+    reference = keras_outputs(model, bad)
+    keras_probabilities = model.predict(bad, verbose=0)
+    feed = dict(zip(export.input_names(model), bad))
+    runs = {"keras": reference}
+    for fmt in FORMATS:
+        runs[fmt] = export.run_export(exported(model, fmt, tmp_path / fmt), feed)
+    for name, got in runs.items():
+        probabilities, converged = got["probabilities"], got["deq_fusion_converged"]
+        # Sample 2's 1e30 overflows the update's normalisation: no fixed point was found.
+        assert np.all(np.isnan(probabilities[:3])), (name, probabilities[:3])
+        assert not np.any(converged[:3]), (name, converged)
+        assert np.all(np.isfinite(probabilities[3:])), name
+        np.testing.assert_allclose(probabilities[3:], keras_probabilities[3:], atol=1e-4, err_msg=name)
+    assert np.all(np.isnan(keras_probabilities[:3]))
