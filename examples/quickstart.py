@@ -60,9 +60,9 @@ def main():
 
     sample = [x[:7] for x in test[0]]
     exports = {
-        "saved_model": export.to_saved_model(model, os.path.join(args.out, "serving")),
-        "tflite": export.to_tflite(model, os.path.join(args.out, "model.tflite")),
-        "onnx": export.to_onnx(model, os.path.join(args.out, "model.onnx")),
+        "saved_model": export.to_saved_model(model, os.path.join(args.out, "serving"), overwrite=True),
+        "tflite": export.to_tflite(model, os.path.join(args.out, "model.tflite"), overwrite=True),
+        "onnx": export.to_onnx(model, os.path.join(args.out, "model.onnx"), overwrite=True),
     }
     print("Exports, max relative difference from Keras on 7 test samples:")
     checks = {}

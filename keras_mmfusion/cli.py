@@ -74,9 +74,10 @@ def build_parser():
     export.add_argument("--format", required=True, choices=["saved_model", "tflite", "onnx"])
     export.add_argument("--quantize", choices=["float16", "dynamic", "int8"], help="TFLite quantization")
     export.add_argument("--data", default=None,
-                        help="data whose training split calibrates int8 (as for 'train'; default synthetic)")
+                        help="data whose training split calibrates int8 (as for 'train'); required for int8")
     export.add_argument("--out", default=None, help="output path (default: next to the model)")
     export.add_argument("--allow-flex", action="store_true", help="TFLite: allow TF (Flex) ops")
+    export.add_argument("--overwrite", action="store_true", help="replace an existing output file or directory")
 
     bench = sub.add_parser("bench", help="run a benchmark script from the source checkout's benchmarks/")
     bench.add_argument("name", choices=sorted(BENCHMARKS), help="which benchmark")
@@ -211,17 +212,20 @@ def cmd_export(args):
         raise CommandError("--quantize applies to --format tflite only")
     stem = os.path.splitext(args.model)[0]
     if args.format == "saved_model":
-        out = export.to_saved_model(model, args.out or f"{stem}_serving")
+        out = export.to_saved_model(model, args.out or f"{stem}_serving", overwrite=args.overwrite)
     elif args.format == "onnx":
-        out = export.to_onnx(model, args.out or f"{stem}.onnx")
+        out = export.to_onnx(model, args.out or f"{stem}.onnx", overwrite=args.overwrite)
     else:
         representative = None
         if args.quantize == "int8":
-            x = _load_data(args.data or "synthetic").train[0]
+            if not args.data:
+                raise CommandError("--quantize int8 needs calibration data: pass --data with the model's training data")
+            x = _load_data(args.data).train[0]
             representative = ([a[i : i + 1] for a in x] for i in range(min(300, len(x[0]))))
         suffix = f"_{args.quantize}" if args.quantize else ""
         out = export.to_tflite(model, args.out or f"{stem}{suffix}.tflite", quantize=args.quantize,
-                               representative_data=representative, builtins_only=not args.allow_flex)
+                               representative_data=representative, builtins_only=not args.allow_flex,
+                               overwrite=args.overwrite)
         report = export.tflite_report(out)
         print(f"ops: {', '.join(report['ops'])}")
         print(f"size: {report['size_bytes']} bytes")

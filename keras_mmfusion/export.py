@@ -18,6 +18,7 @@ inputs to outputs.
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -113,14 +114,33 @@ def _as_feed(model, sample_inputs):
     return {n: np.asarray(x, dtype=np.float32) for n, x in zip(names, xs)}
 
 
-def _check_writable(path):
-    parent = os.path.dirname(os.path.abspath(os.fspath(path)))
+def _check_writable(path, overwrite=False):
+    """Refuse an output ``path`` that exists (unless ``overwrite``) or cannot be written.
+
+    Called before any conversion work, so a refused export costs nothing. Every problem
+    is an :class:`ExportError` naming the path.
+    """
+    path = os.path.abspath(os.fspath(path))
+    if os.path.lexists(path) and not overwrite:
+        raise ExportError(
+            f"{path} exists; pass overwrite=True (mmfusion export --overwrite) to replace it."
+        )
+    parent = os.path.dirname(path)
     try:
         os.makedirs(parent, exist_ok=True)
     except OSError as error:
         raise ExportError(f"Cannot create the directory {parent}: {error.strerror}.") from None
     if not os.access(parent, os.W_OK):
         raise ExportError(f"Cannot write to {parent}: permission denied.")
+
+
+def _replace(source, target):
+    """Move the finished artefact ``source`` to ``target``, removing whatever was there."""
+    if os.path.isdir(target) and not os.path.islink(target):
+        shutil.rmtree(target)
+    elif os.path.lexists(target):
+        os.remove(target)
+    shutil.move(source, target)
 
 
 # -- SavedModel ---------------------------------------------------------------------
@@ -145,7 +165,7 @@ def _write_saved_model(model, path, diagnostics=False):
     archive.write_out(os.fspath(path), verbose=False)
 
 
-def to_saved_model(model, base_dir, version=1, model_name=None, diagnostics=False):
+def to_saved_model(model, base_dir, version=1, model_name=None, diagnostics=False, overwrite=False):
     """Write a SavedModel in TF Serving's layout, ``base_dir/<version>/``.
 
     The ``serving_default`` signature takes one input per modality, named as the
@@ -153,6 +173,10 @@ def to_saved_model(model, base_dir, version=1, model_name=None, diagnostics=Fals
     outputs named as the model's output layers, plus the solver's diagnostics with
     ``diagnostics=True`` (see :func:`serving_function`). A ``models.config`` example for
     ``tensorflow_model_server --model_config_file`` is written next to the versions.
+
+    An existing version directory is refused with an :class:`ExportError`, or, with
+    ``overwrite=True``, replaced whole once the new version has been written, so no
+    stale files of the old one remain.
 
     Returns:
         The version directory.
@@ -162,8 +186,11 @@ def to_saved_model(model, base_dir, version=1, model_name=None, diagnostics=Fals
         raise ValueError(f"version must be a non-negative integer, got {version!r}.")
     base_dir = os.path.abspath(os.fspath(base_dir))
     target = os.path.join(base_dir, str(version))
-    _check_writable(target)
-    _write_saved_model(model, target, diagnostics)
+    _check_writable(target, overwrite)
+    with tempfile.TemporaryDirectory(dir=base_dir) as tmp:
+        written = os.path.join(tmp, "saved_model")
+        _write_saved_model(model, written, diagnostics)
+        _replace(written, target)
     name = model_name or os.path.basename(base_dir)
     with open(os.path.join(base_dir, "models.config"), "w") as f:
         f.write(MODELS_CONFIG.format(name=name, base_path=f"/models/{name}"))
@@ -256,7 +283,8 @@ def _int8_blockers(model):
     return blockers
 
 
-def to_tflite(model, path, quantize=None, representative_data=None, builtins_only=True, diagnostics=False):
+def to_tflite(model, path, quantize=None, representative_data=None, builtins_only=True, diagnostics=False,
+              overwrite=False):
     """Convert ``model`` to a ``.tflite`` file.
 
     Args:
@@ -271,6 +299,8 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
         builtins_only: allow only TFLite builtin ops (the default). ``False`` also
             allows TF (Flex) ops, which need the Flex delegate at run time.
         diagnostics: also return the solver's diagnostics (see :func:`serving_function`).
+        overwrite: replace an existing ``path``; otherwise it is refused before any
+            conversion work.
 
     Returns:
         ``path``. :func:`tflite_report` gives the op list and file size.
@@ -286,7 +316,7 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
         raise ValueError("quantize='int8' needs representative_data: samples to calibrate the activation ranges.")
     _check_model(model)
     path = os.fspath(path)
-    _check_writable(path)
+    _check_writable(path, overwrite)
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.path.join(tmp, "saved_model")
         _write_saved_model(model, saved, diagnostics)
@@ -295,8 +325,10 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
                 flatbuffer = _converter(saved, quantize, builtins_only).convert()
             except Exception as error:  # the converter raises ConverterError and others
                 raise ExportError(f"TFLite conversion of model '{model.name}' failed: {error}") from error
-            with open(path, "wb") as f:
+            written = os.path.join(tmp, "model.tflite")
+            with open(written, "wb") as f:
                 f.write(flatbuffer)
+            _replace(written, path)
             return path
         blockers = _int8_blockers(model)
         if blockers:
@@ -305,13 +337,15 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
         samples = _representative_arrays(model, representative_data)
         samples_path = os.path.join(tmp, "samples.npz")
         np.savez(samples_path, __names__=json.dumps(list(samples)), **samples)
-        command = [sys.executable, "-m", "keras_mmfusion.export", "--int8-worker", saved, samples_path, path,
+        written = os.path.join(tmp, "model.tflite")
+        command = [sys.executable, "-m", "keras_mmfusion.export", "--int8-worker", saved, samples_path, written,
                    "1" if builtins_only else "0"]
         done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-    if done.returncode != 0 or not os.path.isfile(path):
-        how = f"crashed with signal {-done.returncode}" if done.returncode < 0 else f"failed (exit {done.returncode})"
-        tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-        raise ExportError(f"int8 conversion of model '{model.name}' {how} in its subprocess:\n{tail}")
+        if done.returncode != 0 or not os.path.isfile(written):
+            how = f"crashed with signal {-done.returncode}" if done.returncode < 0 else f"failed (exit {done.returncode})"
+            tail = "\n".join(done.stderr.strip().splitlines()[-5:])
+            raise ExportError(f"int8 conversion of model '{model.name}' {how} in its subprocess:\n{tail}")
+        _replace(written, path)
     return path
 
 
@@ -334,7 +368,7 @@ def tflite_report(path):
 # -- ONNX ---------------------------------------------------------------------------
 
 
-def to_onnx(model, path, opset=17, diagnostics=False):
+def to_onnx(model, path, opset=17, diagnostics=False, overwrite=False):
     """Convert ``model`` to ONNX with tf2onnx; returns ``path``.
 
     The serving function is frozen first, every captured tensor (variables and the
@@ -342,14 +376,15 @@ def to_onnx(model, path, opset=17, diagnostics=False):
     variance) becoming a constant of the graph, so the ONNX graph's only inputs are
     the modality inputs. Outputs keep the serving names (``probabilities``, ...).
     With ``diagnostics``, the graph also returns the solver's diagnostics (see
-    :func:`serving_function`).
+    :func:`serving_function`). An existing ``path`` is refused before any conversion
+    work unless ``overwrite``.
     """
     import tf2onnx
     from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     _check_model(model)
     path = os.fspath(path)
-    _check_writable(path)
+    _check_writable(path, overwrite)
     try:
         concrete = serving_function(model, diagnostics).get_concrete_function()
         # tf2onnx.convert.from_function freezes too, but keeps the function's captured
@@ -365,8 +400,11 @@ def to_onnx(model, path, opset=17, diagnostics=False):
     names = {f"{name}:0": name for name in concrete.structured_outputs}
     names.update({tensor: tensor.split(":")[0] for tensor in inputs})
     _rename_onnx_values(graph.graph, names)
-    with open(path, "wb") as f:
-        f.write(graph.SerializeToString())
+    with tempfile.TemporaryDirectory() as tmp:
+        written = os.path.join(tmp, "model.onnx")
+        with open(written, "wb") as f:
+            f.write(graph.SerializeToString())
+        _replace(written, path)
     return path
 
 

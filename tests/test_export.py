@@ -245,3 +245,31 @@ def test_bad_arguments_give_clear_errors(trained, tmp_path):
     unbuilt = keras.Sequential([keras.layers.Dense(2)])
     with pytest.raises(ValueError, match="has not been built"):
         export.to_saved_model(unbuilt, tmp_path / "x")
+
+
+def test_existing_outputs_are_refused_or_replaced_whole(trained, tmp_path, monkeypatch):
+    models, _, test = trained
+    model = models["concat"]
+    x = batches(test)["batch7"]
+    tflite = export.to_tflite(model, tmp_path / "m.tflite")
+    onnx_path = export.to_onnx(model, tmp_path / "m.onnx")
+    version = export.to_saved_model(model, tmp_path / "serving", version=2)
+    stale = os.path.join(version, "stale.txt")
+    open(stale, "w").close()
+
+    def no_conversion(*args, **kwargs):
+        raise AssertionError("a refused export must not start converting")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(export, "serving_function", no_conversion)
+        for call, path in ((lambda: export.to_tflite(model, tflite), tflite),
+                           (lambda: export.to_onnx(model, onnx_path), onnx_path),
+                           (lambda: export.to_saved_model(model, tmp_path / "serving", version=2), version)):
+            with pytest.raises(export.ExportError, match=f"{path} exists; pass overwrite=True"):
+                call()
+    assert os.path.isfile(stale)
+    export.to_saved_model(model, tmp_path / "serving", version=2, overwrite=True)
+    assert not os.path.exists(stale)  # replaced whole, not written over
+    for path in (export.to_tflite(model, tflite, overwrite=True), export.to_onnx(model, onnx_path, overwrite=True),
+                 version):
+        assert export.verify_export(model, path, x)["probabilities"]["max_abs"] <= 1e-4

@@ -155,3 +155,35 @@ def test_non_finite_and_overflowing_inputs_give_nan_and_not_converged(trained_de
         assert np.all(np.isfinite(probabilities[3:])), name
         np.testing.assert_allclose(probabilities[3:], keras_probabilities[3:], atol=1e-4, err_msg=name)
     assert np.all(np.isnan(keras_probabilities[:3]))
+
+
+def readme_snippets():
+    """The ```python blocks of export/README.md, in order."""
+    import os
+    import re
+
+    path = os.path.join(os.path.dirname(__file__), "..", "export", "README.md")
+    with open(path) as f:
+        return re.findall(r"```python\n(.*?)```", f.read(), flags=re.S)
+
+
+def test_export_readme_snippets_run_as_written(trained_deq, tmp_path, monkeypatch):
+    models, xs = trained_deq
+    model = models["anderson"]
+    keras.utils.set_random_seed(0)
+    concat_model = mmf.models.build_classifier(mmf.models.make_fusion("concat", 8), WIDTHS, 2, encoder_units=8,
+                                               head_units=8, standardize_with=xs)
+    samples = [[a[i:i + 1] for a in xs] for i in range(len(xs[0]))]
+    namespace = dict(model=model, concat_model=concat_model, samples=samples, sample_inputs=xs,
+                     x0=xs[0], x1=xs[1], x2=xs[2])
+    monkeypatch.chdir(tmp_path)
+    snippets = readme_snippets()
+    assert len(snippets) >= 5
+    for code in snippets:
+        exec(compile(code, "export/README.md", "exec"), namespace)
+    expected = model.predict(xs, verbose=0)
+    # The last snippets leave the ONNX and TFLite results in the namespace.
+    np.testing.assert_allclose(namespace["probabilities"], expected, atol=1e-4)
+    assert namespace["converged"].dtype == bool and namespace["converged"].shape == (len(xs[0]),)
+    np.testing.assert_allclose(namespace["trusted"], expected[namespace["out"]["deq_fusion_converged"]], atol=1e-4)
+    assert (tmp_path / "concat_int8.tflite").is_file()
