@@ -74,7 +74,10 @@ def build_parser():
     export.add_argument("--format", required=True, choices=["saved_model", "tflite", "onnx"])
     export.add_argument("--quantize", choices=["float16", "dynamic", "int8"], help="TFLite quantization")
     export.add_argument("--data", default=None,
-                        help="data whose training split calibrates int8 (as for 'train'); required for int8")
+                        help="data (as for 'train'): its training split calibrates int8 and its test split "
+                             "verifies the export; default: the data recorded in metrics.json next to the model")
+    export.add_argument("--diagnostics", action="store_true",
+                        help="also return each DEQ layer's solver steps, trace, residuals and converged flags")
     export.add_argument("--out", default=None, help="output path (default: next to the model)")
     export.add_argument("--allow-flex", action="store_true", help="TFLite: allow TF (Flex) ops")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file or directory")
@@ -173,7 +176,9 @@ def cmd_train(args):
         json.dump(history, f, indent=2)
     _plot_history(history, os.path.join(args.out, "training_curves.png"))
     traces = _plot_residuals(model, splits.test[0], os.path.join(args.out, "solver_residuals.png"))
-    metrics.update(data=splits.name, fusion=args.fusion, seed=args.seed, settings=vars(settings))
+    data_source = os.path.abspath(args.data) if os.path.isdir(args.data) else args.data
+    metrics.update(data=splits.name, data_source=data_source, fusion=args.fusion, seed=args.seed,
+                   settings=vars(settings))
     if traces:
         metrics["solver_residual_trace"] = traces
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
@@ -204,32 +209,97 @@ def cmd_evaluate(args):
     print(json.dumps(metrics, indent=2) if args.json else _table(metrics))
 
 
+# How far an export may be from Keras on held-out samples: the largest absolute difference
+# of any output probability for float formats, and for int8 weights (with or without int8
+# activations) the fraction of samples whose predicted class changes and the change of
+# accuracy.
+EXPORT_TOLERANCES = {None: {"max_abs": 1e-3}, "float16": {"max_abs": 2e-2},
+                     "dynamic": {"changed": 0.02, "accuracy": 0.01}, "int8": {"changed": 0.02, "accuracy": 0.01}}
+
+
+def _recorded_data(model_path):
+    """The data source ``mmfusion train`` recorded next to ``model_path``, or ``None``."""
+    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "metrics.json")
+    try:
+        with open(path) as f:
+            return json.load(f).get("data_source")
+    except (OSError, ValueError):
+        return None
+
+
+def _verify_exported(model, path, splits, quantize, diagnostics):
+    """Run the export on the test split in its runtime; returns (report lines, failures)."""
+    import numpy as np
+
+    from keras_mmfusion import export
+
+    count = min(256, len(splits.test[1]))
+    xs, labels = [np.asarray(a[:count], np.float32) for a in splits.test[0]], splits.test[1][:count]
+    reference = export.serving_function(model, diagnostics=True)(*xs)
+    got = export.run_export(path, dict(zip(export.input_names(model), xs)))
+    name = export.output_names(model)[0]
+    expected, actual = reference[name].numpy(), got[name]
+    finite = np.isfinite(expected)
+    measured = {
+        "max_abs": float(np.max(np.abs(actual - expected)[finite], initial=0.0)),
+        "changed": float(np.mean(np.argmax(actual, -1) != np.argmax(expected, -1))),
+        "accuracy": abs(float(np.mean(np.argmax(actual, -1) == labels)) - float(np.mean(np.argmax(expected, -1) == labels))),
+    }
+    lines = [f"verified on {count} test samples of {splits.name}: max abs difference {measured['max_abs']:.2e}, "
+             f"predicted class changed on {measured['changed']:.1%}, accuracy "
+             f"{np.mean(np.argmax(actual, -1) == labels):.4f} (Keras {np.mean(np.argmax(expected, -1) == labels):.4f})"]
+    failures = [f"{key} {measured[key]:.3g} > {limit:g}" for key, limit in EXPORT_TOLERANCES[quantize].items()
+                if measured[key] > limit]
+    for key in [k for k in reference if k.endswith("_steps")]:
+        layer = key[: -len("_steps")]
+        keras_steps = int(reference[key][0])
+        if diagnostics:
+            steps = int(got[key][0])
+            lines.append(f"{layer}: {steps} solver steps, Keras {keras_steps}")
+            if abs(steps - keras_steps) > (0 if quantize is None else 2):
+                failures.append(f"{layer} took {steps} solver steps, Keras {keras_steps}")
+        else:
+            lines.append(f"{layer}: Keras took {keras_steps} solver steps (export with --diagnostics to compare)")
+    return lines, failures
+
+
 def cmd_export(args):
     from keras_mmfusion import export
 
     model = _load_model(args.model)
     if args.quantize and args.format != "tflite":
         raise CommandError("--quantize applies to --format tflite only")
+    data = args.data or _recorded_data(args.model)
+    if not data:
+        raise CommandError("pass --data: the data to verify the export on (no metrics.json with a data source "
+                           "next to the model)")
+    if args.quantize == "int8" and not args.data:
+        raise CommandError("--quantize int8 needs calibration data: pass --data with the model's training data")
+    splits = _load_data(data)
     stem = os.path.splitext(args.model)[0]
+    options = dict(overwrite=args.overwrite, diagnostics=args.diagnostics)
     if args.format == "saved_model":
-        out = export.to_saved_model(model, args.out or f"{stem}_serving", overwrite=args.overwrite)
+        out = export.to_saved_model(model, args.out or f"{stem}_serving", **options)
     elif args.format == "onnx":
-        out = export.to_onnx(model, args.out or f"{stem}.onnx", overwrite=args.overwrite)
+        out = export.to_onnx(model, args.out or f"{stem}.onnx", **options)
     else:
         representative = None
         if args.quantize == "int8":
-            if not args.data:
-                raise CommandError("--quantize int8 needs calibration data: pass --data with the model's training data")
-            x = _load_data(args.data).train[0]
+            x = splits.train[0]
             representative = ([a[i : i + 1] for a in x] for i in range(min(300, len(x[0]))))
         suffix = f"_{args.quantize}" if args.quantize else ""
         out = export.to_tflite(model, args.out or f"{stem}{suffix}.tflite", quantize=args.quantize,
-                               representative_data=representative, builtins_only=not args.allow_flex,
-                               overwrite=args.overwrite)
+                               representative_data=representative, builtins_only=not args.allow_flex, **options)
         report = export.tflite_report(out)
         print(f"ops: {', '.join(report['ops'])}")
         print(f"size: {report['size_bytes']} bytes")
     print(f"wrote {out}")
+    lines, failures = _verify_exported(model, out, splits, args.quantize, args.diagnostics)
+    print("\n".join(lines))
+    if failures:
+        print(f"verification failed: {'; '.join(failures)}", file=sys.stderr)
+        return 1
+    return 0
 
 
 def cmd_bench(args):

@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -64,6 +65,21 @@ def test_export_subcommand_writes_a_tflite_file(trained_run, capsys):
     # int8 calibrates on the data it is given, never on a stand-in.
     assert cli.main(args + ["--quantize", "int8"]) == 2
     assert "--quantize int8 needs calibration data: pass --data" in capsys.readouterr().err
+
+
+def test_export_verifies_the_artefact_on_the_recorded_data(trained_run, capsys, monkeypatch):
+    # The data comes from the metrics.json that 'train' wrote next to the model.
+    args = ["export", "--model", str(trained_run / "model.keras"), "--format", "onnx", "--diagnostics",
+            "--out", str(trained_run / "verified.onnx")]
+    assert cli.main(args) == 0
+    printed = capsys.readouterr().out
+    assert "verified on 256 test samples of synthetic: max abs difference" in printed
+    steps = re.search(r"deq_fusion: (\d+) solver steps, Keras (\d+)", printed)
+    assert steps and steps.group(1) == steps.group(2), printed
+    # Outside its tolerance, the command fails and says why.
+    monkeypatch.setitem(cli.EXPORT_TOLERANCES, None, {"max_abs": -1.0})
+    assert cli.main(args + ["--overwrite"]) == 1
+    assert "verification failed: max_abs" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(
