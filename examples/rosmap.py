@@ -1,6 +1,6 @@
 """ROSMAP (Alzheimer's disease vs control, 3 omics views): an honest comparison.
 
-    python examples/rosmap.py [--seeds 5] [--methods deq dmf concat single] [--out runs/rosmap]
+    python examples/rosmap.py [--seeds 5] [--methods deq reference dmf concat single] [--out runs/rosmap]
 
 Also reachable as ``mmfusion train --data rosmap`` for a single model.
 
@@ -11,7 +11,9 @@ is evaluated once. Fusion models train with a softmax head on every modality's e
 well (``modality_weight=1``); only the fused output is evaluated. With ``--refit``, the
 validation split only chooses the number of epochs, and a fresh model trained for that
 many epochs on the whole training split (standardised with all of it) is the one tested.
-Methods: DEQFusion, DenseFusion, concat fusion, and the best single omics view, chosen by
+Methods: DEQFusion in the standard classifier, the reference classifier of the DEQ-fusion
+paper (``build_reference_classifier``, feature gates and confidence heads, with the same
+width, dropout and optimiser), DenseFusion, concat fusion, and the best single omics view, chosen by
 mean validation loss (not by test score). The data are MOGONET's preprocessed release
 (Wang et al., Nature Communications 2021), read from ``$MMFUSION_ROSMAP`` or
 ``../shared/data/rosmap``.
@@ -46,8 +48,8 @@ def main():
     parser.add_argument("--epochs", type=int, default=SETTINGS.epochs)
     parser.add_argument("--refit", action="store_true",
                         help="retrain on the whole training split for the epochs chosen on validation")
-    parser.add_argument("--methods", nargs="+", choices=["deq", "dmf", "concat", "single"],
-                        default=["deq", "dmf", "concat", "single"],
+    parser.add_argument("--methods", nargs="+", choices=["deq", "reference", "dmf", "concat", "single"],
+                        default=["deq", "reference", "dmf", "concat", "single"],
                         help="methods to run ('single': the best single view); default: all")
     parser.add_argument("--out", default="runs/rosmap")
     args = parser.parse_args()

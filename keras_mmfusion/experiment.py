@@ -15,7 +15,7 @@ import numpy as np
 from keras_mmfusion.datasets import load_modalities, load_multiomics, make_synthetic, stratified_split
 from keras_mmfusion.datasets.tabular import DataError
 from keras_mmfusion.evaluation import classification_metrics, fit_classifier
-from keras_mmfusion.models import build_classifier, make_fusion
+from keras_mmfusion.models import build_classifier, build_reference_classifier, make_fusion
 
 SHARED_ROSMAP = os.path.join("..", "shared", "data", "rosmap")
 
@@ -113,19 +113,25 @@ def select_views(splits, views):
 
 
 def build_model(fusion_name, splits, settings, input_names=None, train_inputs=None):
-    """The standard classifier around the named fusion (``"single"``: one modality, no fusion).
+    """The standard classifier around the named fusion (``"single"``: one modality, no fusion;
+    ``"reference"``: :func:`keras_mmfusion.models.build_reference_classifier`).
 
     With ``settings.standardize``, every modality is standardised with the per-feature
     statistics of ``train_inputs`` (default: all of ``splits.train``).
     """
-    fusion = None
-    if fusion_name != "single":
-        fusion = make_fusion(fusion_name, settings.units, num_modalities=len(splits.widths),
-                             **settings.fusion_options)
     if settings.standardize:
         standardize_with = splits.train[0] if train_inputs is None else train_inputs
     else:
         standardize_with = None
+    if fusion_name == "reference":
+        return build_reference_classifier(
+            splits.widths, splits.num_classes, units=settings.units, dropout=settings.dropout,
+            fusion_options=settings.fusion_options, input_names=input_names, standardize_with=standardize_with,
+        )
+    fusion = None
+    if fusion_name != "single":
+        fusion = make_fusion(fusion_name, settings.units, num_modalities=len(splits.widths),
+                             **settings.fusion_options)
     return build_classifier(
         fusion, splits.widths, splits.num_classes, encoder_units=settings.units, head_units=settings.units,
         dropout=settings.dropout, l2=settings.l2, input_names=input_names, standardize_with=standardize_with,
@@ -150,7 +156,8 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
     train = (model_input(train_part), splits.train[1][keep])
     val = (model_input([a[held] for a in splits.train[0]]), splits.train[1][held])
     model = build_model(fusion_name, splits, settings, train_inputs=train_part)
-    modality_weight = settings.modality_weight if fusion_name != "single" else 0.0
+    # The reference classifier has its own per-modality heads; a single modality has none.
+    modality_weight = settings.modality_weight if fusion_name not in ("single", "reference") else 0.0
     fit = dict(batch_size=settings.batch_size, lr=settings.lr, modality_weight=modality_weight,
                verbose=verbose, jit_compile=settings.jit_compile)
     history, timer = fit_classifier(model, train, settings.epochs, val, patience=settings.patience,

@@ -8,15 +8,19 @@ import keras
 
 from keras_mmfusion.layers import (
     ConcatFusion,
+    ConfidenceHead,
     DEQFusion,
     DenseFusion,
     DynamicFusion,
+    FeatureGate,
     GatedFusion,
     LowRankTensorFusion,
     PropagateNonFinite,
     SumFusion,
     TensorFusion,
+    training_labels,
 )
+from keras_mmfusion.validation import check_int
 
 
 def _deq(units, **kwargs):
@@ -165,3 +169,94 @@ def with_modality_heads(classifier):
         heads[f"modality_{i}"] = keras.layers.Dense(num_classes, activation="softmax", name=f"modality_head_{i}")(
             classifier.get_layer(source).output)
     return keras.Model(classifier.inputs, {"probabilities": classifier.outputs[0], **heads})
+
+
+@keras.saving.register_keras_serializable(package="keras_mmfusion")
+class ReferenceClassifier(keras.Model):
+    """A functional model whose training step hands the labels to its confidence heads.
+
+    It is built by :func:`build_reference_classifier` and behaves as any functional
+    Keras model (``predict``, ``save``/``load_model`` in safe mode, export); its only
+    difference is ``train_step``, which runs Keras's own step inside
+    :func:`keras_mmfusion.layers.training_labels`, so ``model.fit(x, y)`` trains the
+    :class:`~keras_mmfusion.layers.ConfidenceHead` layers with the batch's labels.
+    """
+
+    # The signature of a functional model's, so that Keras saves and revives it as one.
+    def __init__(self, inputs, outputs, name=None, **kwargs):
+        super().__init__(inputs=inputs, outputs=outputs, name=name, **kwargs)
+
+    def train_step(self, data):
+        _, labels, _ = keras.utils.unpack_x_y_sample_weight(data)
+        with training_labels(labels):
+            return super().train_step(data)
+
+
+def build_reference_classifier(
+    input_widths,
+    num_classes,
+    units=300,
+    dropout=0.5,
+    gate_weight=1.0,
+    confidence_weight=1.0,
+    fusion_options=None,
+    input_names=None,
+    standardize_with=None,
+):
+    """The classifier of DEQ fusion's multi-omics experiments (Ni et al., arXiv 2306.16645).
+
+    Multimodal Dynamics (Han et al., CVPR 2022) with DEQ fusion in place of
+    concatenation. Every modality ``i`` goes through a :class:`FeatureGate`
+    (``feature_gate_<i>``, whose mean gate value is a sparsity loss), a
+    ``Dense(units)`` + ReLU encoder (``encoder_<i>``) and dropout, and a
+    :class:`ConfidenceHead` (``confidence_<i>``: a per-modality classifier and a
+    true-class-probability confidence that scales the encoding). ``DEQFusion``
+    (``deq_fusion``) fuses the scaled encodings; its injected fused input starts as their
+    plain sum (injection weights 1, bias 0, both trained). A linear softmax classifier
+    (``probabilities``) reads the fused state.
+
+    Compile it with ``"sparse_categorical_crossentropy"`` and train it with
+    ``model.fit(x, y)``: the gates', confidence heads' and DEQ layer's losses are added
+    in training, and ``fit`` logs them (``feature_gate_<i>_sparsity``,
+    ``confidence_<i>_loss``, ``deq_*``). The model's only output is the class
+    probabilities, so it saves and exports like :func:`build_classifier`'s models.
+
+    Args:
+        input_widths: the width of every modality (at least two).
+        num_classes: the number of classes.
+        units: the width of the encoders and of every DEQ state.
+        dropout: dropout after each encoder.
+        gate_weight: the weight of each gate's sparsity loss.
+        confidence_weight: the weight of each confidence head's loss.
+        fusion_options: keyword arguments for ``DEQFusion`` (its defaults otherwise).
+        input_names: the ``keras.Input`` names (default ``modality_0``, ...).
+        standardize_with: optional training arrays, one per modality, to standardise
+            the inputs with (as in :func:`build_classifier`).
+
+    Returns:
+        A :class:`ReferenceClassifier`.
+    """
+    check_int("units", units)
+    check_int("num_classes", num_classes, minimum=2)
+    if len(input_widths) < 2:
+        raise ValueError(f"The reference classifier fuses two or more modalities; got widths {list(input_widths)}.")
+    for i, width in enumerate(input_widths):
+        check_int(f"input_widths[{i}]", width)
+    names = input_names or [f"modality_{i}" for i in range(len(input_widths))]
+    inputs = [keras.Input((w,), name=n) for w, n in zip(input_widths, names)]
+    encoded = []
+    for i, raw in enumerate(inputs):
+        x = raw
+        if standardize_with is not None:
+            norm = keras.layers.Normalization(axis=-1, name=f"standardize_{i}")
+            norm.adapt(standardize_with[i])
+            x = norm(x)
+        x = FeatureGate(gate_weight, name=f"feature_gate_{i}")(x)
+        h = keras.layers.Dense(units, activation="relu", kernel_initializer="glorot_normal", name=f"encoder_{i}")(x)
+        h = PropagateNonFinite(name=f"non_finite_{i}")([h, raw])
+        if dropout:
+            h = keras.layers.Dropout(dropout, name=f"encoder_dropout_{i}")(h)
+        encoded.append(ConfidenceHead(num_classes, confidence_weight, name=f"confidence_{i}")(h))
+    fused = DEQFusion(units=units, name="deq_fusion", **(fusion_options or {}))(encoded)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(fused)
+    return ReferenceClassifier(inputs, outputs, name="reference_classifier")

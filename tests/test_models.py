@@ -2,6 +2,8 @@ import numpy as np
 import pytest
 import keras
 
+import keras_mmfusion as mmf
+from keras_mmfusion.datasets import stratified_split
 from keras_mmfusion.experiment import Settings, Splits, build_model, run_trial
 from keras_mmfusion.models import build_classifier, with_modality_heads
 
@@ -93,3 +95,19 @@ def plain_two_input_model():
 def test_modality_heads_reject_models_they_cannot_supervise(model, message):
     with pytest.raises(ValueError, match=message):
         with_modality_heads(model())
+
+
+def test_the_reference_classifier_runs_the_same_protocol():
+    rng = np.random.default_rng(3)
+    train, test = shifted_modalities(rng, 100), shifted_modalities(rng, 20)
+    splits = Splits((train, np.arange(100) % 2), (test, np.arange(20) % 2), 2, "toy")
+    settings = Settings(units=8, epochs=3, patience=2, batch_size=16, modality_weight=1.0)
+    model, history, metrics = run_trial(splits, "reference", 0, settings)
+    assert isinstance(model, mmf.models.ReferenceClassifier)
+    # Its own confidence heads trained (no extra modality heads), on the 80-sample part.
+    assert "confidence_0_loss" in history and "modality_0_loss" not in history
+    keep, _ = stratified_split(splits.train[1], settings.validation_fraction, 0)
+    np.testing.assert_allclose(np.asarray(model.get_layer("standardize_1").mean).ravel(), train[1][keep].mean(0),
+                               rtol=1e-5)
+    assert int(model.optimizer.iterations) == metrics["epochs_run"] * int(np.ceil(80 / 16))
+    assert 0 <= metrics["accuracy"] <= 1

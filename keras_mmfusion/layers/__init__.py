@@ -7,23 +7,28 @@ from keras_mmfusion.layers.basic import (
     SumFusion,
     TensorFusion,
 )
+from keras_mmfusion.layers.confidence import ConfidenceHead, training_labels
 from keras_mmfusion.layers.deq_fusion import DEQFusion
 from keras_mmfusion.layers.dense_fusion import DenseFusion
 from keras_mmfusion.layers.dynamic import DynamicFusion
+from keras_mmfusion.layers.feature_gate import FeatureGate
 from keras_mmfusion.layers.fusion_layer import FusionLayer
 from keras_mmfusion.layers.non_finite import PropagateNonFinite
 from keras_mmfusion.layers.normalization import ExactGroupNormalization
 
 __all__ = [
     "ConcatFusion",
+    "ConfidenceHead",
     "DEQFusion",
     "DenseFusion",
     "DynamicFusion",
     "ExactGroupNormalization",
+    "FeatureGate",
     "FusionLayer",
     "GatedFusion",
     "LowRankTensorFusion",
     "PropagateNonFinite",
     "SumFusion",
     "TensorFusion",
+    "training_labels",
 ]

@@ -1,0 +1,112 @@
+"""True-class-probability confidence heads (Han et al., "Multimodal Dynamics", CVPR 2022)."""
+
+import contextlib
+import threading
+
+import keras
+from keras import ops
+
+from keras_mmfusion.validation import check_int
+
+_LABELS = threading.local()
+
+
+@contextlib.contextmanager
+def training_labels(labels):
+    """Make ``labels`` (integer class labels of the batch) visible to every
+    :class:`ConfidenceHead` called inside the block.
+
+    :class:`keras_mmfusion.models.ReferenceClassifier` wraps its training step in this,
+    so that ``model.fit(x, y)`` trains the confidence heads; a custom training loop
+    does the same around its forward pass.
+    """
+    previous = getattr(_LABELS, "labels", None)
+    _LABELS.labels = labels
+    try:
+        yield
+    finally:
+        _LABELS.labels = previous
+
+
+@keras.saving.register_keras_serializable(package="keras_mmfusion")
+class ConfidenceHead(keras.layers.Layer):
+    """A modality's classifier and its confidence, which scales the modality's encoding.
+
+    A ``Dense(num_classes)`` classifier and a ``Dense(1)`` confidence read the encoding
+    ``h``; the layer returns ``h * confidence``. In training the confidence is regressed
+    onto the classifier's softmax probability of the true class (the true-class
+    probability of Multimodal Dynamics), and the classifier is trained with
+    cross-entropy: ``loss_weight * (mean((c - p_true)^2) + mean(CE(logits, y)))`` is added
+    with ``add_loss`` and logged as ``<name>_loss``. The labels come from the enclosing
+    :func:`training_labels` block; a training call without one raises a ``ValueError``.
+
+    Args:
+        num_classes: the number of classes, at least 2.
+        loss_weight: the weight of the head's loss.
+        **kwargs: base ``Layer`` arguments.
+
+    Input shape:
+        ``(batch, units)``.
+
+    Output shape:
+        ``(batch, units)``.
+
+    Example:
+
+    >>> import numpy as np
+    >>> ConfidenceHead(num_classes=3)(np.ones((2, 8), "float32")).shape
+    TensorShape([2, 8])
+    """
+
+    def __init__(self, num_classes, loss_weight=1.0, **kwargs):
+        super().__init__(**kwargs)
+        check_int("num_classes", num_classes, minimum=2)
+        if not (isinstance(loss_weight, (int, float)) and loss_weight >= 0):
+            raise ValueError(f"loss_weight must be a number >= 0, got {loss_weight!r}.")
+        self.num_classes = num_classes
+        self.loss_weight = loss_weight
+        self.head_loss = keras.metrics.Mean(name=f"{self.name}_loss")
+
+    def build(self, input_shape):
+        if len(input_shape) != 2 or input_shape[-1] is None:
+            raise ValueError(
+                f"ConfidenceHead '{self.name}' reads (batch, units) encodings; got an input of shape "
+                f"{tuple(input_shape)}."
+            )
+        dense = dict(kernel_initializer="glorot_normal", dtype=self.dtype_policy)
+        self.classifier = keras.layers.Dense(self.num_classes, name="classifier", **dense)
+        self.confidence = keras.layers.Dense(1, name="confidence", **dense)
+        self.classifier.build(input_shape)
+        self.confidence.build(input_shape)
+
+    def call(self, h, training=None):
+        confidence = self.confidence(h)
+        if training:
+            labels = getattr(_LABELS, "labels", None)
+            if labels is None:
+                raise ValueError(
+                    f"ConfidenceHead '{self.name}' needs the batch's labels in training, to regress its "
+                    "confidence onto the true-class probability: train it inside "
+                    "keras_mmfusion.models.ReferenceClassifier, or call the model inside "
+                    "keras_mmfusion.layers.confidence.training_labels(y)."
+                )
+            labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
+            logits = ops.cast(self.classifier(h), "float32")
+            true_class = ops.one_hot(labels, self.num_classes, dtype="float32")
+            p_true = ops.sum(ops.softmax(logits) * true_class, axis=-1)
+            regression = ops.mean(ops.square(ops.cast(confidence[:, 0], "float32") - p_true))
+            cross_entropy = ops.mean(
+                keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
+            )
+            loss = regression + cross_entropy
+            self.head_loss.update_state(loss)
+            self.add_loss(self.loss_weight * loss)
+        return h * confidence
+
+    def compute_output_shape(self, input_shape):
+        return tuple(input_shape)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update(num_classes=self.num_classes, loss_weight=self.loss_weight)
+        return config
