@@ -141,9 +141,9 @@ def update_evaluations_per_training_step():
     return int(layer.last_stats["steps"]), len(calls)
 
 
-def summarise(results, epochs):
+def summarise(results):
     lines = []
-    header = f"{'task':9s} {'model':7s} {'params':>7s} {'acc @15':>14s} {'acc @' + str(epochs):>14s} " \
+    header = f"{'task':9s} {'model':7s} {'params':>7s} {'acc @15':>14s} {'acc @last':>14s} {'last':>5s} " \
              f"{'steps':>6s} {'residual':>9s} {'conv last 10':>13s}"
     lines.append(header)
     for task, models in results.items():
@@ -152,7 +152,8 @@ def summarise(results, epochs):
                 values = [r["curve"][min(epoch, len(r["curve"])) - 1]["accuracy"] for r in runs]
                 return f"{np.mean(values):.3f} +- {np.std(values):.3f}"
 
-            row = f"{task:9s} {kind:7s} {runs[0]['params']:7d} {acc_at(15):>14s} {acc_at(epochs):>14s} "
+            last = len(runs[0]["curve"])
+            row = f"{task:9s} {kind:7s} {runs[0]['params']:7d} {acc_at(15):>14s} {acc_at(last):>14s} {last:5d} "
             if "deq_steps" in runs[0]["curve"][0]:
                 last = [e for r in runs for e in r["curve"][-10:]]
                 row += f"{np.mean([e['deq_steps'] for e in last]):6.1f} " \
@@ -219,7 +220,7 @@ def main(argv=None):
     print(f"DEQFusion defaults: {keras.saving.serialize_keras_object(mmf.DEQFusion(units=32))['config']}")
     print(f"seeds: {args.seeds}; synthetic epochs: {args.epochs}; rosmap epochs: {args.rosmap_epochs} "
           "(rosmap accuracy is on the validation split)")
-    print(summarise(results, args.epochs))
+    print(summarise(results))
     print(f"one training step with the Jacobian penalty: {evaluations} evaluations of the update for "
           f"{steps} forward solver steps ({evaluations - steps} at the solution, shared by the penalty "
           "and the implicit backward pass)")

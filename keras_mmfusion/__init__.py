@@ -5,12 +5,16 @@ from keras_mmfusion.datasets import make_synthetic
 from keras_mmfusion.equilibrium import fixed_point_solve
 from keras_mmfusion.layers import (
     ConcatFusion,
+    ConfidenceHead,
     DEQFusion,
     DenseFusion,
     DynamicFusion,
+    ExactGroupNormalization,
+    FeatureGate,
     FusionLayer,
     GatedFusion,
     LowRankTensorFusion,
+    PropagateNonFinite,
     SumFusion,
     TensorFusion,
 )
@@ -21,9 +25,13 @@ __version__ = "0.1.0"
 
 __all__ = [
     "ConcatFusion",
+    "ConfidenceHead",
     "DEQFusion",
     "DenseFusion",
     "DynamicFusion",
+    "ExactGroupNormalization",
+    "FeatureGate",
+    "PropagateNonFinite",
     "RoutedObjective",
     "TemperatureSchedule",
     "FusionLayer",

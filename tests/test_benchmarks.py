@@ -1,4 +1,5 @@
-"""The DEQ benchmark's acceleration bound, checked against the package's own solvers."""
+"""The benchmarks' own measurements, checked: the DEQ benchmark's acceleration bound against
+the package's solvers, and the trainability benchmark's count of update evaluations."""
 
 import functools
 import os
@@ -14,6 +15,7 @@ BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "ben
 sys.path.insert(0, BENCHMARKS)
 try:
     from deq_bench import THRESHOLDS, linearised_steps, per_sample_steps
+    from deq_trainability import update_evaluations_per_training_step
 finally:
     sys.path.remove(BENCHMARKS)
 
@@ -72,3 +74,12 @@ def test_gmres_gains_little_on_a_disk_spectrum():
     assert plain <= 300
     assert gmres >= 0.7 * plain
     assert gmres <= solver_steps(get_solver("anderson"), jacobian, z_star)
+
+
+def test_a_training_step_evaluates_the_update_once_beyond_the_forward_solve():
+    # A Keras training step with the Jacobian penalty on (the default): the forward
+    # solve's evaluations, then one at the solution shared by the penalty and the
+    # implicit backward pass.
+    steps, evaluations = update_evaluations_per_training_step()
+    assert steps > 1
+    assert evaluations == steps + 1
