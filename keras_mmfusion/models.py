@@ -69,6 +69,28 @@ def make_fusion(name, units, num_modalities=None, **kwargs):
     return FUSIONS[name](units, name=f"{name}_fusion", **kwargs)
 
 
+def _modality_inputs(input_widths, input_names, standardize_with):
+    """The ``keras.Input`` of every modality, and what its encoder reads.
+
+    That is the input itself, or with ``standardize_with`` (one training array per
+    modality) the input through a ``keras.layers.Normalization`` (``standardize_<i>``)
+    adapted on that array.
+    """
+    names = input_names or [f"modality_{i}" for i in range(len(input_widths))]
+    inputs = [keras.Input((w,), name=n) for w, n in zip(input_widths, names)]
+    if standardize_with is None:
+        return inputs, list(inputs)
+    if len(standardize_with) != len(inputs):
+        raise ValueError(f"standardize_with has {len(standardize_with)} arrays; expected one per modality "
+                         f"({len(inputs)}).")
+    features = []
+    for i, x in enumerate(inputs):
+        norm = keras.layers.Normalization(axis=-1, name=f"standardize_{i}")
+        norm.adapt(standardize_with[i])
+        features.append(norm(x))
+    return inputs, features
+
+
 def build_classifier(
     fusion,
     input_widths,
@@ -106,19 +128,10 @@ def build_classifier(
         an infinity in any input gets NaN probabilities (see
         :class:`~keras_mmfusion.layers.PropagateNonFinite`).
     """
-    names = input_names or [f"modality_{i}" for i in range(len(input_widths))]
     regularizer = keras.regularizers.L2(l2) if l2 else None
-    inputs = [keras.Input((w,), name=n) for w, n in zip(input_widths, names)]
-    if standardize_with is not None and len(standardize_with) != len(inputs):
-        raise ValueError(f"standardize_with has {len(standardize_with)} arrays; expected one per modality "
-                         f"({len(inputs)}).")
+    inputs, features = _modality_inputs(input_widths, input_names, standardize_with)
     encoded = []
-    for i, raw in enumerate(inputs):
-        x = raw
-        if standardize_with is not None:
-            norm = keras.layers.Normalization(axis=-1, name=f"standardize_{i}")
-            norm.adapt(standardize_with[i])
-            x = norm(x)
+    for i, (raw, x) in enumerate(zip(inputs, features)):
         h = keras.layers.Dense(encoder_units, activation="relu", kernel_regularizer=regularizer, name=f"encoder_{i}")(x)
         # A sample with a non-finite input must come out NaN, not as a plausible answer,
         # and the fusion must see it as such (a DEQ solve then reports converged=False).
@@ -242,15 +255,9 @@ def build_reference_classifier(
         raise ValueError(f"The reference classifier fuses two or more modalities; got widths {list(input_widths)}.")
     for i, width in enumerate(input_widths):
         check_int(f"input_widths[{i}]", width)
-    names = input_names or [f"modality_{i}" for i in range(len(input_widths))]
-    inputs = [keras.Input((w,), name=n) for w, n in zip(input_widths, names)]
+    inputs, features = _modality_inputs(input_widths, input_names, standardize_with)
     encoded = []
-    for i, raw in enumerate(inputs):
-        x = raw
-        if standardize_with is not None:
-            norm = keras.layers.Normalization(axis=-1, name=f"standardize_{i}")
-            norm.adapt(standardize_with[i])
-            x = norm(x)
+    for i, (raw, x) in enumerate(zip(inputs, features)):
         x = FeatureGate(gate_weight, name=f"feature_gate_{i}")(x)
         h = keras.layers.Dense(units, activation="relu", kernel_initializer="glorot_normal", name=f"encoder_{i}")(x)
         h = PropagateNonFinite(name=f"non_finite_{i}")([h, raw])
