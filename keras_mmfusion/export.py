@@ -270,9 +270,9 @@ def _int8_blockers(model):
         "TFLite DIV kernel fails at run time, so the solver must stay in floating point." + alternative
     )
     routing = (
-        "its experts run inside TFLite IF branches, and post-training int8 calibration of the "
-        "tensors inside those branches is unreliable: a routed classifier on synthetic data "
-        "lost 14 accuracy points (0.90 to 0.76)." + alternative
+        "its experts run inside TFLite IF branches, and post-training int8 calibration does "
+        "not calibrate the tensors inside those branches reliably, so the experts must stay in "
+        "floating point." + alternative
     )
     blockers = []
     for layer in model._flatten_layers(include_self=False):

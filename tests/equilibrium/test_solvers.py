@@ -222,9 +222,10 @@ def test_map_with_unknown_batch_size_and_static_start(solver):
 
 @pytest.mark.parametrize("mixing", [1.0, 0.7])
 def test_anderson_under_xla_takes_the_same_steps_as_without(mixing):
-    # Under XLA Anderson keeps its history in a circular buffer instead of a rotating
-    # tuple. In float64, on a map that is far from converged after 12 steps (so the
-    # history wraps around twice with memory 4), every weight and iterate must agree.
+    # Under XLA the history's writes are dynamic-update-slices and its reads elementwise
+    # products summed by row, instead of scatters and batched matrix products. In
+    # float64, on a map that is far from converged after 12 steps (so the history wraps
+    # around twice with memory 4), every weight and iterate must agree.
     rng = np.random.default_rng(3)
     a = tf.constant(0.9 * rng.normal(size=(16, 16)) / 4.0)
     b = tf.constant(rng.normal(size=(5, 16)))
