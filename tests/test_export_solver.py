@@ -36,14 +36,29 @@ def keras_outputs(model, xs):
     return {k: v.numpy() for k, v in serve(*[tf.constant(x) for x in xs]).items()}
 
 
-def assert_same_iteration(reference, got, layer, trace_rtol):
-    steps = int(reference[f"{layer}_steps"][0])
-    assert int(got[f"{layer}_steps"][0]) == steps, (got[f"{layer}_steps"], steps)
-    np.testing.assert_array_equal(got[f"{layer}_converged"], reference[f"{layer}_converged"])
-    # The trace holds the batch-mean residual after every evaluation of the update.
-    np.testing.assert_allclose(got[f"{layer}_trace"][:steps], reference[f"{layer}_trace"][:steps],
-                               rtol=trace_rtol, atol=1e-7)
-    assert not np.any(got[f"{layer}_trace"][steps:])
+def assert_same_iteration(reference, got, layer, tol):
+    """The exported solve took Keras's steps, residual trace and converged flags.
+
+    Runtimes round differently in float32, so a sample whose residual lands within
+    float error of ``tol`` can be counted converged one step apart. Step counts may
+    differ by one only then: when the runtime that stopped first stopped with its
+    largest residual within 5% of ``tol``. A solver that iterates differently takes
+    several steps more (13 against 10 for the previous Anderson loop in TFLite).
+    """
+    steps, got_steps = int(reference[f"{layer}_steps"][0]), int(got[f"{layer}_steps"][0])
+    if got_steps != steps:
+        first = reference if steps < got_steps else got
+        assert abs(got_steps - steps) == 1, (got_steps, steps)
+        assert np.max(first[f"{layer}_residual"]) > 0.95 * tol, (got_steps, steps, first[f"{layer}_residual"])
+    else:
+        np.testing.assert_array_equal(got[f"{layer}_converged"], reference[f"{layer}_converged"])
+    # The trace holds the batch-mean residual after every evaluation of the update. The
+    # absolute floor, 1e-5 of the starting residual, is about 100 float32 roundings:
+    # Anderson's least-squares weights amplify the runtimes' rounding differences.
+    common = min(steps, got_steps)
+    trace, want = got[f"{layer}_trace"], reference[f"{layer}_trace"]
+    np.testing.assert_allclose(trace[:common], want[:common], rtol=1e-3, atol=1e-5 * want[0])
+    assert not np.any(trace[got_steps:])
 
 
 @keras.saving.register_keras_serializable(package="test_export_solver")
@@ -85,7 +100,7 @@ def test_solver_iterates_alike_in_every_runtime_on_a_known_fixed_point(solver, t
     assert bool(np.all(reference["solve_converged"]))
     for fmt in ("tflite", "onnx"):
         got = export.run_export(exported(model, fmt, tmp_path), {"x": x})
-        assert_same_iteration(reference, got, "solve", trace_rtol=1e-3)
+        assert_same_iteration(reference, got, "solve", tol=1e-6)
         np.testing.assert_allclose(got["z"], z, atol=1e-5)
 
 
@@ -124,7 +139,7 @@ def test_trained_classifier_iterates_alike_in_every_runtime(solver, trained_deq,
     feed = dict(zip(export.input_names(model), xs))
     for fmt in FORMATS:
         got = export.run_export(exported(model, fmt, tmp_path / fmt), feed)
-        assert_same_iteration(reference, got, "deq_fusion", trace_rtol=1e-3)
+        assert_same_iteration(reference, got, "deq_fusion", tol=model.get_layer("deq_fusion").tol)
         np.testing.assert_allclose(got["probabilities"], reference["probabilities"], atol=1e-4)
 
 

@@ -118,7 +118,7 @@ def select_rows(condition, x, y):
     first and cost about 1.5 times as much on a 2-core CPU. Elsewhere the broadcast
     form, since a graph built without XLA may be exported: tf2onnx lowers the rank-1
     form to arithmetic on both operands, so a NaN in the row not chosen (a sample
-    with a non-finite input) spread to every row of the ONNX result.
+    with a non-finite input) would spread to every row of the ONNX result.
     """
     if in_xla_context():
         return tf.compat.v1.where(condition, x, y)

@@ -29,7 +29,7 @@ from keras_mmfusion.equilibrium.iteration import (
     check_solver_arguments,
     residual_norm,
 )
-from keras_mmfusion.equilibrium.jacobian import check_probes, jacobian_norm_from_vjp
+from keras_mmfusion.equilibrium.jacobian import check_probes, hutchinson_jacobian_norm, jacobian_norm_from_vjp
 from keras_mmfusion.equilibrium.solvers import get_solver
 from keras_mmfusion.validation import check_int
 
@@ -108,13 +108,10 @@ def fixed_point_solve(
     probes = None if jacobian_probes is None else check_probes(jacobian_probes, z0)
 
     def with_penalty(z, stats):
+        # The phantom and unrolled modes evaluate f at z for the penalty on its own.
         if probes is None:
             return z, stats
-        z_star = tf.stop_gradient(z)
-        with tf.GradientTape(watch_accessed_variables=False, persistent=probes.shape[0] > 1) as tape:
-            tape.watch(z_star)
-            fz = f(z_star, x)
-        penalty = jacobian_norm_from_vjp(lambda e: tape.gradient(fz, z_star, output_gradients=e), z_star, probes)
+        penalty = hutchinson_jacobian_norm(lambda s: f(s, x), tf.stop_gradient(z), probes=probes)
         return z, stats._replace(jacobian=penalty)
 
     if backward == "unrolled":
