@@ -54,14 +54,15 @@ def test_evaluate_reloads_the_model(trained_run, capsys):
 
 def test_export_subcommand_writes_a_tflite_file(trained_run, capsys):
     out = trained_run / "model.tflite"
-    assert cli.main(["export", "--model", str(trained_run / "model.keras"), "--format", "tflite", "--out", str(out)]) == 0
-    printed = capsys.readouterr().out
-    assert "WHILE" in printed and out.stat().st_size > 0
-    # An existing output is refused before any conversion, then replaced with --overwrite.
+    out.write_bytes(b"an earlier file")
     args = ["export", "--model", str(trained_run / "model.keras"), "--format", "tflite", "--out", str(out)]
+    # An existing output is refused before any conversion, then replaced with --overwrite.
     assert cli.main(args) == 2
     assert f"{out} exists; pass overwrite=True (mmfusion export --overwrite)" in capsys.readouterr().err
+    assert out.read_bytes() == b"an earlier file"
     assert cli.main(args + ["--overwrite"]) == 0
+    printed = capsys.readouterr().out
+    assert "WHILE" in printed and out.stat().st_size > 1000
     # int8 calibrates on the data it is given, never on a stand-in.
     assert cli.main(args + ["--quantize", "int8"]) == 2
     assert "--quantize int8 needs calibration data: pass --data" in capsys.readouterr().err
