@@ -239,24 +239,28 @@ def _verify_exported(model, path, splits, quantize, diagnostics):
     got = export.run_export(path, dict(zip(export.input_names(model), xs)))
     name = export.output_names(model)[0]
     expected, actual = reference[name].numpy(), got[name]
-    finite = np.isfinite(expected)
+    keras_classes, export_classes = np.argmax(expected, -1), np.argmax(actual, -1)
+    keras_accuracy, export_accuracy = np.mean(keras_classes == labels), np.mean(export_classes == labels)
     measured = {
-        "max_abs": float(np.max(np.abs(actual - expected)[finite], initial=0.0)),
-        "changed": float(np.mean(np.argmax(actual, -1) != np.argmax(expected, -1))),
-        "accuracy": abs(float(np.mean(np.argmax(actual, -1) == labels)) - float(np.mean(np.argmax(expected, -1) == labels))),
+        "max_abs": float(np.max(np.abs(actual - expected)[np.isfinite(expected)], initial=0.0)),
+        "changed": float(np.mean(export_classes != keras_classes)),
+        "accuracy": float(abs(export_accuracy - keras_accuracy)),
     }
     lines = [f"verified on {count} test samples of {splits.name}: max abs difference {measured['max_abs']:.2e}, "
-             f"predicted class changed on {measured['changed']:.1%}, accuracy "
-             f"{np.mean(np.argmax(actual, -1) == labels):.4f} (Keras {np.mean(np.argmax(expected, -1) == labels):.4f})"]
+             f"predicted class changed on {measured['changed']:.1%}, accuracy {export_accuracy:.4f} "
+             f"(Keras {keras_accuracy:.4f})"]
     failures = [f"{key} {measured[key]:.3g} > {limit:g}" for key, limit in EXPORT_TOLERANCES[quantize].items()
                 if measured[key] > limit]
+    # A sample whose residual lands within float rounding of tol can converge one step
+    # apart in another runtime; quantized weights move the iterates further.
+    step_tolerance = 1 if quantize is None else 2
     for key in [k for k in reference if k.endswith("_steps")]:
         layer = key[: -len("_steps")]
         keras_steps = int(reference[key][0])
         if diagnostics:
             steps = int(got[key][0])
             lines.append(f"{layer}: {steps} solver steps, Keras {keras_steps}")
-            if abs(steps - keras_steps) > (0 if quantize is None else 2):
+            if abs(steps - keras_steps) > step_tolerance:
                 failures.append(f"{layer} took {steps} solver steps, Keras {keras_steps}")
         else:
             lines.append(f"{layer}: Keras took {keras_steps} solver steps (export with --diagnostics to compare)")
