@@ -10,8 +10,11 @@ inputs to outputs.
 - ``to_tflite`` converts that SavedModel with ``tf.lite.TFLiteConverter`` and, by
   default, builtin ops only, so the file runs on a stock LiteRT runtime. An equilibrium
   solve becomes a builtin ``WHILE``; hard DynMM routing becomes ``WHERE``/``GATHER``/
-  ``SCATTER_ND`` and one ``IF`` per expert, so an unchosen expert does not run. int8
-  conversion runs in a subprocess, because the TFLite calibrator can crash the process.
+  ``SCATTER_ND`` and one ``IF`` per expert, so an unchosen expert does not run.
+  Quantised files are made from the float32 file by :mod:`keras_mmfusion.quantization`
+  (ai-edge-quantizer), which quantises the matrix products and keeps the input
+  standardisation and the solver in float32; int8 calibration runs in a subprocess,
+  because a LiteRT kernel that fails on int8 data can crash the process.
 - ``to_onnx`` converts the same function with tf2onnx (solver loops become ``Loop``).
 - ``verify_export`` runs the artefact in its own runtime and compares with Keras.
 """
@@ -26,6 +29,7 @@ import tempfile
 import numpy as np
 import tensorflow as tf
 
+from keras_mmfusion import quantization
 from keras_mmfusion.metrics import collecting_solver_stats, statistics_paused
 
 QUANTIZE_MODES = (None, "float16", "dynamic", "int8")
@@ -200,43 +204,13 @@ def to_saved_model(model, base_dir, version=1, model_name=None, diagnostics=Fals
 # -- TFLite -------------------------------------------------------------------------
 
 
-def _converter(saved_model_dir, quantize, builtins_only, representative=None):
+def _float_tflite(saved_model_dir, builtins_only):
     converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=["serving_default"])
     ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
-    if quantize == "float16":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.target_spec.supported_types = [tf.float16]
-    elif quantize == "dynamic":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    elif quantize == "int8":
-        converter.optimizations = [tf.lite.Optimize.DEFAULT]
-        converter.representative_dataset = representative
-        ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
     if not builtins_only:
         ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
     converter.target_spec.supported_ops = ops
-    return converter
-
-
-def _convert_int8_worker(saved_model_dir, samples_path, out_path, builtins_only):
-    """Entry point of the int8 subprocess: calibrate and write ``out_path``."""
-    samples = np.load(samples_path)
-    names = json.loads(str(samples["__names__"]))
-    count = len(samples[names[0]])
-
-    def representative():
-        for i in range(count):
-            yield {n: samples[n][i : i + 1] for n in names}
-
-    converter = _converter(saved_model_dir, "int8", builtins_only, representative)
-    flatbuffer = converter.convert()
-    # Run the quantized model once, so that a kernel that fails on int8 data fails here.
-    from ai_edge_litert.interpreter import Interpreter
-
-    runner = Interpreter(model_content=flatbuffer).get_signature_runner("serving_default")
-    runner(**next(representative()))
-    with open(out_path, "wb") as f:
-        f.write(flatbuffer)
+    return converter.convert()
 
 
 def _representative_arrays(model, representative_data):
@@ -258,29 +232,20 @@ def _representative_arrays(model, representative_data):
     return {n: np.concatenate(v) for n, v in rows.items()}
 
 
-def _int8_blockers(model):
-    """``(layer name, reason)`` for every layer that cannot run with int8 activations."""
-    from keras_mmfusion.layers.deq_fusion import DEQFusion
-    from keras_mmfusion.layers.dynamic import DynamicFusion
-
-    alternative = " Use quantize='dynamic' (int8 weights, float activations) or 'float16' instead"
-    solver = (
-        "its equilibrium solver divides by residual norms and solves a small linear system "
-        "inside its WHILE loop; with int8 activations those divisors quantize to zero and the "
-        "TFLite DIV kernel fails at run time, so the solver must stay in floating point." + alternative
-    )
-    routing = (
-        "its experts run inside TFLite IF branches, and post-training int8 calibration does "
-        "not calibrate the tensors inside those branches reliably, so the experts must stay in "
-        "floating point." + alternative
-    )
-    blockers = []
-    for layer in model._flatten_layers(include_self=False):
-        if isinstance(layer, DEQFusion):
-            blockers.append((layer.name, solver))
-        elif isinstance(layer, DynamicFusion) and layer.hard_inference:
-            blockers.append((layer.name, routing))
-    return blockers
+def _quantize_int8(model, float_path, saved_model_dir, representative_data, out_path, tmp):
+    """Run :func:`keras_mmfusion.quantization.quantize_tflite` for int8 in a subprocess."""
+    samples = _representative_arrays(model, representative_data)
+    samples_path = os.path.join(tmp, "samples.npz")
+    np.savez(samples_path, __names__=json.dumps(list(samples)), **samples)
+    # Run as a script: the subprocess imports TensorFlow only for a graph without control flow.
+    command = [sys.executable, quantization.__file__, "--int8-worker", float_path, saved_model_dir,
+               samples_path, out_path]
+    done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
+    if done.returncode != 0 or not os.path.isfile(out_path):
+        how = f"crashed with signal {-done.returncode}" if done.returncode < 0 else f"failed (exit {done.returncode})"
+        lines = [line for line in done.stderr.splitlines() if line.strip()]
+        message = lines[-1].strip() if lines else "no message"
+        raise ExportError(f"int8 quantisation of model '{model.name}' {how}: {message}")
 
 
 def to_tflite(model, path, quantize=None, representative_data=None, builtins_only=True, diagnostics=False,
@@ -291,11 +256,15 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
         model: a built Keras model.
         path: the output file.
         quantize: ``None`` (float32), ``"float16"`` (float16 weights),
-            ``"dynamic"`` (int8 weights, float activations) or ``"int8"`` (int8
-            weights and activations, calibrated on ``representative_data``).
+            ``"dynamic"`` (int8 weights, activations quantised on the fly) or
+            ``"int8"`` (int8 weights and activations, calibrated on
+            ``representative_data``). Only the matrix products are quantised, and
+            inside a solver loop only their weights; see
+            :mod:`keras_mmfusion.quantization`.
         representative_data: for ``"int8"``: an iterable or ``tf.data.Dataset``
             yielding one sample at a time, a list with one ``(1, d_i)`` array per
-            modality (or a dict keyed by input name).
+            modality (or a dict keyed by input name). Use training samples; for
+            DynMM, samples that reach every expert.
         builtins_only: allow only TFLite builtin ops (the default). ``False`` also
             allows TF (Flex) ops, which need the Flex delegate at run time.
         diagnostics: also return the solver's diagnostics (see :func:`serving_function`).
@@ -307,8 +276,8 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
 
     Raises:
         ValueError: a bad argument or an unbuilt model.
-        ExportError: the conversion failed; the message names the step, and for
-            int8 the layer that cannot be quantized and why.
+        ExportError: the conversion or quantisation failed; the message names the
+            step and carries the converter's or quantizer's own message.
     """
     if quantize not in QUANTIZE_MODES:
         raise ValueError(f"quantize must be one of {QUANTIZE_MODES}, got {quantize!r}.")
@@ -320,38 +289,31 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
     with tempfile.TemporaryDirectory() as tmp:
         saved = os.path.join(tmp, "saved_model")
         _write_saved_model(model, saved, diagnostics)
-        if quantize != "int8":
+        try:
+            flatbuffer = _float_tflite(saved, builtins_only)
+        except Exception as error:  # the converter raises ConverterError and others
+            raise ExportError(f"TFLite conversion of model '{model.name}' failed: {error}") from error
+        written = os.path.join(tmp, "model.tflite")
+        with open(written, "wb") as f:
+            f.write(flatbuffer)
+        if quantize == "int8":
+            quantized = os.path.join(tmp, "int8.tflite")
+            _quantize_int8(model, written, saved, representative_data, quantized, tmp)
+            written = quantized
+        elif quantize is not None:
             try:
-                flatbuffer = _converter(saved, quantize, builtins_only).convert()
-            except Exception as error:  # the converter raises ConverterError and others
-                raise ExportError(f"TFLite conversion of model '{model.name}' failed: {error}") from error
-            written = os.path.join(tmp, "model.tflite")
+                flatbuffer = quantization.quantize_tflite(flatbuffer, quantize)
+            except Exception as error:  # ai-edge-quantizer raises ValueError and others
+                raise ExportError(f"{quantize} quantisation of model '{model.name}' failed: {error}") from error
             with open(written, "wb") as f:
                 f.write(flatbuffer)
-            _replace(written, path)
-            return path
-        blockers = _int8_blockers(model)
-        if blockers:
-            name, reason = blockers[0]
-            raise ExportError(f"Model '{model.name}' cannot be int8-quantized: layer '{name}': {reason}.")
-        samples = _representative_arrays(model, representative_data)
-        samples_path = os.path.join(tmp, "samples.npz")
-        np.savez(samples_path, __names__=json.dumps(list(samples)), **samples)
-        written = os.path.join(tmp, "model.tflite")
-        command = [sys.executable, "-m", "keras_mmfusion.export", "--int8-worker", saved, samples_path, written,
-                   "1" if builtins_only else "0"]
-        done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
-        if done.returncode != 0 or not os.path.isfile(written):
-            how = f"crashed with signal {-done.returncode}" if done.returncode < 0 else f"failed (exit {done.returncode})"
-            tail = "\n".join(done.stderr.strip().splitlines()[-5:])
-            raise ExportError(f"int8 conversion of model '{model.name}' {how} in its subprocess:\n{tail}")
         _replace(written, path)
     return path
 
 
 def tflite_report(path):
     """``{"ops": sorted builtin op names over all subgraphs, "size_bytes": ...}``."""
-    from tensorflow.lite.python import schema_py_generated as schema
+    from ai_edge_litert import schema_py_generated as schema
 
     with open(path, "rb") as f:
         buffer = f.read()
@@ -484,6 +446,3 @@ def verify_export(model, path, sample_inputs):
         report[name] = {"max_abs": diff, "max_rel": diff / max(float(np.max(np.abs(ref))), 1e-12)}
     return report
 
-
-if __name__ == "__main__" and len(sys.argv) == 6 and sys.argv[1] == "--int8-worker":
-    _convert_int8_worker(sys.argv[2], sys.argv[3], sys.argv[4], sys.argv[5] == "1")

@@ -109,6 +109,22 @@ def test_tflite_float32_and_float16_match_keras_with_builtin_ops_only(name, trai
         assert "IF" in report["ops"] and "SCATTER_ND" in report["ops"]
 
 
+def test_float16_keeps_the_input_standardisation_in_float32(tmp_path):
+    """Features around 1000 with spread 0.1: a mean rounded to float16 (steps of 0.5)
+    would shift them by up to 2.5 standard deviations."""
+    x, y = data(600, seed=3)
+    x = [1000.0 + 0.1 * a for a in x]
+    keras.utils.set_random_seed(0)
+    model = mmf.models.build_classifier(make_fusion("concat"), WIDTHS, 2, encoder_units=UNITS, head_units=UNITS,
+                                        standardize_with=x)
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    model.fit(x, y, epochs=3, batch_size=64, verbose=0)
+    path = export.to_tflite(model, tmp_path / "f16.tflite", quantize="float16")
+    assert "DEQUANTIZE" in export.tflite_report(path)["ops"]  # the Dense kernels are float16
+    errors = export.verify_export(model, path, [a[:64] for a in x])
+    assert errors["probabilities"]["max_abs"] <= 2e-3, errors
+
+
 @pytest.mark.parametrize("name", NAMES)
 def test_onnx_matches_keras(name, trained, tmp_path):
     models, _, test = trained
@@ -124,30 +140,37 @@ def test_onnx_matches_keras(name, trained, tmp_path):
         assert errors["probabilities"]["max_abs"] <= 1e-4, errors
 
 
-@pytest.mark.parametrize("name", [n for n in NAMES if n not in ("deq", "dynmm")])
-def test_int8_accuracy_within_two_points(name, trained, tmp_path):
+# The DEQ model here is made contractive by hand, not trained to accuracy; int8 of a trained
+# DEQ classifier, with its solver's steps, is tested in test_export_solver.py.
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "deq"])
+def test_int8_accuracy_within_one_point_with_builtin_ops(name, trained, tmp_path):
     models, train, test = trained
     model = models[name]
     representative = ([a[i : i + 1] for a in train[0]] for i in range(200))
     path = export.to_tflite(model, tmp_path / f"{name}_int8.tflite", quantize="int8", representative_data=representative)
+    ops = export.tflite_report(path)["ops"]
+    assert "QUANTIZE" in ops and not [op for op in ops if op.startswith("Flex") or op == "CUSTOM"], ops
     float_accuracy = float(np.mean(model.predict(test[0], verbose=0).argmax(-1) == test[1]))
     feed = dict(zip(export.input_names(model), test[0]))
     probabilities = export.run_export(path, feed)["probabilities"]
     int8_accuracy = float(np.mean(probabilities.argmax(-1) == test[1]))
     assert float_accuracy > 0.7
-    assert int8_accuracy >= float_accuracy - 0.02, (int8_accuracy, float_accuracy)
+    assert int8_accuracy >= float_accuracy - 0.01, (int8_accuracy, float_accuracy)
 
 
-@pytest.mark.parametrize(
-    "name, reason",
-    [("deq", "layer 'deq': its equilibrium solver divides"), ("dynmm", "layer 'dynmm': its experts run inside TFLite IF")],
-)
-def test_int8_of_solver_and_routing_layers_is_refused_with_the_layer_and_reason(name, reason, trained, tmp_path):
+def test_int8_calibration_must_reach_every_dynmm_expert(trained, tmp_path):
     models, train, _ = trained
-    representative = ([a[i : i + 1] for a in train[0]] for i in range(20))
-    path = tmp_path / f"{name}_int8.tflite"
-    with pytest.raises(export.ExportError, match=f"cannot be int8-quantized: {reason}"):
-        export.to_tflite(models[name], path, quantize="int8", representative_data=representative)
+    model = models["dynmm"]
+    layer = model.get_layer("dynmm")
+    model.predict(train[0], batch_size=len(train[1]), verbose=0)
+    route = np.asarray(layer.last_routing)
+    assert 0 < np.mean(route == 0) < 1, np.bincount(route)
+    cheap_only = np.flatnonzero(route == 0)[:50]
+    representative = [[a[i : i + 1] for a in train[0]] for i in cheap_only]
+    path = tmp_path / "dynmm_int8.tflite"
+    with pytest.raises(export.ExportError, match="int8 quantisation of model .* failed .*: ValueError: int8 "
+                       "calibration never ran some quantised op; .* samples routed to every expert"):
+        export.to_tflite(model, path, quantize="int8", representative_data=representative)
     assert not path.exists()
 
 
