@@ -38,7 +38,7 @@ def build_parser():
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     train = sub.add_parser("train", help="train a fusion classifier", description=(
-        "Train a classifier (per-modality encoders, a fusion layer, an MLP head). 20%% of the training "
+        "Train a classifier (per-modality encoders, a fusion layer, an MLP head). 20% of the training "
         "split (stratified) is held out for validation; the epoch with the best validation value is "
         "kept; the test split is evaluated once at the end."))
     train.add_argument("--data", default="synthetic",
@@ -100,6 +100,10 @@ def _load_data(spec):
 def _load_model(path):
     if not os.path.isfile(path):
         raise CommandError(f"model file not found: {path}")
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        raise CommandError(f"{path} is not a valid .keras archive (a .keras file is a zip archive written by model.save)")
     import keras
 
     try:

@@ -13,7 +13,7 @@ import keras
 import numpy as np
 
 from keras_mmfusion.datasets import load_modalities, load_multiomics, make_synthetic, stratified_split
-from keras_mmfusion.datasets.tabular import DataError
+from keras_mmfusion.datasets.tabular import DataError, check_classes, check_splits
 from keras_mmfusion.evaluation import classification_metrics, fit_classifier
 from keras_mmfusion.models import build_classifier, build_reference_classifier, make_fusion
 
@@ -91,7 +91,7 @@ def load_splits(spec, seed=0):
     if os.path.isfile(os.path.join(folder, "labels_tr.csv")):
         train = load_multiomics(folder, "train")
         test = load_multiomics(folder, "test")
-        num_classes = int(max(train[1].max(), test[1].max())) + 1
+        num_classes = check_splits(train, test, ("labels_tr.csv", "labels_te.csv"))
         return Splits(train, test, num_classes, name)
     files = sorted(os.listdir(folder))
     labels = [f for f in files if f in ("labels.csv", "labels.npy")]
@@ -102,8 +102,9 @@ def load_splits(spec, seed=0):
             "modality files (.csv/.npy) plus labels.csv or labels.npy."
         )
     x, y = load_modalities(modalities, os.path.join(folder, labels[0]))
+    num_classes = check_classes([y], [labels[0]])
     keep, held = stratified_split(y, 0.2, seed)
-    return Splits(([a[keep] for a in x], y[keep]), ([a[held] for a in x], y[held]), int(y.max()) + 1, name)
+    return Splits(([a[keep] for a in x], y[keep]), ([a[held] for a in x], y[held]), num_classes, name)
 
 
 def select_views(splits, views):

@@ -144,3 +144,22 @@ def test_generic_folder_is_accepted(tmp_path):
 
     splits = load_splits(str(tmp_path))
     assert splits.widths == [3, 3] and len(splits.train[1]) == 32 and len(splits.test[1]) == 8
+
+
+def test_train_help_shows_a_plain_percent_sign(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["train", "--help"])
+    assert exit_info.value.code == 0
+    description = " ".join(capsys.readouterr().out.split())
+    assert "20% of the training split" in description and "%%" not in description
+
+
+@pytest.mark.parametrize("content", [b"", b"not a zip archive", b"PK\x03\x04truncated"])
+def test_a_file_that_is_not_a_keras_archive_is_named(content, tmp_path, capsys):
+    path = tmp_path / "model.keras"
+    path.write_bytes(content)
+    for command in (["evaluate", "--model", str(path)], ["export", "--model", str(path), "--format", "onnx"]):
+        assert cli.main(command) == 2
+        lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+        assert lines == [f"mmfusion: error: {path} is not a valid .keras archive (a .keras file is a zip archive "
+                         "written by model.save)"], lines

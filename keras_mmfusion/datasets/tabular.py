@@ -15,6 +15,10 @@ class DataError(ValueError):
     """A data file is missing, malformed or inconsistent with the others."""
 
 
+# Standardisation squares every value: beyond this magnitude the square overflows float32.
+LARGEST_VALUE = float(np.sqrt(np.finfo(np.float32).max))
+
+
 def _parse_csv(path):
     rows = []
     with open(path, newline="") as handle:
@@ -48,7 +52,8 @@ def read_matrix(path):
 
     Raises:
         DataError: the file is missing, a cell is not a number, rows differ in length,
-            or a value is NaN or infinite; the message names the file, row and column.
+            or a value is NaN, infinite or so large that its square overflows float32;
+            the message names the file, row and column.
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -68,6 +73,14 @@ def read_matrix(path):
         raise DataError(
             f"{path}: row {row + 1}, column {column + 1} is {values[row, column]}; "
             f"NaN and infinite values are not allowed ({len(bad)} such cells)."
+        )
+    huge = np.argwhere(np.abs(values) > LARGEST_VALUE)
+    if huge.size:
+        row, column = huge[0]
+        raise DataError(
+            f"{path}: row {row + 1}, column {column + 1} is {values[row, column]:g}; values beyond "
+            f"{LARGEST_VALUE:.3g} in magnitude overflow float32 when squared by the standardisation "
+            f"({len(huge)} such cells)."
         )
     return values.astype(np.float32)
 
@@ -126,3 +139,43 @@ def load_modalities(modality_files, labels_file, num_classes=None):
                 f"has {len(labels)}; every modality needs one row per sample, in the same order."
             )
     return inputs, labels
+
+
+def check_splits(train, test, names=("train", "test")):
+    """Check before training that two splits describe the same problem.
+
+    Args:
+        train, test: ``(inputs, labels)`` pairs.
+        names: how the messages name the two splits (e.g. the labels files).
+
+    Returns:
+        The number of classes.
+
+    Raises:
+        DataError: the splits have different numbers of modalities or widths, the class
+            labels have a gap (e.g. {0, 2}), or a class appears in only one split; the
+            message gives the class counts per split.
+    """
+    if len(train[0]) != len(test[0]):
+        raise DataError(f"{names[0]} has {len(train[0])} modalities but {names[1]} has {len(test[0])}.")
+    for i, (a, b) in enumerate(zip(train[0], test[0])):
+        if a.shape[1] != b.shape[1]:
+            raise DataError(f"modality {i}: {names[0]} has {a.shape[1]} features but {names[1]} has {b.shape[1]}.")
+    return check_classes([train[1], test[1]], names)
+
+
+def check_classes(label_sets, names):
+    """The number of classes, after checking that every class ``0..k-1`` occurs in every label set."""
+    classes = np.unique(np.concatenate(label_sets))
+    counts = "; ".join(
+        f"{name}: " + ", ".join(f"class {c}: {int(np.sum(labels == c))}" for c in classes)
+        for name, labels in zip(names, label_sets)
+    )
+    if not np.array_equal(classes, np.arange(len(classes))):
+        missing = sorted(set(range(int(classes.max()) + 1)) - set(classes.tolist()))
+        raise DataError(f"class labels must be 0..k-1 without gaps; no sample has label {missing} ({counts}).")
+    for name, labels in zip(names, label_sets):
+        absent = [int(c) for c in classes if not np.any(labels == c)]
+        if absent:
+            raise DataError(f"class {absent} does not occur in {name} ({counts}).")
+    return len(classes)

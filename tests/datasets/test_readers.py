@@ -126,3 +126,46 @@ def test_stratified_split_holds_out_each_class_proportionally():
     assert (labels[held] == 0).sum() == 10 and (labels[held] == 1).sum() == 6
     again, _ = stratified_split(labels, 0.2, seed=3)
     np.testing.assert_array_equal(keep, again)
+
+
+def test_values_whose_square_overflows_float32_are_refused(tmp_path):
+    write_csv(tmp_path / "a.csv", [[1.0, 2.0], [3.0, 1e30]])
+    write_csv(tmp_path / "labels.csv", [[0], [1]])
+    with pytest.raises(DataError, match=r"a.csv: row 2, column 2 is 1e\+30; values beyond 1.84e\+19 .* overflow"):
+        load_modalities([tmp_path / "a.csv"], tmp_path / "labels.csv")
+    write_csv(tmp_path / "a.csv", [[1.0, 2.0], [3.0, 1e18]])  # large, but its square fits
+    assert load_modalities([tmp_path / "a.csv"], tmp_path / "labels.csv")[0][0][1, 1] == np.float32(1e18)
+
+
+def test_splits_are_checked_against_each_other_before_training(tmp_path):
+    from keras_mmfusion.experiment import load_splits
+
+    folder = mogonet_folder(tmp_path)
+    assert load_splits(str(folder)).num_classes == 2
+    write_csv(folder / "2_te.csv", np.zeros((4, 3)))
+    with pytest.raises(DataError, match="modality 1: labels_tr.csv has 2 features but labels_te.csv has 3"):
+        load_splits(str(folder))
+    write_csv(folder / "2_te.csv", np.zeros((4, 2)))
+    write_csv(folder / "labels_te.csv", [[0], [0], [0], [2]])
+    with pytest.raises(DataError, match=r"class \[2\] does not occur in labels_tr.csv \(labels_tr.csv: class 0: 3, "
+                                         r"class 1: 3, class 2: 0; labels_te.csv: class 0: 3, class 1: 0, class 2: 1\)"):
+        load_splits(str(folder))
+    write_csv(folder / "labels_tr.csv", [[0], [2]] * 3)
+    with pytest.raises(DataError, match=r"without gaps; no sample has label \[1\] \(labels_tr.csv: class 0: 3, "
+                                         r"class 2: 3; labels_te.csv: class 0: 3, class 2: 1\)"):
+        load_splits(str(folder))
+    write_csv(folder / "labels_tr.csv", [[0], [1]] * 3)
+    write_csv(folder / "labels_te.csv", [[0], [0], [0], [0]])
+    with pytest.raises(DataError, match=r"class \[1\] does not occur in labels_te.csv \(labels_tr.csv: class 0: 3, "
+                                         r"class 1: 3; labels_te.csv: class 0: 4, class 1: 0\)"):
+        load_splits(str(folder))
+
+
+def test_generic_folder_labels_with_a_gap_are_refused(tmp_path):
+    from keras_mmfusion.experiment import load_splits
+
+    write_csv(tmp_path / "a.csv", np.zeros((10, 2)))
+    write_csv(tmp_path / "b.csv", np.zeros((10, 3)))
+    write_csv(tmp_path / "labels.csv", [[0], [2]] * 5)
+    with pytest.raises(DataError, match=r"no sample has label \[1\] \(labels.csv: class 0: 5, class 2: 5\)"):
+        load_splits(str(tmp_path))
