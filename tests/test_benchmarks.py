@@ -1,5 +1,6 @@
 """The benchmarks' own measurements, checked: the DEQ benchmark's acceleration bound against
-the package's solvers, and the trainability benchmark's count of update evaluations."""
+the package's solvers, the trainability benchmark's count of update evaluations, and the
+GPU check's reading of the XLA program, run here on the CPU."""
 
 import functools
 import os
@@ -16,6 +17,7 @@ sys.path.insert(0, BENCHMARKS)
 try:
     from deq_bench import THRESHOLDS, linearised_steps, per_sample_steps
     from deq_trainability import update_evaluations_per_training_step
+    import gpu_check
 finally:
     sys.path.remove(BENCHMARKS)
 
@@ -83,3 +85,14 @@ def test_a_training_step_evaluates_the_update_once_beyond_the_forward_solve():
     steps, evaluations = update_evaluations_per_training_step()
     assert steps > 1
     assert evaluations == steps + 1
+
+
+def test_gpu_check_reads_the_deq_training_step_as_one_xla_program_with_its_solver_loop():
+    x, y = gpu_check.data(batch=16, steps=3)
+    row = gpu_check.check_model("deq", x, y, batch=16)
+    assert row["losses_finite"] and row["one_xla_program"], row
+    assert row["hlo_while_loops"] >= 1 and row["hlo_host_transfers"] == 0, row
+    # The pattern finds the HLO ops that move data between host and device.
+    hlo = 'recv.1 = (f32[4], u32[], token[]) recv(token.2), channel_id=1, is_host_transfer=true'
+    assert len(gpu_check.HOST_TRANSFER.findall(hlo)) == 1
+    assert not gpu_check.HOST_TRANSFER.findall("while.3 = (s32[], f32[16,32]) while(tuple.5), condition=cond")
