@@ -2,6 +2,7 @@
 
 import keras
 
+from keras_mmfusion._internals import sublayers
 from keras_mmfusion.validation import check_int
 
 
@@ -34,7 +35,7 @@ class TemperatureSchedule(keras.callbacks.Callback):
     def _layers(self):
         from keras_mmfusion.layers.dynamic import DynamicFusion
 
-        found = [l for l in self.model._flatten_layers(include_self=False) if isinstance(l, DynamicFusion)]
+        found = [l for l in sublayers(self.model) if isinstance(l, DynamicFusion)]
         if not found:
             raise ValueError("TemperatureSchedule: the model has no DynamicFusion layer.")
         return found

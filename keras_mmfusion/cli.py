@@ -140,9 +140,10 @@ def _plot_residuals(model, inputs, path):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from keras_mmfusion._internals import sublayers
     from keras_mmfusion.layers import DEQFusion
 
-    layers = [l for l in model._flatten_layers(include_self=False) if isinstance(l, DEQFusion)]
+    layers = [l for l in sublayers(model) if isinstance(l, DEQFusion)]
     if not layers:
         return None
     fig, ax = plt.subplots(figsize=(5, 3.5))

@@ -30,6 +30,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_mmfusion import quantization
+from keras_mmfusion._internals import freeze
 from keras_mmfusion.metrics import collecting_solver_stats, statistics_paused
 
 QUANTIZE_MODES = (None, "float16", "dynamic", "int8")
@@ -342,7 +343,6 @@ def to_onnx(model, path, opset=17, diagnostics=False, overwrite=False):
     work unless ``overwrite``.
     """
     import tf2onnx
-    from tensorflow.python.framework.convert_to_constants import convert_variables_to_constants_v2
 
     _check_model(model)
     path = os.fspath(path)
@@ -351,7 +351,7 @@ def to_onnx(model, path, opset=17, diagnostics=False, overwrite=False):
         concrete = serving_function(model, diagnostics).get_concrete_function()
         # tf2onnx.convert.from_function freezes too, but keeps the function's captured
         # constants as required graph inputs.
-        frozen = convert_variables_to_constants_v2(concrete, lower_control_flow=False, aggressive_inlining=True)
+        frozen = freeze(concrete)
         inputs = [t.name for t in frozen.inputs]
         outputs = [f"{name}:0" for name in concrete.structured_outputs]
         graph, _ = tf2onnx.convert.from_graph_def(

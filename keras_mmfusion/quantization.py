@@ -8,8 +8,8 @@ what Keras computes:
   shifts every standardised feature;
 - the equilibrium solver: its residual norms, divisions, Anderson's small linear
   system and its stopping test. Quantised activations inside the solver loop put a
-  floor under the residual (about one quantisation step), so the solve no longer
-  reaches ``tol`` and runs to ``max_iter``.
+  floor under the residual (about one quantisation step): the solve would not reach
+  ``tol`` and would run to ``max_iter``.
 
 The recipes here therefore quantise only ``FULLY_CONNECTED`` ops, the matrix products
 of the encoders, the head, DynMM's experts and the fusion update:
@@ -72,7 +72,8 @@ def quantize_tflite(float_model, quantize, calibration=None):
     Raises:
         ValueError: ``"int8"`` without calibration data, or calibration that never ran
             some quantised op (for example a DynMM expert that no calibration sample
-            was routed to); the message names the tensor.
+            is routed to); the message carries ai-edge-quantizer's, which names the
+            tensor.
     """
     if quantize not in RECIPES:
         raise ValueError(f"quantize must be one of {RECIPES}, got {quantize!r}.")

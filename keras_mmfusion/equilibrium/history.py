@@ -17,13 +17,9 @@ the batch-first buffer operations, which Broyden's rank-one terms use as well.
 
 import tensorflow as tf
 
+from keras_mmfusion._internals import dynamic_update_slice
 from keras_mmfusion.equilibrium.iteration import row_sum
 from keras_mmfusion.graph_context import in_xla_context
-
-try:  # XLA's own ops, for graphs that XLA compiles; no public API.
-    from tensorflow.compiler.tf2xla.python import xla
-except ImportError:  # pragma: no cover - a TensorFlow built without them
-    xla = None
 
 
 def empty_buffer(z, memory):
@@ -38,14 +34,13 @@ def empty_buffer(z, memory):
 def write_slot(buffer, slot, row):
     """``buffer`` ``(batch, memory, dim)`` with ``row`` ``(batch, dim)`` written at ``slot``.
 
-    Under XLA, a dynamic-update-slice: XLA writes it in place, fused with the
-    computation of ``row``. A scatter with one index per sample, which is what the
-    write is without XLA, compiled to a separate scatter after ``row`` had been
-    materialised, and took about twice as long on a CPU.
+    Under XLA, a dynamic-update-slice, which XLA writes in place, fused with the
+    computation of ``row``; XLA compiles a scatter to a separate op after ``row`` is
+    materialised. Without XLA, a scatter with one index per sample.
     """
-    if in_xla_context() and xla is not None:
+    if in_xla_context():
         start = tf.stack([0, tf.cast(slot, tf.int32), 0])
-        return xla.dynamic_update_slice(buffer, tf.expand_dims(row, 1), start)
+        return dynamic_update_slice(buffer, tf.expand_dims(row, 1), start)
     batch = tf.shape(row)[0]
     index = tf.stack([tf.range(batch), tf.fill([batch], slot)], axis=-1)
     return tf.tensor_scatter_nd_update(buffer, index, row)
@@ -55,9 +50,8 @@ def slot_dots(buffer, x):
     """``(batch, memory)``: each sample's dot product of ``x`` ``(batch, dim)`` with its
     row in every slot of ``buffer`` ``(batch, memory, dim)``.
 
-    A batched matrix product without XLA. Under XLA on a CPU that product took about
-    1.5 times as long as the elementwise product summed by :func:`row_sum`, which is
-    what it becomes there.
+    A batched matrix product without XLA. Under XLA, the elementwise product summed by
+    :func:`row_sum`, which XLA compiles to faster code on a CPU than the batched product.
     """
     if not in_xla_context():
         return tf.einsum("bmd,bd->bm", buffer, x)
@@ -69,8 +63,8 @@ def weighted_sum(buffer, weights):
     """``(batch, dim)``: ``sum_j weights[:, j] * buffer[:, j]`` for ``weights`` ``(batch, memory)``.
 
     A batched matrix product without XLA; under XLA an elementwise product summed
-    over the slots, which XLA compiles to one vectorised loop and which took about
-    half as long as the batched product on a CPU.
+    over the slots, which XLA compiles to one vectorised loop, faster on a CPU than the
+    batched product.
     """
     if not in_xla_context():
         return tf.einsum("bmd,bm->bd", buffer, weights)

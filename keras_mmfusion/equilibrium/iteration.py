@@ -86,12 +86,11 @@ def _sums_by_product():
     """Whether :func:`row_sum` multiplies by a ones vector instead of reducing.
 
     Only in a graph compiled by XLA for a CPU. There XLA emits a scalar loop for a
-    reduction over the last axis and a vectorised kernel for a matrix-vector product:
-    inside a compiled loop on a 2-core CPU, summing the rows of a ``(256, 1024)``
-    float32 tensor took about 0.11 ms as a reduction and 0.01 ms as a product.
-    Without XLA the product was no faster. GPUs reduce quickly, and with TensorFloat-32
-    enabled (TensorFlow's default) a product would round every term to 10 mantissa
-    bits, so where a GPU is visible the sums stay reductions.
+    reduction over the last axis and a vectorised kernel for a matrix-vector product,
+    so the product is much faster (``benchmarks/deq_bench.py`` measures the solver
+    loop). Without XLA the product gains nothing. GPUs reduce quickly, and with
+    TensorFloat-32 enabled (TensorFlow's default) a product would round every term to
+    10 mantissa bits, so where a GPU is visible the sums stay reductions.
     """
     return in_xla_context() and not gpu_visible()
 

@@ -19,9 +19,7 @@ backward modes:
 
 import tensorflow as tf
 
-# ``tf.recompute_grad`` uses the same call to keep a custom-gradient forward pass off
-# every active tape; there is no public equivalent.
-from tensorflow.python.eager import record
+from keras_mmfusion._internals import stop_recording
 
 from keras_mmfusion.equilibrium.iteration import (
     SolverStats,
@@ -174,7 +172,7 @@ def _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes):
     solution ``g = J^T g + dz`` (again from the inner tape) and flows on through the
     recorded ``fz`` to ``x`` and to the variables, which is ``g^T df/d(x, theta)``.
     """
-    with record.stop_recording():
+    with stop_recording():
         z_star, stats = forward(lambda z: f(z, x))
     z_star = tf.stop_gradient(z_star)
     with tf.GradientTape(watch_accessed_variables=False, persistent=True) as tape:
@@ -224,7 +222,7 @@ def _solve_with_gradient(f, x, forward, gradient):
 
     @tf.custom_gradient
     def solve(*xs):
-        with record.stop_recording():
+        with stop_recording():
             z_star, stats = forward(lambda z: fz_of(z, xs))
         record_of_stats.append(stats)
 

@@ -6,6 +6,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
+from keras_mmfusion._internals import sublayers
 from keras_mmfusion.costs import count_macs
 from keras_mmfusion.layers.fusion_layer import FusionLayer
 from keras_mmfusion.graph_context import in_xla_context
@@ -26,7 +27,7 @@ def _output_shape(layer, shape):
 def _loop_trips(layer):
     """The worst-case solver loop trips of any equilibrium layer inside ``layer``: one
     evaluation of its update per trip, at most ``max_iter``."""
-    return max(getattr(sub, "max_iter", 1) for sub in layer._flatten_layers(include_self=True))
+    return max(getattr(sub, "max_iter", 1) for sub in sublayers(layer, include_self=True))
 
 
 @keras.saving.register_keras_serializable(package="keras_mmfusion")
