@@ -38,7 +38,7 @@ import numpy as np  # noqa: E402
 import keras_mmfusion as mmf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from timing import machine  # noqa: E402
+from timing import machine, rosmap_available  # noqa: E402
 
 DEQ_KEYS = ("deq_steps", "deq_residual", "deq_converged")
 
@@ -200,10 +200,8 @@ def main(argv=None):
     tasks = {"xor": dict(), "xor_hard": dict(modalities=5, width=16, noise=0.3)}
     for task in args.tasks:
         if task == "rosmap":
-            from keras_mmfusion.experiment import rosmap_path
-
-            if not os.path.isdir(rosmap_path()):
-                print(f"rosmap: skipped, no data at {rosmap_path()} (set MMFUSION_ROSMAP)")
+            if not rosmap_available():
+                print("rosmap: skipped")
                 continue
             results[task] = {kind: [train_rosmap(kind, s, args.rosmap_epochs) for s in range(args.seeds)]
                              for kind in ("deq", "concat", "dmf")}

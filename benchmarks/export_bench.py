@@ -36,7 +36,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import numpy as np  # noqa: E402
 
-from timing import machine as describe_machine, median_seconds  # noqa: E402
+from timing import machine as describe_machine, median_seconds, rosmap_available  # noqa: E402
 
 FORMATS = ("saved_model", "tflite float32", "tflite float16", "tflite dynamic", "tflite int8", "onnx")
 
@@ -70,10 +70,10 @@ def train_models(names, quick):
     """``{name: (model, (train_x, train_y), (test_x, test_y), data name)}``."""
     import keras
 
-    from keras_mmfusion.experiment import Settings, load_splits, rosmap_path, run_trial
+    from keras_mmfusion.experiment import Settings, load_splits, run_trial
 
     models = {}
-    data = "rosmap" if os.path.isdir(rosmap_path()) else "synthetic"
+    data = "rosmap" if rosmap_available() else "synthetic"
     for name in names:
         if name == "dynmm":
             import dynmm_two_stage as recipe

@@ -26,7 +26,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from timing import machine as describe_machine  # noqa: E402
+from timing import machine as describe_machine, rosmap_available  # noqa: E402
 
 FUSIONS = ["concat", "sum", "gated", "tensor", "lowrank", "dmf", "deq"]
 LOSS_LEVEL = 0.3
@@ -136,7 +136,7 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/fusion_zoo.json")
     args = parser.parse_args()
 
-    from keras_mmfusion.experiment import Settings, load_splits, rosmap_path
+    from keras_mmfusion.experiment import Settings, load_splits
 
     seeds = list(range(2 if args.quick else args.seeds))
     settings = {
@@ -147,9 +147,9 @@ def main():
     dataset_seeds = {"synthetic": seeds[: args.synthetic_seeds], "rosmap": seeds}
     machine = describe_machine()
     print(f"machine: {machine}", flush=True)
-    datasets = [d for d in args.datasets if d != "rosmap" or os.path.isdir(rosmap_path())]
+    datasets = [d for d in args.datasets if d != "rosmap" or rosmap_available()]
     if "rosmap" in args.datasets and "rosmap" not in datasets:
-        print(f"skipping rosmap: {os.path.abspath(rosmap_path())} not found", file=sys.stderr)
+        print("skipping rosmap", file=sys.stderr)
     results = {"machine": machine, "seeds": dataset_seeds, "settings": {k: vars(v) for k, v in settings.items()},
                "tables": {}}
     for dataset in datasets:

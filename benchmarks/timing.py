@@ -43,6 +43,23 @@ def median_ratio(fn, reference, repeats, warmup=2):
     return float(np.median(ratios)), float(np.median(times))
 
 
+def rosmap_available():
+    """Whether ROSMAP can be read: from ``$MMFUSION_ROSMAP``, from the data folder beside a
+    source checkout (``../shared/data/rosmap``, which then becomes ``$MMFUSION_ROSMAP``),
+    or by a download into the Keras cache."""
+    from keras_mmfusion.datasets import DataError, mogonet_folder
+
+    checkout = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "shared", "data", "rosmap")
+    if "MMFUSION_ROSMAP" not in os.environ and os.path.isdir(checkout):
+        os.environ["MMFUSION_ROSMAP"] = checkout
+    try:
+        mogonet_folder("rosmap")
+    except DataError as error:
+        print(f"ROSMAP not available: {error}")
+        return False
+    return True
+
+
 def machine():
     """Cores, library versions, GPUs and platform, recorded with every result."""
     import keras

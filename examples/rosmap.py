@@ -15,8 +15,8 @@ Methods: DEQFusion in the standard classifier, the reference classifier of the D
 paper (``build_reference_classifier``, feature gates and confidence heads, with the same
 width, dropout and optimiser), DenseFusion, concat fusion, and the best single omics view, chosen by
 mean validation loss (not by test score). The data are MOGONET's preprocessed release
-(Wang et al., Nature Communications 2021), read from ``$MMFUSION_ROSMAP`` or
-``../shared/data/rosmap``.
+(Wang et al., Nature Communications 2021), read from ``$MMFUSION_ROSMAP`` or downloaded
+once into the Keras cache (see ``keras_mmfusion.datasets.mogonet_folder``).
 """
 
 import argparse

@@ -12,13 +12,10 @@ import os
 import keras
 import numpy as np
 
-from keras_mmfusion.datasets import load_modalities, load_multiomics, make_synthetic, stratified_split
+from keras_mmfusion.datasets import load_modalities, load_multiomics, make_synthetic, mogonet_folder, stratified_split
 from keras_mmfusion.datasets.tabular import DataError, check_classes, check_splits
 from keras_mmfusion.evaluation import classification_metrics, fit_classifier
 from keras_mmfusion.models import build_classifier, build_reference_classifier, make_fusion
-
-SHARED_ROSMAP = os.path.join("..", "shared", "data", "rosmap")
-
 
 @dataclasses.dataclass
 class Splits:
@@ -62,17 +59,12 @@ class Settings:
     fusion_options: dict = dataclasses.field(default_factory=dict)
 
 
-def rosmap_path():
-    """The ROSMAP folder: ``$MMFUSION_ROSMAP``, else ``../shared/data/rosmap``."""
-    return os.environ.get("MMFUSION_ROSMAP", SHARED_ROSMAP)
-
-
 def load_splits(spec, seed=0):
     """Data by name or path.
 
     Args:
-        spec: ``"synthetic"`` (the built-in default), ``"rosmap"`` (see
-            :func:`rosmap_path`), a folder in the MOGONET layout (``1_tr.csv``,
+        spec: ``"synthetic"`` (the built-in default), ``"rosmap"`` (``$MMFUSION_ROSMAP``,
+            else downloaded once; see :func:`keras_mmfusion.datasets.mogonet_folder`), a folder in the MOGONET layout (``1_tr.csv``,
             ``1_te.csv``, ..., ``labels_tr.csv``, ``labels_te.csv``), or a folder
             with one ``.csv``/``.npy`` file per modality plus ``labels.csv`` or
             ``labels.npy`` (20% of it, stratified, becomes the test split).
@@ -84,7 +76,7 @@ def load_splits(spec, seed=0):
     if spec == "synthetic":
         x, y = make_synthetic(4000, num_modalities=3, widths=32, seed=0)
         return Splits(([a[:3000] for a in x], y[:3000]), ([a[3000:] for a in x], y[3000:]), 2, "synthetic")
-    folder = rosmap_path() if spec == "rosmap" else spec
+    folder = mogonet_folder("rosmap") if spec == "rosmap" else spec
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: data folder not found (expected 'synthetic', 'rosmap' or a folder).")
     name = "rosmap" if spec == "rosmap" else os.path.basename(os.path.normpath(folder))

@@ -5,14 +5,15 @@ Importing this module registers the builder ``mmf_multiomics`` with TFDS::
     import tensorflow_datasets as tfds
     import keras_mmfusion.datasets.tfds_multiomics  # noqa: F401 - registers the builder
 
-    ds = tfds.load(
-        "mmf_multiomics/rosmap",
-        split="train",
-        data_dir="~/tensorflow_datasets",
-        download_and_prepare_kwargs={
-            "download_config": tfds.download.DownloadConfig(manual_dir="../shared/data/rosmap")
-        },
-    )
+    ds = tfds.load("mmf_multiomics/rosmap", split="train")
+
+The files come from where :func:`keras_mmfusion.datasets.mogonet_folder` finds them: a
+``manual_dir`` given in the download config, else ``$MMFUSION_ROSMAP``
+(``$MMFUSION_BRCA``), else MOGONET's public release, downloaded once into the Keras
+cache with its checksums (ROSMAP only; BRCA needs a local folder)::
+
+    tfds.load("mmf_multiomics/brca", split="train", download_and_prepare_kwargs={
+        "download_config": tfds.download.DownloadConfig(manual_dir="/data/brca")})
 
 Each example is ``{"view_1": float32 (d_1,), ..., "view_K": ..., "label": int64}``. The
 files are read and validated by :func:`keras_mmfusion.datasets.load_multiomics`, which
@@ -25,6 +26,7 @@ not declared: each view is a variable-length vector, equal within a split.
 import numpy as np
 import tensorflow_datasets as tfds
 
+from keras_mmfusion.datasets.mogonet import mogonet_folder
 from keras_mmfusion.datasets.multiomics import find_views, load_multiomics
 from keras_mmfusion.datasets.tabular import DataError
 
@@ -39,11 +41,12 @@ class MultiomicsConfig(tfds.core.BuilderConfig):
 
 
 class MmfMultiomics(tfds.core.GeneratorBasedBuilder):
-    """Multi-omics classification data in the MOGONET layout, read from a local folder."""
+    """Multi-omics classification data in the MOGONET layout."""
 
     VERSION = tfds.core.Version("1.0.0")
     MANUAL_DOWNLOAD_INSTRUCTIONS = """
-    Put the preprocessed files of one dataset in a folder and pass it as manual_dir:
+    ROSMAP is downloaded from the MOGONET repository when no folder is given. Otherwise,
+    put the preprocessed files of one dataset in a folder and pass it as manual_dir:
     1_tr.csv, 1_te.csv, 2_tr.csv, ... (one view per number; headerless CSV, one sample a
     row) and labels_tr.csv, labels_te.csv (one integer class per row). The ROSMAP and BRCA
     files are published in the MOGONET repository (github.com/txWang/MOGONET), in its
@@ -73,7 +76,11 @@ class MmfMultiomics(tfds.core.GeneratorBasedBuilder):
         )
 
     def _split_generators(self, dl_manager):
-        folder = str(dl_manager.manual_dir)
+        try:
+            manual = str(dl_manager.manual_dir)
+        except AssertionError:  # TFDS's answer when no manual_dir was given or it is empty
+            manual = None
+        folder = mogonet_folder(self.builder_config.name, manual)
         views = find_views(folder)
         if len(views) != self.builder_config.num_views:
             raise DataError(
