@@ -4,9 +4,26 @@ import contextlib
 import threading
 
 import keras
+import tensorflow as tf
 from keras import ops
 
 _STATE = threading.local()
+
+
+def gather_replicas(value):
+    """``value`` concatenated along axis 0 over the replicas of a ``tf.distribute`` step.
+
+    Outside a distributed step (or with one replica) it is ``value`` itself. Layer
+    statistics use it so that a replica records what the whole global batch did.
+    """
+    context = tf.distribute.get_replica_context()
+    if context is None or context.num_replicas_in_sync == 1:
+        return value
+    return context.all_gather(value, axis=0)
+
+
+def _largest_over_replicas(value):
+    return ops.max(gather_replicas(ops.reshape(value, (1,))))
 
 
 def recording_statistics():
@@ -64,6 +81,11 @@ class SolverStatsMetric(keras.metrics.Metric):
     The values of the most recent call are kept across resets and read with
     :meth:`last`.
 
+    Under a ``tf.distribute`` strategy a call's steps and largest residual are the
+    largest over the replicas (those of the global batch), its ``converged`` holds
+    only if every replica's solve converged, and the converged fraction counts the
+    samples of every replica.
+
     Args:
         prefix: the prefix of the logged names.
         name: the metric's name.
@@ -77,18 +99,21 @@ class SolverStatsMetric(keras.metrics.Metric):
         self._count = self._scalar("count")
         self._converged_sum = self._scalar("converged_sum")
         self._sample_count = self._scalar("sample_count")
-        self._last_steps = self._scalar("last_steps")
-        self._last_residual = self._scalar("last_residual")
-        self._last_converged = self._scalar("last_converged")
+        # Every replica records the same last values, so the first replica's are the call's.
+        self._last_steps = self._scalar("last_steps", "only_first_replica")
+        self._last_residual = self._scalar("last_residual", "only_first_replica")
+        self._last_converged = self._scalar("last_converged", "only_first_replica")
 
-    def _scalar(self, name):
-        return self.add_variable(shape=(), initializer="zeros", name=name, dtype=self.dtype)
+    def _scalar(self, name, aggregation="sum"):
+        return self.add_variable(shape=(), initializer="zeros", name=name, dtype=self.dtype, aggregation=aggregation)
 
     def update_state(self, stats):
         """Record one solve; ``stats`` is a ``SolverStats``."""
-        steps = ops.cast(stats.steps, self.dtype)
-        residual = ops.cast(ops.max(stats.residual), self.dtype)
-        converged = ops.cast(ops.all(stats.converged), self.dtype)
+        # Summed over replicas, the sums and the count below grow by the replica count
+        # alike, so their ratios are the means over calls of these global values.
+        steps = _largest_over_replicas(ops.cast(stats.steps, self.dtype))
+        residual = _largest_over_replicas(ops.cast(ops.max(stats.residual), self.dtype))
+        converged = -_largest_over_replicas(-ops.cast(ops.all(stats.converged), self.dtype))
         self._steps_sum.assign_add(steps)
         self._residual_sum.assign_add(residual)
         self._count.assign_add(ops.ones((), self.dtype))
@@ -111,10 +136,12 @@ class SolverStatsMetric(keras.metrics.Metric):
 
     def last(self):
         """``{"steps", "residual", "converged"}`` of the most recent call."""
+        # tf.convert_to_tensor reads a distributed variable as its aggregation says.
+        read = lambda variable: tf.convert_to_tensor(variable.value)  # noqa: E731
         return {
-            "steps": ops.cast(self._last_steps, "int32"),
-            "residual": ops.convert_to_tensor(self._last_residual),
-            "converged": ops.cast(self._last_converged, "bool"),
+            "steps": tf.cast(read(self._last_steps), "int32"),
+            "residual": read(self._last_residual),
+            "converged": tf.cast(read(self._last_converged), "bool"),
         }
 
     def get_config(self):

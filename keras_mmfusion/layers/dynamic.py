@@ -11,7 +11,7 @@ from keras_mmfusion.costs import count_macs
 from keras_mmfusion.layers.fusion_layer import FusionLayer
 from keras_mmfusion.graph_context import in_xla_context
 from keras_mmfusion.layers.routing import masked_route, partitioned_route
-from keras_mmfusion.metrics import RoutingMetric, recording_statistics
+from keras_mmfusion.metrics import RoutingMetric, gather_replicas, recording_statistics
 from keras_mmfusion.validation import check_int
 
 
@@ -272,12 +272,13 @@ class DynamicFusion(FusionLayer):
             self.routing_metric.update_state(route, relative)
             # A variable whose shape changes between calls cannot be written under XLA.
             if not in_xla_context():
-                self._last_routing.assign(route)
+                self._last_routing.assign(gather_replicas(route))
         return fused
 
     @property
     def last_routing(self):
-        """The expert index chosen for each sample of the last call (int32)."""
+        """The expert index chosen for each sample of the last call (int32); under a
+        ``tf.distribute`` strategy, for every sample of the global batch, in replica order."""
         return tf.convert_to_tensor(self._last_routing)
 
     def output_width(self, widths):

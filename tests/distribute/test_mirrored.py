@@ -1,0 +1,40 @@
+"""tf.distribute.MirroredStrategy over two logical CPUs gives single-device training, and the
+layers' statistics describe the global batch (not a sum or one replica's share)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "mirrored_step.py")
+
+
+def mirrored_against_single(kind):
+    done = subprocess.run([sys.executable, SCRIPT, kind], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    return report["single"], report["mirrored"]
+
+
+@pytest.mark.parametrize("kind", ["deq", "dynmm", "dmf"])
+def test_one_mirrored_step_equals_the_single_device_step(kind):
+    single, mirrored = mirrored_against_single(kind)
+    for a, b in zip(single["weights"], mirrored["weights"]):
+        # float32: the replicas' gradients are summed in another order than one device's.
+        np.testing.assert_allclose(np.asarray(b), np.asarray(a), atol=1e-4)
+    np.testing.assert_allclose(mirrored["logs"]["loss"], single["logs"]["loss"], rtol=1e-4)
+    if kind == "deq":
+        # Each sample's solve is its own, so the global batch's steps are the most any
+        # replica took and its largest residual the largest of any replica's.
+        assert 0 < mirrored["last_stats"]["steps"] <= 12
+        assert mirrored["last_stats"] == pytest.approx(single["last_stats"], rel=1e-4)
+        for key in ("deq_steps", "deq_residual", "deq_converged"):
+            assert mirrored["logs"][key] == pytest.approx(single["logs"][key], rel=1e-4), key
+    if kind == "dynmm":
+        assert len(mirrored["last_routing"]) == 64
+        assert mirrored["last_routing"] == single["last_routing"]
+        for key in [k for k in single["logs"] if k.startswith("dynmm_")]:
+            assert mirrored["logs"][key] == pytest.approx(single["logs"][key], abs=1e-6), key
