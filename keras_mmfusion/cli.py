@@ -165,6 +165,7 @@ def _plot_residuals(model, inputs, path):
 
 
 def cmd_train(args):
+    from keras_mmfusion.evaluation import headline_metrics
     from keras_mmfusion.experiment import Settings, run_trial
 
     splits = _load_data(args.data)
@@ -188,7 +189,8 @@ def cmd_train(args):
         metrics["solver_residual_trace"] = traces
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
-    print(_table({k: metrics[k] for k in ("accuracy", "f1", "auc", "best_epoch", "epochs_run")}))
+    keys = headline_metrics(splits.num_classes) + ("best_epoch", "epochs_run")
+    print(_table({k: metrics[k] for k in keys}))
     print(f"wrote {args.out}/model.keras, history.json, metrics.json and plots")
 
 

@@ -173,6 +173,7 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
     return model, history, metrics
 
 
-def summarise(runs, keys=("accuracy", "f1", "auc")):
-    """``{key: (mean, std)}`` over a list of metric dicts."""
+def summarise(runs, keys=("accuracy", "f1_binary", "auc")):
+    """``{key: (mean, std)}`` over a list of metric dicts (by default the two-class headline
+    metrics; see :func:`keras_mmfusion.evaluation.headline_metrics`)."""
     return {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))) for k in keys}

@@ -31,6 +31,21 @@ def test_classification_metrics_match_hand_computed_values():
     metrics = classification_metrics(labels, probabilities)
     assert metrics["accuracy"] == pytest.approx(3 / 5)
     precision, recall = 2 / 3, 2 / 3
-    assert metrics["f1"] == pytest.approx(2 * precision * recall / (precision + recall), abs=1e-6)
+    f1_class_1 = 2 * precision * recall / (precision + recall)
+    f1_class_0 = 2 * (1 / 2) * (1 / 2) / (1 / 2 + 1 / 2)  # predicted 0 twice, one right; 2 true 0s
+    assert metrics["f1_binary"] == pytest.approx(f1_class_1, abs=1e-6)
+    assert metrics["f1_macro"] == pytest.approx((f1_class_0 + f1_class_1) / 2, abs=1e-6)
+    assert metrics["f1_weighted"] == pytest.approx((2 * f1_class_0 + 3 * f1_class_1) / 5, abs=1e-6)
+    assert "auc_macro_ovr" not in metrics
     # AUC: pairs (positive score > negative score) / (3 x 2): 0.8>0.1,0.8>0.6,0.3>0.1,0.9>0.1,0.9>0.6 -> 5/6.
     assert metrics["auc"] == pytest.approx(5 / 6, abs=2e-3)
+
+
+def test_multiclass_metrics_name_macro_and_weighted_f1():
+    labels = np.array([0, 0, 0, 0, 1, 2])
+    probabilities = np.eye(3)[[0, 0, 0, 1, 1, 1]] * 0.8 + 0.2 / 3
+    metrics = classification_metrics(labels, probabilities)
+    f1 = {0: 2 * 1.0 * 0.75 / 1.75, 1: 2 * (1 / 3) * 1.0 / (4 / 3), 2: 0.0}  # from precision and recall
+    assert metrics["f1_macro"] == pytest.approx(sum(f1.values()) / 3, abs=1e-6)
+    assert metrics["f1_weighted"] == pytest.approx((4 * f1[0] + f1[1] + f1[2]) / 6, abs=1e-6)
+    assert "f1_binary" not in metrics and "auc" not in metrics and 0 <= metrics["auc_macro_ovr"] <= 1
