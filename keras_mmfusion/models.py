@@ -146,7 +146,7 @@ def build_classifier(
     # Again after the head's ReLU layer, which maps NaN to 0 in TensorFlow's fused
     # kernel: a NaN fused output (a solve that found no finite iterate) stays NaN too.
     hidden = PropagateNonFinite(name="non_finite_head")([hidden, fused, *inputs])
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(hidden)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(hidden)
     return keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs)
 
 
@@ -179,8 +179,8 @@ def with_modality_heads(classifier):
         if source is None:
             raise ValueError(f"with_modality_heads: the classifier has no layer 'encoder_{i}'; "
                              "expected a model from build_classifier.")
-        heads[f"modality_{i}"] = keras.layers.Dense(num_classes, activation="softmax", name=f"modality_head_{i}")(
-            classifier.get_layer(source).output)
+        head = keras.layers.Dense(num_classes, activation="softmax", name=f"modality_head_{i}", dtype="float32")
+        heads[f"modality_{i}"] = head(classifier.get_layer(source).output)
     return keras.Model(classifier.inputs, {"probabilities": classifier.outputs[0], **heads})
 
 
@@ -265,5 +265,5 @@ def build_reference_classifier(
             h = keras.layers.Dropout(dropout, name=f"encoder_dropout_{i}")(h)
         encoded.append(ConfidenceHead(num_classes, confidence_weight, name=f"confidence_{i}")(h))
     fused = DEQFusion(units=units, name="deq_fusion", **(fusion_options or {}))(encoded)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities")(fused)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(fused)
     return ReferenceClassifier(inputs, outputs, name="reference_classifier")

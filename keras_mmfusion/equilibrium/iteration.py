@@ -56,6 +56,26 @@ def internal_dtype(dtype):
     return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
 
 
+# The machine epsilon of each floating dtype an update can compute in.
+EPSILON = {"float16": 2.0**-10, "bfloat16": 2.0**-7, "float32": 2.0**-23, "float64": 2.0**-52}
+# A relative residual below this many epsilons of the update's compute dtype is rounding.
+RESOLVABLE_EPSILONS = 8
+
+
+def resolvable_tol(tol, stop_mode, compute_dtype):
+    """The tolerance a solve can reach when its update computes in ``compute_dtype``.
+
+    An update evaluated in float16 or bfloat16 returns iterates rounded to that dtype,
+    so the relative residual cannot fall much below its epsilon, however long the
+    solve runs. For ``stop_mode="rel"`` the tolerance is raised to
+    ``RESOLVABLE_EPSILONS`` epsilons (7.8e-3 for float16, 6.3e-2 for bfloat16);
+    absolute residuals scale with the state and are left as they are.
+    """
+    if stop_mode != "rel":
+        return tol
+    return max(tol, RESOLVABLE_EPSILONS * EPSILON.get(tf.as_dtype(compute_dtype).name, 0.0))
+
+
 def residual_norm(z, fz, stop_mode):
     """Per-sample residual of ``z`` for the map ``f`` with ``fz = f(z)``.
 

@@ -1,9 +1,11 @@
 """DEQ fusion (Ni et al., "Deep Equilibrium Multimodal Fusion", arXiv 2306.16645)."""
 
+import warnings
+
 import keras
 from keras import ops
 
-from keras_mmfusion.equilibrium.iteration import check_solver_arguments, internal_dtype
+from keras_mmfusion.equilibrium.iteration import check_solver_arguments, internal_dtype, resolvable_tol
 from keras_mmfusion.equilibrium.solve import check_backward_arguments, fixed_point_solve
 from keras_mmfusion.equilibrium.solvers import available_solvers
 from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
@@ -85,7 +87,9 @@ class DEQFusion(keras.layers.Layer):
             input widths must be equal.
         solver: ``"anderson"``, ``"broyden"`` or ``"fixed_point"``.
         max_iter: the largest number of evaluations of ``f`` per forward solve.
-        tol: the forward stopping tolerance on every sample's residual.
+        tol: the forward stopping tolerance on every sample's residual. Under a mixed
+            precision policy a relative ``tol`` below what the compute dtype resolves
+            is raised to it, with a warning (see :attr:`effective_tol`).
         stop_mode: ``"rel"`` (``||f(z) - z|| / ||f(z)||``) or ``"abs"``.
         backward: ``"implicit"``, ``"phantom"`` or ``"unrolled"``; see
             :func:`keras_mmfusion.equilibrium.fixed_point_solve`.
@@ -252,7 +256,7 @@ class DEQFusion(keras.layers.Layer):
             z0,
             solver=self.solver,
             max_iter=self.max_iter,
-            tol=self.tol,
+            tol=self.effective_tol,
             stop_mode=self.stop_mode,
             backward=self.backward,
             backward_max_iter=self.backward_max_iter,
@@ -262,6 +266,22 @@ class DEQFusion(keras.layers.Layer):
             solver_options=self.solver_options,
             jacobian_probes=jacobian_probes,
         )
+
+    @property
+    def effective_tol(self):
+        """The forward tolerance the solves use: ``tol``, raised under mixed precision to
+        what the update's compute dtype resolves (see
+        :func:`keras_mmfusion.equilibrium.iteration.resolvable_tol`); the layer warns
+        once when it raises it."""
+        tol = resolvable_tol(self.tol, self.stop_mode, self.compute_dtype)
+        if tol != self.tol and not getattr(self, "_warned_tol", False):
+            self._warned_tol = True
+            warnings.warn(
+                f"DEQFusion '{self.name}': tol={self.tol:g} is below what its {self.compute_dtype} update "
+                f"resolves; its solves stop at a relative residual of {tol:.2g} instead.",
+                stacklevel=2,
+            )
+        return tol
 
     def solve(self, inputs):
         """The forward solve on ``inputs``: ``(z_fuse*, stats)``.
