@@ -66,7 +66,9 @@ def build_parser():
 
     evaluate = sub.add_parser("evaluate", help="evaluate a saved model on a test split")
     evaluate.add_argument("--model", required=True, help="a .keras file written by 'mmfusion train'")
-    evaluate.add_argument("--data", default="synthetic", help="as for 'train'; its test split is used")
+    evaluate.add_argument("--data", default=None,
+                          help="as for 'train'; its test split is used (default: the data 'mmfusion train' "
+                               "recorded in metrics.json next to the model)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     export = sub.add_parser("export", help="export a saved model to SavedModel, TFLite or ONNX")
@@ -204,11 +206,15 @@ def cmd_evaluate(args):
     from keras_mmfusion.evaluation import classification_metrics
 
     model = _load_model(args.model)
-    splits = _load_data(args.data)
+    data = args.data or _recorded_data(args.model)
+    if not data:
+        raise CommandError("pass --data: the data to evaluate on (no metrics.json with a data source next to "
+                           "the model)")
+    splits = _load_data(data)
     if [int(t.shape[-1]) for t in model.inputs] != splits.widths:
         raise CommandError(
             f"the model expects inputs of widths {[int(t.shape[-1]) for t in model.inputs]} but "
-            f"{args.data} has widths {splits.widths}"
+            f"{data} has widths {splits.widths}"
         )
     probabilities = model.predict(splits.test[0], batch_size=256, verbose=0)
     metrics = classification_metrics(splits.test[1], probabilities)

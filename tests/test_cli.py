@@ -163,3 +163,14 @@ def test_a_file_that_is_not_a_keras_archive_is_named(content, tmp_path, capsys):
         lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
         assert lines == [f"mmfusion: error: {path} is not a valid .keras archive (a .keras file is a zip archive "
                          "written by model.save)"], lines
+
+
+def test_evaluate_reads_the_data_recorded_with_the_model(trained_run, tmp_path, capsys):
+    assert cli.main(["evaluate", "--model", str(trained_run / "model.keras"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    saved = json.loads((trained_run / "metrics.json").read_text())
+    assert saved["data_source"] == "synthetic" and printed["accuracy"] == pytest.approx(saved["accuracy"], abs=1e-6)
+    alone = tmp_path / "model.keras"
+    alone.write_bytes((trained_run / "model.keras").read_bytes())
+    assert cli.main(["evaluate", "--model", str(alone)]) == 2
+    assert "pass --data: the data to evaluate on" in capsys.readouterr().err
