@@ -233,14 +233,14 @@ def _representative_arrays(model, representative_data):
     return {n: np.concatenate(v) for n, v in rows.items()}
 
 
-def _quantize_int8(model, float_path, saved_model_dir, representative_data, out_path, tmp):
+def _quantize_int8(model, float_path, saved_model_dir, representative_data, out_path, tmp, builtins_only):
     """Run :func:`keras_mmfusion.quantization.quantize_tflite` for int8 in a subprocess."""
     samples = _representative_arrays(model, representative_data)
     samples_path = os.path.join(tmp, "samples.npz")
     np.savez(samples_path, __names__=json.dumps(list(samples)), **samples)
     # Run as a script: the subprocess imports TensorFlow only for a graph without control flow.
     command = [sys.executable, quantization.__file__, "--int8-worker", float_path, saved_model_dir,
-               samples_path, out_path]
+               samples_path, out_path, "1" if builtins_only else "0"]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if done.returncode != 0 or not os.path.isfile(out_path):
         how = f"crashed with signal {-done.returncode}" if done.returncode < 0 else f"failed (exit {done.returncode})"
@@ -299,7 +299,7 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
             f.write(flatbuffer)
         if quantize == "int8":
             quantized = os.path.join(tmp, "int8.tflite")
-            _quantize_int8(model, written, saved, representative_data, quantized, tmp)
+            _quantize_int8(model, written, saved, representative_data, quantized, tmp, builtins_only)
             written = quantized
         elif quantize is not None:
             try:
