@@ -48,6 +48,12 @@ def build_parser():
     train.add_argument("--epochs", type=int, default=100, help="maximum epochs (default: 100)")
     train.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs (default: 20)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    train.add_argument("--seeds", type=int, default=1,
+                       help="train with N seeds (--seed, --seed + 1, ...), each in OUT/seed_<s>, and print the "
+                            "test metrics' mean +- std (default: 1, written to OUT itself)")
+    train.add_argument("--refit", action="store_true",
+                       help="use the validation split only to choose the number of epochs, then retrain on the "
+                            "whole training split for that many epochs and test that model")
     train.add_argument("--units", type=int, default=32, help="encoder, fusion and head width (default: 32)")
     train.add_argument("--dropout", type=float, default=0.0, help="dropout after encoders and in the head")
     train.add_argument("--modality-weight", type=float, default=0.0,
@@ -166,34 +172,57 @@ def _plot_residuals(model, inputs, path):
     return traces
 
 
-def cmd_train(args):
+def _train_one(args, splits, settings, seed, out):
+    """One trial, written to ``out``; returns its metrics."""
     from keras_mmfusion.evaluation import headline_metrics
-    from keras_mmfusion.experiment import Settings, run_trial
+    from keras_mmfusion.experiment import run_trial
 
-    splits = _load_data(args.data)
-    settings = Settings(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight, lr=args.lr,
-                        batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, monitor=args.monitor,
-                        jit_compile=args.jit, standardize=not args.no_standardize)
-    print(f"data: {splits.name}, {len(splits.widths)} modalities of widths {splits.widths}, "
-          f"{len(splits.train[1])} train / {len(splits.test[1])} test samples, {splits.num_classes} classes")
-    model, history, metrics = run_trial(splits, args.fusion, args.seed, settings, verbose=0 if args.quiet else 1)
-    os.makedirs(args.out, exist_ok=True)
-    model.save(os.path.join(args.out, "model.keras"))
+    model, history, metrics = run_trial(splits, args.fusion, seed, settings, verbose=0 if args.quiet else 1)
+    os.makedirs(out, exist_ok=True)
+    model.save(os.path.join(out, "model.keras"))
     history = {k: [float(v) for v in vals] for k, vals in history.items()}
-    with open(os.path.join(args.out, "history.json"), "w") as f:
+    with open(os.path.join(out, "history.json"), "w") as f:
         json.dump(history, f, indent=2)
-    _plot_history(history, os.path.join(args.out, "training_curves.png"))
-    traces = _plot_residuals(model, splits.test[0], os.path.join(args.out, "solver_residuals.png"))
+    _plot_history(history, os.path.join(out, "training_curves.png"))
+    traces = _plot_residuals(model, splits.test[0], os.path.join(out, "solver_residuals.png"))
     data_source = os.path.abspath(args.data) if os.path.isdir(args.data) else args.data
-    metrics.update(data=splits.name, data_source=data_source, fusion=args.fusion, seed=args.seed,
+    metrics.update(data=splits.name, data_source=data_source, fusion=args.fusion, seed=seed,
                    settings=vars(settings))
     if traces:
         metrics["solver_residual_trace"] = traces
-    with open(os.path.join(args.out, "metrics.json"), "w") as f:
+    with open(os.path.join(out, "metrics.json"), "w") as f:
         json.dump(metrics, f, indent=2)
     keys = headline_metrics(splits.num_classes) + ("best_epoch", "epochs_run")
     print(_table({k: metrics[k] for k in keys}))
-    print(f"wrote {args.out}/model.keras, history.json, metrics.json and plots")
+    print(f"wrote {out}/model.keras, history.json, metrics.json and plots")
+    return metrics
+
+
+def cmd_train(args):
+    from keras_mmfusion.evaluation import headline_metrics
+    from keras_mmfusion.experiment import Settings, summarise
+
+    if args.seeds < 1:
+        raise CommandError(f"--seeds must be at least 1, got {args.seeds}")
+    splits = _load_data(args.data)
+    settings = Settings(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight, lr=args.lr,
+                        batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, monitor=args.monitor,
+                        jit_compile=args.jit, standardize=not args.no_standardize, refit=args.refit)
+    print(f"data: {splits.name}, {len(splits.widths)} modalities of widths {splits.widths}, "
+          f"{len(splits.train[1])} train / {len(splits.test[1])} test samples, {splits.num_classes} classes")
+    if args.seeds == 1:
+        _train_one(args, splits, settings, args.seed, args.out)
+        return
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    runs = [_train_one(args, splits, settings, s, os.path.join(args.out, f"seed_{s}")) for s in seeds]
+    keys = headline_metrics(splits.num_classes)
+    summary = summarise(runs, keys)
+    print(f"\ntest split, {len(seeds)} seeds ({'refit on all training data' if args.refit else 'best validation epoch'}),"
+          " mean +- std")
+    print(_table({k: f"{mean:.4f} +- {std:.4f}" for k, (mean, std) in summary.items()}))
+    with open(os.path.join(args.out, "summary.json"), "w") as f:
+        json.dump({"seeds": seeds, "refit": args.refit, "summary": summary}, f, indent=2)
+    print(f"wrote {args.out}/summary.json")
 
 
 def _table(values):

@@ -174,3 +174,20 @@ def test_evaluate_reads_the_data_recorded_with_the_model(trained_run, tmp_path, 
     alone.write_bytes((trained_run / "model.keras").read_bytes())
     assert cli.main(["evaluate", "--model", str(alone)]) == 2
     assert "pass --data: the data to evaluate on" in capsys.readouterr().err
+
+
+def test_train_with_several_seeds_and_refit_reports_mean_and_spread(tmp_path, capsys):
+    out = tmp_path / "runs"
+    args = ["train", "--data", "synthetic", "--fusion", "concat", "--epochs", "2", "--seeds", "2", "--seed", "3",
+            "--refit", "--out", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    runs = [json.loads((out / f"seed_{s}" / "metrics.json").read_text()) for s in (3, 4)]
+    assert [r["seed"] for r in runs] == [3, 4] and all(r["settings"]["refit"] for r in runs)
+    assert all((out / f"seed_{s}" / "model.keras").is_file() for s in (3, 4))
+    summary = json.loads((out / "summary.json").read_text())
+    for key in ("accuracy", "f1_binary", "auc"):
+        values = [r[key] for r in runs]
+        assert summary["summary"][key] == pytest.approx([np.mean(values), np.std(values)])
+    printed = capsys.readouterr().out
+    assert "test split, 2 seeds (refit on all training data), mean +- std" in printed
+    assert f"accuracy   {np.mean([r['accuracy'] for r in runs]):.4f} +- " in printed
