@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 
+from keras_mmfusion.experiment import RECIPE
 from keras_mmfusion.models import fusion_names
 
 BENCHMARKS = {
@@ -45,8 +46,9 @@ def build_parser():
                        help="'synthetic' (default), 'rosmap', or a folder: MOGONET layout (1_tr.csv, 1_te.csv, ..., "
                             "labels_tr.csv, labels_te.csv) or one .csv/.npy file per modality plus labels.csv")
     train.add_argument("--fusion", default="deq", choices=fusion_names(), help="fusion method (default: deq)")
-    train.add_argument("--epochs", type=int, default=100, help="maximum epochs (default: 100)")
-    train.add_argument("--patience", type=int, default=20, help="early-stopping patience in epochs (default: 20)")
+    train.add_argument("--epochs", type=int, default=RECIPE.epochs, help="maximum epochs (default: %(default)s)")
+    train.add_argument("--patience", type=int, default=RECIPE.patience,
+                       help="early-stopping patience in epochs (default: %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument("--seeds", type=int, default=1,
                        help="train with N seeds (--seed, --seed + 1, ...), each in OUT/seed_<s>, and print the "
@@ -54,13 +56,15 @@ def build_parser():
     train.add_argument("--refit", action="store_true",
                        help="use the validation split only to choose the number of epochs, then retrain on the "
                             "whole training split for that many epochs and test that model")
-    train.add_argument("--units", type=int, default=32, help="encoder, fusion and head width (default: 32)")
-    train.add_argument("--dropout", type=float, default=0.0, help="dropout after encoders and in the head")
-    train.add_argument("--modality-weight", type=float, default=0.0,
+    train.add_argument("--units", type=int, default=RECIPE.units,
+                       help="encoder, fusion and head width (default: %(default)s)")
+    train.add_argument("--dropout", type=float, default=RECIPE.dropout,
+                       help="dropout after encoders and in the head (default: %(default)s)")
+    train.add_argument("--modality-weight", type=float, default=RECIPE.modality_weight,
                        help="weight of the per-modality softmax heads trained alongside the fusion "
-                            "(deep supervision of the encoders; default: 0, none)")
-    train.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (default: 1e-3)")
-    train.add_argument("--batch-size", type=int, default=32, help="batch size (default: 32)")
+                            "(deep supervision of the encoders; 0 for none; default: %(default)s)")
+    train.add_argument("--lr", type=float, default=RECIPE.lr, help="Adam learning rate (default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=RECIPE.batch_size, help="batch size (default: %(default)s)")
     train.add_argument("--monitor", default="val_loss", choices=["val_loss", "val_accuracy"],
                        help="validation value that selects the best epoch (default: val_loss)")
     train.add_argument("--jit", action="store_true", help="compile the training step with XLA")

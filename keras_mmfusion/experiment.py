@@ -59,6 +59,11 @@ class Settings:
     fusion_options: dict = dataclasses.field(default_factory=dict)
 
 
+# The recipe of the README's ROSMAP results; `mmfusion train` and examples/rosmap.py default to it.
+RECIPE = Settings(units=32, dropout=0.5, lr=1e-3, batch_size=32, epochs=200, patience=30, standardize=True,
+                  modality_weight=1.0)
+
+
 def load_splits(spec, seed=0):
     """Data by name or path.
 

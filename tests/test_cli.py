@@ -191,3 +191,18 @@ def test_train_with_several_seeds_and_refit_reports_mean_and_spread(tmp_path, ca
     printed = capsys.readouterr().out
     assert "test split, 2 seeds (refit on all training data), mean +- std" in printed
     assert f"accuracy   {np.mean([r['accuracy'] for r in runs]):.4f} +- " in printed
+
+
+def test_train_defaults_are_the_readme_recipe():
+    from keras_mmfusion.experiment import RECIPE
+
+    args = cli.build_parser().parse_args(["train"])
+    chosen = dict(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight, lr=args.lr,
+                  batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
+                  standardize=not args.no_standardize)
+    assert chosen == {k: getattr(RECIPE, k) for k in chosen}
+    assert (RECIPE.dropout, RECIPE.modality_weight, RECIPE.epochs, RECIPE.patience) == (0.5, 1.0, 200, 30)
+    readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
+    assert ("uses the same encoder width (32), dropout 0.5, Adam 1e-3, batch 32, at most 200 epochs and\n"
+            "patience 30") in readme
+    assert "each view's encoder as well (`modality_weight=1`)" in readme
