@@ -7,10 +7,11 @@ own file so that the test workers run them alongside that file's.
 
 import numpy as np
 import pytest
+import tensorflow as tf
 
 import keras_mmfusion as mmf
 from keras_mmfusion import export
-from test_export_solver import WIDTHS, keras_outputs, trained_deq  # noqa: F401 - trained_deq is a fixture
+from test_export_solver import WIDTHS, trained_deq  # noqa: F401 - trained_deq is a fixture
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +53,18 @@ def quantized_compute_in_solver_loop(path):
     return found
 
 
+@pytest.fixture(scope="module")
+def held_out_reference(trained_deq, deq_held_out):
+    """The first 64 held-out samples and Keras's outputs and solver diagnostics for each, run
+    one at a time (a solve's step count depends on its batch)."""
+    serve = export.serving_function(trained_deq[0]["anderson"], diagnostics=True)
+    xs = [a[:64] for a in deq_held_out[0]]
+    return xs, [{k: v.numpy() for k, v in serve(*[tf.constant(a[i : i + 1]) for a in xs]).items()} for i in range(64)]
+
+
 @pytest.mark.parametrize("quantize", ["float16", "dynamic", "int8"])
-def test_quantized_solver_stays_float_and_takes_kerass_steps(quantize, trained_deq, deq_held_out, tmp_path):
+def test_quantized_solver_stays_float_and_takes_kerass_steps(quantize, trained_deq, deq_held_out, held_out_reference,
+                                                             tmp_path):
     """Quantising the update's activations would floor the residual above tol (every solve
     then runs to max_iter); only its weights are quantised, so the solve still converges,
     in about Keras's number of steps.
@@ -65,14 +76,16 @@ def test_quantized_solver_stays_float_and_takes_kerass_steps(quantize, trained_d
     models, _ = trained_deq
     model = models["anderson"]
     held_out, _ = deq_held_out
-    xs = [a[:64] for a in held_out]
+    xs, reference = held_out_reference
     calibration = [[a[i : i + 1] for a in held_out] for i in range(64, 164)]
     path = export.to_tflite(model, tmp_path / "q.tflite", quantize=quantize, diagnostics=True,
                             representative_data=calibration)
     assert quantized_compute_in_solver_loop(path) == []
+    from ai_edge_litert.interpreter import Interpreter
+
+    run = Interpreter(model_path=str(path)).get_signature_runner("serving_default")
     names = export.input_names(model)
-    reference = [keras_outputs(model, [a[i : i + 1] for a in xs]) for i in range(64)]
-    got = [export.run_export(path, {n: a[i : i + 1] for n, a in zip(names, xs)}) for i in range(64)]
+    got = [run(**{n: a[i : i + 1] for n, a in zip(names, xs)}) for i in range(len(xs[0]))]
     steps = np.array([int(r["deq_fusion_steps"][0]) for r in reference])
     got_steps = np.array([int(g["deq_fusion_steps"][0]) for g in got])
     converged = np.concatenate([g["deq_fusion_converged"] for g in got])
