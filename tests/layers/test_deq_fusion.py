@@ -335,9 +335,9 @@ def test_bad_inputs_raise_value_error_naming_the_problem(inputs, message):
 
 def test_width_not_divisible_by_groups_raises_at_build():
     with pytest.raises(ValueError, match=r"state width 10 \(units\) must be divisible by num_groups=4"):
-        DEQFusion(units=10)(random_inputs(widths=(8, 8)))
+        DEQFusion(units=10, num_groups=4)(random_inputs(widths=(8, 8)))
     with pytest.raises(ValueError, match=r"state width 6 \(the common input width\)"):
-        DEQFusion()(random_inputs(widths=(6, 6)))
+        DEQFusion(num_groups=4)(random_inputs(widths=(6, 6)))
 
 
 def test_built_layer_rejects_inputs_of_another_shape():
