@@ -73,4 +73,28 @@ def sublayers(layer, include_self=False):
     return list(layer._flatten_layers(include_self=include_self))
 
 
+def connected_layers(layer):
+    """Every layer of the functional graphs ``layer`` has been called in, itself included.
+
+    Follows the call nodes Keras records when a layer is called on symbolic inputs (the
+    nodes of every call, those that fed them and those they fed), and includes the layers nested in every layer found.
+    A layer only ever called on tensors (a subclassed model's) is connected to itself alone.
+    """
+    found = {id(layer): layer}
+    stack = list(layer._inbound_nodes) + list(layer._outbound_nodes)
+    visited = set()
+    while stack:
+        node = stack.pop()
+        if id(node) in visited:
+            continue
+        visited.add(id(node))
+        operation = node.operation
+        for connected in [operation] + (sublayers(operation) if isinstance(operation, keras.layers.Layer) else []):
+            found.setdefault(id(connected), connected)
+        stack.extend(node.parent_nodes)
+        stack.extend(operation._inbound_nodes)
+        stack.extend(operation._outbound_nodes)
+    return list(found.values())
+
+
 warn_on_untested_versions()

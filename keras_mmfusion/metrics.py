@@ -2,10 +2,13 @@
 
 import contextlib
 import threading
+import weakref
 
 import keras
 import tensorflow as tf
 from keras import ops
+
+from keras_mmfusion._internals import connected_layers
 
 _STATE = threading.local()
 
@@ -69,8 +72,37 @@ def report_solver_stats(name, stats):
         collected[name] = stats
 
 
+def logged_prefix(layer, prefix):
+    """The prefix of the log keys of ``layer``'s statistics.
+
+    ``prefix`` itself (``deq_steps``, ``dynmm_cost``, ...) when no other layer of the
+    same class is connected to ``layer`` in a functional model; otherwise
+    ``"<layer name>_<prefix>"`` (``fusion_a_deq_steps``), so that two such layers in one
+    model log under different keys. Layer names are unique within a model.
+    """
+    if layer is None:
+        return prefix
+    same_kind = [other for other in connected_layers(layer) if other is not layer and type(other) is type(layer)]
+    return f"{layer.name}_{prefix}" if same_kind else prefix
+
+
+class _LayerStatistic(keras.metrics.Metric):
+    """A metric that logs a layer's statistics under the keys :func:`logged_prefix` gives."""
+
+    def __init__(self, prefix, layer=None, **kwargs):
+        super().__init__(**kwargs)
+        self.prefix = prefix
+        # A weak reference: the layer owns the metric, and Keras must not track the layer here.
+        self._layer = (lambda: None) if layer is None else weakref.ref(layer)
+
+    @property
+    def key_prefix(self):
+        """The prefix of the keys of :meth:`result` (see :func:`logged_prefix`)."""
+        return logged_prefix(self._layer(), self.prefix)
+
+
 @keras.saving.register_keras_serializable(package="keras_mmfusion")
-class SolverStatsMetric(keras.metrics.Metric):
+class SolverStatsMetric(_LayerStatistic):
     """Running means of an equilibrium layer's solver statistics, and the last values.
 
     ``result()`` is ``{"<prefix>_steps": ..., "<prefix>_residual": ...,
@@ -89,11 +121,13 @@ class SolverStatsMetric(keras.metrics.Metric):
     Args:
         prefix: the prefix of the logged names.
         name: the metric's name.
+        layer: the layer whose solves are recorded; with another layer of its class in
+            the same model, the names are prefixed with its name (see
+            :func:`logged_prefix`).
     """
 
-    def __init__(self, prefix="deq", name=None, dtype="float32"):
-        super().__init__(name=name or f"{prefix}_solver_stats", dtype=dtype)
-        self.prefix = prefix
+    def __init__(self, prefix="deq", name=None, dtype="float32", layer=None):
+        super().__init__(prefix, layer=layer, name=name or f"{prefix}_solver_stats", dtype=dtype)
         self._steps_sum = self._scalar("steps_sum")
         self._residual_sum = self._scalar("residual_sum")
         self._count = self._scalar("count")
@@ -124,10 +158,11 @@ class SolverStatsMetric(keras.metrics.Metric):
         self._last_converged.assign(converged)
 
     def result(self):
+        prefix = self.key_prefix
         return {
-            f"{self.prefix}_steps": ops.divide_no_nan(self._steps_sum, self._count),
-            f"{self.prefix}_residual": ops.divide_no_nan(self._residual_sum, self._count),
-            f"{self.prefix}_converged": ops.divide_no_nan(self._converged_sum, self._sample_count),
+            f"{prefix}_steps": ops.divide_no_nan(self._steps_sum, self._count),
+            f"{prefix}_residual": ops.divide_no_nan(self._residual_sum, self._count),
+            f"{prefix}_converged": ops.divide_no_nan(self._converged_sum, self._sample_count),
         }
 
     def reset_state(self):
@@ -149,7 +184,7 @@ class SolverStatsMetric(keras.metrics.Metric):
 
 
 @keras.saving.register_keras_serializable(package="keras_mmfusion")
-class RoutingMetric(keras.metrics.Metric):
+class RoutingMetric(_LayerStatistic):
     """Running routing fractions and realised cost of a dynamic-routing layer.
 
     ``result()`` is ``{"<prefix>_cost": ..., "<prefix>_expert_0": ..., ...}``: the mean
@@ -160,12 +195,12 @@ class RoutingMetric(keras.metrics.Metric):
         num_experts: the number of experts.
         prefix: the prefix of the logged names.
         name: the metric's name.
+        layer: the routing layer; as for :class:`SolverStatsMetric`.
     """
 
-    def __init__(self, num_experts, prefix="dynmm", name=None, dtype="float32"):
-        super().__init__(name=name or f"{prefix}_routing", dtype=dtype)
+    def __init__(self, num_experts, prefix="dynmm", name=None, dtype="float32", layer=None):
+        super().__init__(prefix, layer=layer, name=name or f"{prefix}_routing", dtype=dtype)
         self.num_experts = num_experts
-        self.prefix = prefix
         self._counts = self.add_variable(shape=(num_experts,), initializer="zeros", name="counts", dtype=dtype)
         self._cost_sum = self.add_variable(shape=(), initializer="zeros", name="cost_sum", dtype=dtype)
 
@@ -178,8 +213,9 @@ class RoutingMetric(keras.metrics.Metric):
     def result(self):
         total = ops.sum(self._counts)
         fractions = ops.divide_no_nan(self._counts, total)
-        out = {f"{self.prefix}_cost": ops.divide_no_nan(self._cost_sum, total)}
-        out.update({f"{self.prefix}_expert_{i}": fractions[i] for i in range(self.num_experts)})
+        prefix = self.key_prefix
+        out = {f"{prefix}_cost": ops.divide_no_nan(self._cost_sum, total)}
+        out.update({f"{prefix}_expert_{i}": fractions[i] for i in range(self.num_experts)})
         return out
 
     def reset_state(self):

@@ -63,6 +63,21 @@ def test_sublayers_finds_nested_layers():
     assert _internals.sublayers(outer, include_self=True)[0] is outer
 
 
+def test_connected_layers_follows_the_functional_graph():
+    a, b = keras.Input((3,), name="in_a"), keras.Input((3,), name="in_b")
+    left, right = keras.layers.Dense(2, name="left"), keras.layers.Dense(2, name="right")
+    nested = keras.Sequential([keras.layers.Dense(2, name="deep")], name="nested")
+    keras.Model([a, b], nested(keras.layers.Concatenate(name="join")([left(a), right(b)])))
+    other = keras.Input((3,), name="in_other")
+    keras.Model(other, keras.layers.Dense(2, name="elsewhere")(other))
+    names = {layer.name for layer in _internals.connected_layers(left)}
+    assert {"deep", "in_a", "in_b", "join", "left", "nested", "right"} <= names, names
+    assert not {"in_other", "elsewhere"} & names, names
+    loose = keras.layers.Dense(2, name="loose")
+    loose(np.ones((1, 3), "float32"))
+    assert _internals.connected_layers(loose) == [loose]
+
+
 def test_untested_versions_warn():
     assert _internals.untested_versions() == {}
     assert _internals.untested_versions({"tensorflow": "2.210.0", "keras": "3.15.1"}) == {"tensorflow": "2.210.0"}

@@ -191,7 +191,7 @@ class DEQFusion(keras.layers.Layer):
             kernel_initializer = keras.initializers.RandomNormal(stddev=0.01)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.seed = seed
-        self.stats_metric = SolverStatsMetric(prefix="deq", name=f"{self.name}_solver_stats")
+        self.stats_metric = SolverStatsMetric(prefix="deq", name=f"{self.name}_solver_stats", layer=self)
         self._seed_generator = keras.random.SeedGenerator(seed) if jacobian_weight > 0 else None
 
     def build(self, input_shape):

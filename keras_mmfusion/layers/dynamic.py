@@ -146,7 +146,7 @@ class DynamicFusion(FusionLayer):
         self.hard_inference = bool(hard_inference)
         self.gate_units = gate_units
         self.seed = seed
-        self.routing_metric = RoutingMetric(len(experts), prefix="dynmm", name=f"{self.name}_routing")
+        self.routing_metric = RoutingMetric(len(experts), prefix="dynmm", name=f"{self.name}_routing", layer=self)
         self._seed_generator = keras.random.SeedGenerator(seed) if gumbel else None
         with tf.init_scope():
             self._last_routing = tf.Variable(
