@@ -3,7 +3,7 @@
 import keras
 
 from keras_mmfusion._internals import sublayers
-from keras_mmfusion.validation import check_int
+from keras_mmfusion._checks import check_int
 
 
 class TemperatureSchedule(keras.callbacks.Callback):

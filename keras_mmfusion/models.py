@@ -20,7 +20,7 @@ from keras_mmfusion.layers import (
     TensorFusion,
     training_labels,
 )
-from keras_mmfusion.validation import check_int
+from keras_mmfusion._checks import check_int
 
 
 def _deq(units, **kwargs):

@@ -3,7 +3,7 @@
 import numpy as np
 import tensorflow as tf
 
-from keras_mmfusion.validation import check_int
+from keras_mmfusion._checks import check_int
 
 # Norm of each class prototype. The per-feature noise has standard deviation ``noise``,
 # so at noise=1 a modality's own latent code is recovered about 98% of the time.

@@ -16,7 +16,7 @@ from typing import NamedTuple
 import tensorflow as tf
 
 from keras_mmfusion.graph_context import gpu_visible, in_xla_context
-from keras_mmfusion.validation import check_int
+from keras_mmfusion._checks import check_int, check_positive
 
 STOP_MODES = ("abs", "rel")
 
@@ -156,8 +156,7 @@ def finite_or(value, fallback):
 def check_solver_arguments(max_iter, tol, stop_mode):
     """Raise a ``ValueError`` naming the argument that is out of range."""
     check_int("max_iter", max_iter)
-    if not (isinstance(tol, (int, float)) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}.")
+    check_positive("tol", tol)
     if stop_mode not in STOP_MODES:
         raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}.")
 

@@ -3,7 +3,7 @@ Models by Jacobian Regularization", 2021)."""
 
 import tensorflow as tf
 
-from keras_mmfusion.validation import check_int
+from keras_mmfusion._checks import check_int
 
 
 def gaussian_probes(z, num_probes):

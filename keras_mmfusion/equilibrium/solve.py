@@ -29,7 +29,7 @@ from keras_mmfusion.equilibrium.iteration import (
 )
 from keras_mmfusion.equilibrium.jacobian import check_probes, hutchinson_jacobian_norm, jacobian_norm_from_vjp
 from keras_mmfusion.equilibrium.solvers import get_solver
-from keras_mmfusion.validation import check_int
+from keras_mmfusion._checks import check_fraction, check_int
 
 BACKWARD_MODES = ("implicit", "phantom", "unrolled")
 
@@ -43,8 +43,7 @@ def check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_
     if backward_tol is not None and not (isinstance(backward_tol, (int, float)) and backward_tol > 0):
         raise ValueError(f"backward_tol must be None or a positive number, got {backward_tol!r}.")
     check_int("phantom_steps", phantom_steps)
-    if not (isinstance(phantom_damping, (int, float)) and 0 < phantom_damping <= 1):
-        raise ValueError(f"phantom_damping must be in (0, 1], got {phantom_damping!r}.")
+    check_fraction("phantom_damping", phantom_damping)
 
 
 @tf.autograph.experimental.do_not_convert

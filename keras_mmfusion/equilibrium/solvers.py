@@ -10,7 +10,7 @@ so they work eagerly, inside ``tf.function`` and under ``jit_compile=True``.
 import numpy as np
 import tensorflow as tf
 
-from keras_mmfusion.validation import check_int
+from keras_mmfusion._checks import check_fraction, check_int, check_positive
 
 from keras_mmfusion.equilibrium.history import (
     CircularHistory,
@@ -49,11 +49,6 @@ def get_solver(name):
 def available_solvers():
     """The registered solver names, sorted."""
     return sorted(_SOLVERS)
-
-
-def _check_fraction(name, value):
-    if not (isinstance(value, (int, float)) and 0 < value <= 1):
-        raise ValueError(f"{name} must be in (0, 1], got {value!r}.")
 
 
 def _spd_solve(a, b):
@@ -99,7 +94,7 @@ def fixed_point_iteration(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", damp
     Returns:
         ``(z, stats)``, the lowest-residual iterate and a ``SolverStats``.
     """
-    _check_fraction("damping", damping)
+    check_fraction("damping", damping)
 
     def init(z):
         return tf.zeros([], z.dtype)
@@ -143,9 +138,8 @@ def anderson_solve(
         ``(z, stats)``.
     """
     check_int("memory", memory)
-    _check_fraction("mixing", mixing)
-    if not (isinstance(ridge, (int, float)) and ridge > 0):
-        raise ValueError(f"ridge must be a positive number, got {ridge!r}.")
+    check_fraction("mixing", mixing)
+    check_positive("ridge", ridge)
 
     history = CircularHistory(memory)
 

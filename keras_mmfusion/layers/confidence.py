@@ -6,7 +6,7 @@ import threading
 import keras
 from keras import ops
 
-from keras_mmfusion.validation import check_int
+from keras_mmfusion._checks import check_int, check_non_negative
 
 _LABELS = threading.local()
 
@@ -61,8 +61,7 @@ class ConfidenceHead(keras.layers.Layer):
     def __init__(self, num_classes, loss_weight=1.0, **kwargs):
         super().__init__(**kwargs)
         check_int("num_classes", num_classes, minimum=2)
-        if not (isinstance(loss_weight, (int, float)) and loss_weight >= 0):
-            raise ValueError(f"loss_weight must be a number >= 0, got {loss_weight!r}.")
+        check_non_negative("loss_weight", loss_weight)
         self.num_classes = num_classes
         self.loss_weight = loss_weight
         self.head_loss = keras.metrics.Mean(name=f"{self.name}_loss")

@@ -5,7 +5,7 @@ import keras
 from keras import ops
 
 from keras_mmfusion.layers.fusion_layer import FusionLayer, check_units
-from keras_mmfusion.validation import check_int
+from keras_mmfusion._checks import check_int
 
 
 def _per_level(name, value, depth):

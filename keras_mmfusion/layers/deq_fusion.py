@@ -11,7 +11,7 @@ from keras_mmfusion.equilibrium.solvers import available_solvers
 from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
 from keras_mmfusion.layers.normalization import ExactGroupNormalization
 from keras_mmfusion.metrics import SolverStatsMetric, recording_statistics, report_solver_stats
-from keras_mmfusion.validation import check_int
+from keras_mmfusion._checks import check_int, check_non_negative
 
 
 class _ModalityBlock(keras.layers.Layer):
@@ -167,8 +167,7 @@ class DEQFusion(keras.layers.Layer):
             raise ValueError(f"solver must be one of {available_solvers()}, got {solver!r}.")
         check_solver_arguments(max_iter, tol, stop_mode)
         check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping)
-        if not (isinstance(jacobian_weight, (int, float)) and jacobian_weight >= 0):
-            raise ValueError(f"jacobian_weight must be a number >= 0, got {jacobian_weight!r}.")
+        check_non_negative("jacobian_weight", jacobian_weight)
         check_int("jacobian_probes", jacobian_probes)
         check_int("num_groups", num_groups)
         if solver_options is not None and not isinstance(solver_options, dict):

@@ -12,7 +12,7 @@ from keras_mmfusion.layers.fusion_layer import FusionLayer
 from keras_mmfusion.graph_context import in_xla_context
 from keras_mmfusion.layers.routing import masked_route, partitioned_route
 from keras_mmfusion.metrics import RoutingMetric, gather_replicas, recording_statistics
-from keras_mmfusion.validation import check_int
+from keras_mmfusion._checks import check_int, check_positive
 
 
 def _output_shape(layer, shape):
@@ -129,8 +129,7 @@ class DynamicFusion(FusionLayer):
                 raise ValueError(f"costs has {len(costs)} entries but there are {len(experts)} experts.")
             if any(not np.isfinite(c) or c < 0 for c in costs) or max(costs) <= 0:
                 raise ValueError(f"costs must be finite and >= 0 with a positive maximum, got {costs}.")
-        if not (isinstance(temperature, (int, float)) and temperature > 0):
-            raise ValueError(f"temperature must be a positive number, got {temperature!r}.")
+        check_positive("temperature", temperature)
         if not (isinstance(cost_weight, (int, float)) and cost_weight >= 0):
             raise ValueError(f"cost_weight must be a number >= 0, got {cost_weight!r}.")
         check_int("gate_units", gate_units)

@@ -3,6 +3,8 @@
 import keras
 from keras import ops
 
+from keras_mmfusion._checks import check_non_negative
+
 
 @keras.saving.register_keras_serializable(package="keras_mmfusion")
 class FeatureGate(keras.layers.Layer):
@@ -33,8 +35,7 @@ class FeatureGate(keras.layers.Layer):
 
     def __init__(self, sparsity_weight=1.0, kernel_initializer="glorot_normal", **kwargs):
         super().__init__(**kwargs)
-        if not (isinstance(sparsity_weight, (int, float)) and sparsity_weight >= 0):
-            raise ValueError(f"sparsity_weight must be a number >= 0, got {sparsity_weight!r}.")
+        check_non_negative("sparsity_weight", sparsity_weight)
         self.sparsity_weight = sparsity_weight
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.sparsity = keras.metrics.Mean(name=f"{self.name}_sparsity")
