@@ -109,7 +109,7 @@ def train_synthetic(kind, task, seed, epochs):
 
 def train_rosmap(kind, seed, epochs):
     from keras_mmfusion.datasets import stratified_split
-    from keras_mmfusion.experiment import load_splits
+    from keras_mmfusion.training import load_splits
 
     splits = load_splits("rosmap")
     x, y = splits.train

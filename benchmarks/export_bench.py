@@ -7,7 +7,7 @@ Three models, each exported to SavedModel, TFLite (float32, float16, dynamic-ran
 int8) and ONNX, all with the solver diagnostics (``diagnostics=True``):
 
 - ``deq``: the DEQ classifier (layer defaults) trained on ROSMAP with the validation
-  protocol of ``keras_mmfusion.experiment`` (synthetic data when ROSMAP is absent);
+  protocol of ``keras_mmfusion.training`` (synthetic data when ROSMAP is absent);
 - ``concat``: the concatenation baseline, trained the same way;
 - ``dynmm``: the DynMM benchmark model of ``examples/dynmm_two_stage.py`` (cost weight
   0.2), on its synthetic data.
@@ -70,7 +70,7 @@ def train_models(names, quick):
     """``{name: (model, (train_x, train_y), (test_x, test_y), data name)}``."""
     import keras
 
-    from keras_mmfusion.experiment import Settings, load_splits, run_trial
+    from keras_mmfusion.training import Settings, load_splits, run_trial
 
     models = {}
     data = "rosmap" if rosmap_available() else "synthetic"

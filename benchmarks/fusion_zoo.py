@@ -3,7 +3,7 @@
     python benchmarks/fusion_zoo.py [--datasets synthetic rosmap] [--seeds 5] [--quick]
                                     [--out benchmarks/results/fusion_zoo.json]
 
-Protocol, per dataset and seed (``keras_mmfusion.experiment.run_trial``): 20% of the
+Protocol, per dataset and seed (``keras_mmfusion.training.run_trial``): 20% of the
 training split (stratified) is held out for validation; training stops early on the
 validation loss and keeps the best epoch; the test split is evaluated once. The table
 gives mean +- std over seeds (5 on ROSMAP, 3 on synthetic data) of accuracy, F1 and
@@ -54,7 +54,7 @@ def late_fusion(units, depth=2):
 def run_one(splits, fusion_name, seed, settings):
     import keras_mmfusion as mmf
     from keras_mmfusion.costs import count_macs
-    from keras_mmfusion.experiment import run_trial
+    from keras_mmfusion.training import run_trial
 
     model, _, metrics = run_trial(splits, fusion_name, seed, settings)
     deq = [l for l in model._flatten_layers(include_self=False) if isinstance(l, mmf.DEQFusion)]
@@ -70,7 +70,7 @@ def loss_curves(epochs, out_png, seeds):
 
     import keras_mmfusion as mmf
 
-    from keras_mmfusion.experiment import load_splits
+    from keras_mmfusion.training import load_splits
 
     x, y = load_splits("synthetic").train
     widths = [a.shape[1] for a in x]
@@ -116,7 +116,7 @@ def loss_curves(epochs, out_png, seeds):
 
 
 def summarise(rows):
-    from keras_mmfusion.experiment import summarise as mean_and_std
+    from keras_mmfusion.training import summarise as mean_and_std
 
     out = mean_and_std(rows)
     out["params"] = rows[0]["params"]
@@ -136,7 +136,7 @@ def main():
     parser.add_argument("--out", default="benchmarks/results/fusion_zoo.json")
     args = parser.parse_args()
 
-    from keras_mmfusion.experiment import Settings, load_splits
+    from keras_mmfusion.training import Settings, load_splits
 
     seeds = list(range(2 if args.quick else args.seeds))
     settings = {

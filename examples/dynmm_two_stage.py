@@ -35,7 +35,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_mmfusion as mmf  # noqa: E402
-from keras_mmfusion.evaluation import fit_classifier  # noqa: E402
+from keras_mmfusion.training import fit_classifier  # noqa: E402
 
 WIDTH, MODALITIES, CLASSES = 32, 3, 2
 # Stage 1 keeps each expert's best epoch by validation accuracy.

@@ -27,7 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from keras_mmfusion.experiment import RECIPE, Settings, load_splits, run_trial, select_views, summarise  # noqa: E402
+from keras_mmfusion.training import RECIPE, Settings, load_splits, run_trial, select_views, summarise  # noqa: E402
 
 PUBLISHED = {"MOGONET (published)": {"accuracy": 0.815, "f1_binary": 0.821, "auc": 0.874}}
 # Chosen on the validation splits of the 5 seeds (mean validation loss at the kept epoch),

@@ -1,5 +1,7 @@
 """Training callbacks."""
 
+import time
+
 import keras
 
 from keras_mmfusion._internals import sublayers
@@ -80,3 +82,37 @@ class RoutedObjective(keras.callbacks.Callback):
             raise ValueError(f"RoutedObjective: the logs have no {self.cost_key!r}; "
                              f"found {sorted(logs)}. Is there a DynamicFusion layer and validation data?")
         logs[self.name] = float(logs[self.loss_key]) + self.cost_weight * float(logs[self.cost_key])
+
+
+class EpochTimer(keras.callbacks.Callback):
+    """Records the wall time of every training epoch in ``self.times``."""
+
+    def on_train_begin(self, logs=None):
+        self.times = []
+
+    def on_epoch_begin(self, epoch, logs=None):
+        self._start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        self.times.append(time.perf_counter() - self._start)
+
+
+class ClassifierLogs(keras.callbacks.Callback):
+    """Log a model with modality heads under its classifier's names.
+
+    At the end of each epoch, ``loss`` and ``accuracy`` (and their ``val_`` forms)
+    become those of the ``probabilities`` output, and the weighted sum of all losses,
+    which Keras logs as ``loss``, is kept as ``total_loss``. Callbacks listed after this
+    one, and the history, see these names.
+    """
+
+    def on_epoch_end(self, epoch, logs=None):
+        if not logs:
+            return
+        for prefix in ("", "val_"):
+            if f"{prefix}probabilities_loss" not in logs:
+                continue
+            logs[f"{prefix}total_loss"] = logs[f"{prefix}loss"]
+            logs[f"{prefix}loss"] = logs.pop(f"{prefix}probabilities_loss")
+            if f"{prefix}probabilities_accuracy" in logs:
+                logs[f"{prefix}accuracy"] = logs.pop(f"{prefix}probabilities_accuracy")

@@ -14,7 +14,7 @@ import os
 import subprocess
 import sys
 
-from keras_mmfusion.experiment import RECIPE
+from keras_mmfusion.training import RECIPE
 from keras_mmfusion.models import fusion_names
 
 BENCHMARKS = {
@@ -104,7 +104,7 @@ def build_parser():
 
 
 def _load_data(spec):
-    from keras_mmfusion.experiment import load_splits
+    from keras_mmfusion.training import load_splits
 
     return load_splits(spec)
 
@@ -178,8 +178,8 @@ def _plot_residuals(model, inputs, path):
 
 def _train_one(args, splits, settings, seed, out):
     """One trial, written to ``out``; returns its metrics."""
-    from keras_mmfusion.evaluation import headline_metrics
-    from keras_mmfusion.experiment import run_trial
+    from keras_mmfusion.training import headline_metrics
+    from keras_mmfusion.training import run_trial
 
     model, history, metrics = run_trial(splits, args.fusion, seed, settings, verbose=0 if args.quiet else 1)
     os.makedirs(out, exist_ok=True)
@@ -203,8 +203,8 @@ def _train_one(args, splits, settings, seed, out):
 
 
 def cmd_train(args):
-    from keras_mmfusion.evaluation import headline_metrics
-    from keras_mmfusion.experiment import Settings, summarise
+    from keras_mmfusion.training import headline_metrics
+    from keras_mmfusion.training import Settings, summarise
 
     if args.seeds < 1:
         raise CommandError(f"--seeds must be at least 1, got {args.seeds}")
@@ -236,7 +236,7 @@ def _table(values):
 
 
 def cmd_evaluate(args):
-    from keras_mmfusion.evaluation import classification_metrics
+    from keras_mmfusion.training import classification_metrics
 
     model = _load_model(args.model)
     data = args.data or _recorded_data(args.model)

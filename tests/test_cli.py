@@ -140,7 +140,7 @@ def test_generic_folder_is_accepted(tmp_path):
     for name in ("a", "b"):
         np.save(tmp_path / f"{name}.npy", rng.normal(size=(40, 3)).astype("float32"))
     np.save(tmp_path / "labels.npy", (np.arange(40) % 2).astype("float32"))
-    from keras_mmfusion.experiment import load_splits
+    from keras_mmfusion.training import load_splits
 
     splits = load_splits(str(tmp_path))
     assert splits.widths == [3, 3] and len(splits.train[1]) == 32 and len(splits.test[1]) == 8
@@ -194,7 +194,7 @@ def test_train_with_several_seeds_and_refit_reports_mean_and_spread(tmp_path, ca
 
 
 def test_train_defaults_are_the_readme_recipe():
-    from keras_mmfusion.experiment import RECIPE
+    from keras_mmfusion.training import RECIPE
 
     args = cli.build_parser().parse_args(["train"])
     chosen = dict(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight, lr=args.lr,

@@ -4,7 +4,7 @@ import keras
 
 import keras_mmfusion as mmf
 from keras_mmfusion.costs import count_macs
-from keras_mmfusion.evaluation import classification_metrics
+from keras_mmfusion.training import classification_metrics
 
 
 def test_macs_of_dense_layers_and_fusion_layers():

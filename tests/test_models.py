@@ -4,7 +4,7 @@ import keras
 
 import keras_mmfusion as mmf
 from keras_mmfusion.datasets import stratified_split
-from keras_mmfusion.experiment import Settings, Splits, build_model, run_trial
+from keras_mmfusion.training import Settings, Splits, build_model, run_trial
 from keras_mmfusion.models import build_classifier, with_modality_heads
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from keras_mmfusion.datasets import stratified_split
-from keras_mmfusion.experiment import Settings, load_splits, run_trial
+from keras_mmfusion.training import Settings, load_splits, run_trial
 
 ROSMAP = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "rosmap")
 

@@ -138,7 +138,7 @@ def test_values_whose_square_overflows_float32_are_refused(tmp_path):
 
 
 def test_splits_are_checked_against_each_other_before_training(tmp_path):
-    from keras_mmfusion.experiment import load_splits
+    from keras_mmfusion.training import load_splits
 
     folder = mogonet_folder(tmp_path)
     assert load_splits(str(folder)).num_classes == 2
@@ -162,7 +162,7 @@ def test_splits_are_checked_against_each_other_before_training(tmp_path):
 
 
 def test_generic_folder_labels_with_a_gap_are_refused(tmp_path):
-    from keras_mmfusion.experiment import load_splits
+    from keras_mmfusion.training import load_splits
 
     write_csv(tmp_path / "a.csv", np.zeros((10, 2)))
     write_csv(tmp_path / "b.csv", np.zeros((10, 3)))

@@ -14,8 +14,9 @@ import numpy as np
 
 from keras_mmfusion.datasets import load_modalities, load_multiomics, make_synthetic, mogonet_folder, stratified_split
 from keras_mmfusion.datasets.tabular import DataError, check_classes, check_splits
-from keras_mmfusion.evaluation import classification_metrics, fit_classifier
 from keras_mmfusion.models import build_classifier, build_reference_classifier, make_fusion
+from keras_mmfusion.training.fitting import fit_classifier
+from keras_mmfusion.training.scores import classification_metrics
 
 @dataclasses.dataclass
 class Splits:
@@ -39,7 +40,7 @@ class Settings:
     epoch); a fresh model with the same seed is then trained for that many epochs on all
     of the training data, standardised with all of it, and that model is tested.
     ``modality_weight`` > 0 trains fusion models with a softmax head on every
-    modality's encoder as well (see :func:`keras_mmfusion.evaluation.compile_classifier`);
+    modality's encoder as well (see :func:`keras_mmfusion.training.compile_classifier`);
     one-modality models have no such heads.
     """
 
@@ -180,5 +181,5 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
 
 def summarise(runs, keys=("accuracy", "f1_binary", "auc")):
     """``{key: (mean, std)}`` over a list of metric dicts (by default the two-class headline
-    metrics; see :func:`keras_mmfusion.evaluation.headline_metrics`)."""
+    metrics; see :func:`keras_mmfusion.training.headline_metrics`)."""
     return {k: (float(np.mean([r[k] for r in runs])), float(np.std([r[k] for r in runs]))) for k in keys}

@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import keras
 
-from keras_mmfusion.evaluation import compile_classifier, fit_classifier
+from keras_mmfusion.training import compile_classifier, fit_classifier
 from keras_mmfusion.models import build_classifier
 
 

@@ -1,0 +1,35 @@
+"""The honest training protocol: splits, selection on validation only, multi-seed runs, scores.
+
+The ``mmfusion`` command, the examples and the benchmarks run their trials through
+:func:`run_trial`: a stratified validation split carved from the training data, early
+stopping and best-epoch selection on validation only, and one evaluation of the test
+split at the end. The library itself (layers, models, export) does not depend on it.
+"""
+
+from keras_mmfusion.training.fitting import compile_classifier, fit_classifier
+from keras_mmfusion.training.protocol import (
+    RECIPE,
+    Settings,
+    Splits,
+    build_model,
+    load_splits,
+    run_trial,
+    select_views,
+    summarise,
+)
+from keras_mmfusion.training.scores import classification_metrics, headline_metrics
+
+__all__ = [
+    "RECIPE",
+    "Settings",
+    "Splits",
+    "build_model",
+    "classification_metrics",
+    "compile_classifier",
+    "fit_classifier",
+    "headline_metrics",
+    "load_splits",
+    "run_trial",
+    "select_views",
+    "summarise",
+]
