@@ -25,6 +25,10 @@ BENCHMARKS = {
 }
 
 
+HEADER_HELP = ("every CSV file of --data starts with a header row, which is skipped (without it, a first row "
+               "that looks like a header is refused)")
+
+
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
@@ -45,6 +49,7 @@ def build_parser():
     train.add_argument("--data", default="synthetic",
                        help="'synthetic' (default), 'rosmap', or a folder: MOGONET layout (1_tr.csv, 1_te.csv, ..., "
                             "labels_tr.csv, labels_te.csv) or one .csv/.npy file per modality plus labels.csv")
+    train.add_argument("--header", action="store_true", help=HEADER_HELP)
     train.add_argument("--fusion", default="deq", choices=fusion_names(), help="fusion method (default: deq)")
     train.add_argument("--epochs", type=int, default=RECIPE.epochs, help="maximum epochs (default: %(default)s)")
     train.add_argument("--patience", type=int, default=RECIPE.patience,
@@ -79,6 +84,7 @@ def build_parser():
     evaluate.add_argument("--data", default=None,
                           help="as for 'train'; its test split is used (default: the data 'mmfusion train' "
                                "recorded in metrics.json next to the model)")
+    evaluate.add_argument("--header", action="store_true", help=HEADER_HELP + " (default: as recorded with the model)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     export = sub.add_parser("export", help="export a saved model to SavedModel, TFLite or ONNX")
@@ -88,6 +94,7 @@ def build_parser():
     export.add_argument("--data", default=None,
                         help="data (as for 'train'): its training split calibrates int8 and its test split "
                              "verifies the export; default: the data recorded in metrics.json next to the model")
+    export.add_argument("--header", action="store_true", help=HEADER_HELP + " (default: as recorded with the model)")
     export.add_argument("--diagnostics", action="store_true",
                         help="also return each DEQ layer's solver steps, trace, residuals and converged flags")
     export.add_argument("--out", default=None, help="output path (default: next to the model)")
@@ -103,10 +110,13 @@ def build_parser():
 # -- subcommands --------------------------------------------------------------------
 
 
-def _load_data(spec):
+def _load_data(spec, header=False):
     from keras_mmfusion.training import load_splits
 
-    return load_splits(spec)
+    splits = load_splits(spec, header=header)
+    if header and spec not in ("synthetic", "rosmap"):
+        print(f"{spec}: skipped the header row of every CSV file (--header)", file=sys.stderr)
+    return splits
 
 
 def _load_model(path):
@@ -190,7 +200,7 @@ def _train_one(args, splits, settings, seed, out):
     _plot_history(history, os.path.join(out, "training_curves.png"))
     traces = _plot_residuals(model, splits.test[0], os.path.join(out, "solver_residuals.png"))
     data_source = os.path.abspath(args.data) if os.path.isdir(args.data) else args.data
-    metrics.update(data=splits.name, data_source=data_source, fusion=args.fusion, seed=seed,
+    metrics.update(data=splits.name, data_source=data_source, data_header=args.header, fusion=args.fusion, seed=seed,
                    settings=vars(settings))
     if traces:
         metrics["solver_residual_trace"] = traces
@@ -208,7 +218,7 @@ def cmd_train(args):
 
     if args.seeds < 1:
         raise CommandError(f"--seeds must be at least 1, got {args.seeds}")
-    splits = _load_data(args.data)
+    splits = _load_data(args.data, args.header)
     settings = Settings(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight, lr=args.lr,
                         batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, monitor=args.monitor,
                         jit_compile=args.jit, standardize=not args.no_standardize, refit=args.refit)
@@ -239,11 +249,11 @@ def cmd_evaluate(args):
     from keras_mmfusion.training import classification_metrics
 
     model = _load_model(args.model)
-    data = args.data or _recorded_data(args.model)
+    data, header = _data_of(args)
     if not data:
         raise CommandError("pass --data: the data to evaluate on (no metrics.json with a data source next to "
                            "the model)")
-    splits = _load_data(data)
+    splits = _load_data(data, header)
     if [int(t.shape[-1]) for t in model.inputs] != splits.widths:
         raise CommandError(
             f"the model expects inputs of widths {[int(t.shape[-1]) for t in model.inputs]} but "
@@ -263,14 +273,18 @@ EXPORT_TOLERANCES = {None: {"max_abs": 1e-3}, "float16": {"max_abs": 2e-2},
                      "dynamic": {"changed": 0.02, "accuracy": 0.01}, "int8": {"changed": 0.02, "accuracy": 0.01}}
 
 
-def _recorded_data(model_path):
-    """The data source ``mmfusion train`` recorded next to ``model_path``, or ``None``."""
-    path = os.path.join(os.path.dirname(os.path.abspath(model_path)), "metrics.json")
+def _data_of(args):
+    """``(data, header)``: ``--data`` and ``--header``, or what ``mmfusion train`` recorded next to
+    ``--model`` (``(None, False)`` when nothing was recorded)."""
+    if args.data:
+        return args.data, args.header
+    path = os.path.join(os.path.dirname(os.path.abspath(args.model)), "metrics.json")
     try:
         with open(path) as f:
-            return json.load(f).get("data_source")
+            record = json.load(f)
     except (OSError, ValueError):
-        return None
+        return None, False
+    return record.get("data_source"), args.header or bool(record.get("data_header", False))
 
 
 def _verify_exported(model, path, splits, quantize, diagnostics):
@@ -319,13 +333,13 @@ def cmd_export(args):
     model = _load_model(args.model)
     if args.quantize and args.format != "tflite":
         raise CommandError("--quantize applies to --format tflite only")
-    data = args.data or _recorded_data(args.model)
+    data, header = _data_of(args)
     if not data:
         raise CommandError("pass --data: the data to verify the export on (no metrics.json with a data source "
                            "next to the model)")
     if args.quantize == "int8" and not args.data:
         raise CommandError("--quantize int8 needs calibration data: pass --data with the model's training data")
-    splits = _load_data(data)
+    splits = _load_data(data, header)
     stem = os.path.splitext(args.model)[0]
     options = dict(overwrite=args.overwrite, diagnostics=args.diagnostics)
     if args.format == "saved_model":

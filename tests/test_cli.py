@@ -206,3 +206,25 @@ def test_train_defaults_are_the_readme_recipe():
     assert ("uses the same encoder width (32), dropout 0.5, Adam 1e-3, batch 32, at most 200 epochs and\n"
             "patience 30") in readme
     assert "each view's encoder as well (`modality_weight=1`)" in readme
+
+
+def test_header_rows_are_refused_without_header_and_skipped_with_it_also_when_evaluating(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    data = tmp_path / "data"
+    data.mkdir()
+    labels = np.arange(60) % 2
+    for name in ("a", "b"):
+        rows = rng.normal(size=(60, 3)).round(4) + labels[:, None]
+        (data / f"{name}.csv").write_text("x,y,z\n" + "\n".join(",".join(map(str, r)) for r in rows) + "\n")
+    (data / "labels.csv").write_text("label\n" + "\n".join(map(str, labels)) + "\n")
+    out = tmp_path / "run"
+    train = ["train", "--data", str(data), "--fusion", "concat", "--epochs", "1", "--out", str(out), "--quiet"]
+    assert cli.main(train) == 2
+    assert "a.csv: row 1, column 1: cannot read 'x' as a number. It looks like a header" in capsys.readouterr().err
+    assert cli.main(train + ["--header"]) == 0
+    captured = capsys.readouterr()
+    assert "skipped the header row of every CSV file (--header)" in captured.err
+    assert "2 modalities of widths [3, 3], 48 train / 12 test samples, 2 classes" in captured.out
+    assert json.loads((out / "metrics.json").read_text())["data_header"] is True
+    assert cli.main(["evaluate", "--model", str(out / "model.keras"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["samples"] == 12

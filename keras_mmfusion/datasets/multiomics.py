@@ -28,13 +28,14 @@ def find_views(folder):
     return views
 
 
-def load_multiomics(folder, split="train", num_classes=None):
+def load_multiomics(folder, split="train", num_classes=None, header=False):
     """Read one split of a MOGONET-layout folder.
 
     Args:
         folder: the folder with ``N_tr.csv``, ``N_te.csv``, ``labels_tr.csv``, ...
         split: ``"train"`` or ``"test"``.
         num_classes: the declared number of classes, checked if given.
+        header: whether every CSV file's first row is a header to skip.
 
     Returns:
         ``(inputs, labels)``: one float32 ``(n, d_N)`` array per view, in view order,
@@ -45,7 +46,7 @@ def load_multiomics(folder, split="train", num_classes=None):
     folder = os.fspath(folder)
     suffix = SPLITS[split]
     files = [os.path.join(folder, f"{v}_{suffix}.csv") for v in find_views(folder)]
-    return load_modalities(files, os.path.join(folder, f"labels_{suffix}.csv"), num_classes)
+    return load_modalities(files, os.path.join(folder, f"labels_{suffix}.csv"), num_classes, header)
 
 
 def stratified_split(labels, fraction, seed):

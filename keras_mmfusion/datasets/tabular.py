@@ -19,41 +19,76 @@ class DataError(ValueError):
 LARGEST_VALUE = float(np.sqrt(np.finfo(np.float32).max))
 
 
-def _parse_csv(path):
+def _parse_row(path, row_number, row):
+    """The numbers of one CSV row, or the first cell that is not a number (``(values, bad)``)."""
+    cells = [c.strip() for c in row]
+    # A trailing delimiter gives one empty last cell; it is not a value.
+    if cells and cells[-1] == "":
+        cells = cells[:-1]
+    if not cells:
+        raise DataError(f"{path}: row {row_number} is empty.")
+    values = []
+    for column, cell in enumerate(cells, start=1):
+        try:
+            values.append(float(cell))
+        except ValueError:
+            return values, (column, cell)
+    return values, None
+
+
+def _looks_like_column_numbers(values):
+    """Whether a row is 0, 1, ..., n-1 or 1, 2, ..., n (n >= 3): column numbers, not data."""
+    n = len(values)
+    return n >= 3 and (values == list(range(n)) or values == list(range(1, n + 1)))
+
+
+def _parse_csv(path, header):
     rows = []
     with open(path, newline="") as handle:
-        for row_number, row in enumerate(csv.reader(handle), start=1):
-            cells = [c.strip() for c in row]
-            # A trailing delimiter gives one empty last cell; it is not a value.
-            if cells and cells[-1] == "":
-                cells = cells[:-1]
-            if not cells:
-                raise DataError(f"{path}: row {row_number} is empty.")
-            values = []
-            for column, cell in enumerate(cells, start=1):
-                try:
-                    values.append(float(cell))
-                except ValueError:
-                    raise DataError(
-                        f"{path}: row {row_number}, column {column}: cannot read {cell!r} as a number."
-                    ) from None
+        reader = csv.reader(handle)
+        if header and next(reader, None) is None:
+            raise DataError(f"{path}: the file holds no rows, not even the header.")
+        for row_number, row in enumerate(reader, start=2 if header else 1):
+            values, bad = _parse_row(path, row_number, row)
+            if bad is not None:
+                column, cell = bad
+                hint = " It looks like a header: pass header=True (mmfusion: --header) to skip it." if (
+                    row_number == 1) else ""
+                raise DataError(f"{path}: row {row_number}, column {column}: cannot read {cell!r} as a number.{hint}")
             if rows and len(values) != len(rows[0]):
                 raise DataError(
-                    f"{path}: row {row_number} has {len(values)} values but row 1 has {len(rows[0])}."
+                    f"{path}: row {row_number} has {len(values)} values but row {row_number - len(rows)} "
+                    f"has {len(rows[0])}."
                 )
             rows.append(values)
     if not rows:
-        raise DataError(f"{path}: the file holds no rows.")
+        raise DataError(f"{path}: the file holds no rows{' after its header' if header else ''}.")
+    # Column numbers above data that are not all whole numbers: a header, not a sample.
+    if not header and len(rows) > 1 and _looks_like_column_numbers(rows[0]) and any(
+        v != int(v) for row in rows[1:] for v in row
+    ):
+        raise DataError(
+            f"{path}: row 1 is {rows[0][0]:g}, {rows[0][1]:g}, ..., {rows[0][-1]:g}, which looks like a header of "
+            "column numbers rather than a sample; pass header=True (mmfusion: --header) to skip it."
+        )
     return np.asarray(rows, dtype=np.float64)
 
 
-def read_matrix(path):
-    """Read a ``(rows, features)`` float32 matrix from a headerless CSV or an NPY file.
+def read_matrix(path, header=False):
+    """Read a ``(rows, features)`` float32 matrix from a CSV or an NPY file.
+
+    Args:
+        path: the file.
+        header: whether a CSV file's first row is a header to skip (NPY files have none).
+            Without it, a first row with a cell that is not a number, or that holds
+            the column numbers (``0, 1, 2, ...`` or ``1, 2, 3, ...``), is refused as a
+            header rather than read as a sample.
 
     Raises:
         DataError: the file is missing, a cell is not a number, rows differ in length,
-            or a value is NaN, infinite or so large that its square overflows float32;
-            the message names the file, row and column.
+            a headerless file's first row looks like a header, or a value is NaN,
+            infinite or so large that its square overflows float32; the message names
+            the file, row and column (rows counted as in the file, header included).
     """
     path = os.fspath(path)
     if not os.path.isfile(path):
@@ -66,54 +101,60 @@ def read_matrix(path):
         if values.ndim != 2:
             raise DataError(f"{path}: expected a 2-D array, got shape {values.shape}.")
     else:
-        values = _parse_csv(path)
+        values = _parse_csv(path, header)
+    # Rows as the file numbers them, for the messages below.
+    first_row = 2 if header and not path.endswith(".npy") else 1
     bad = np.argwhere(~np.isfinite(values))
     if bad.size:
         row, column = bad[0]
         raise DataError(
-            f"{path}: row {row + 1}, column {column + 1} is {values[row, column]}; "
+            f"{path}: row {row + first_row}, column {column + 1} is {values[row, column]}; "
             f"NaN and infinite values are not allowed ({len(bad)} such cells)."
         )
     huge = np.argwhere(np.abs(values) > LARGEST_VALUE)
     if huge.size:
         row, column = huge[0]
         raise DataError(
-            f"{path}: row {row + 1}, column {column + 1} is {values[row, column]:g}; values beyond "
+            f"{path}: row {row + first_row}, column {column + 1} is {values[row, column]:g}; values beyond "
             f"{LARGEST_VALUE:.3g} in magnitude overflow float32 when squared by the standardisation "
             f"({len(huge)} such cells)."
         )
     return values.astype(np.float32)
 
 
-def read_labels(path, num_classes=None):
+def read_labels(path, num_classes=None, header=False):
     """Read integer class labels, one per row, from a CSV or NPY file.
 
     Args:
         path: the labels file.
         num_classes: if given, every label must be in ``[0, num_classes)``.
+        header: whether a CSV file's first row is a header to skip.
 
     Returns:
         An int32 array ``(rows,)``.
     """
-    values = read_matrix(path)
+    values = read_matrix(path, header)
+    first_row = 2 if header and not os.fspath(path).endswith(".npy") else 1
     if values.shape[1] != 1:
         raise DataError(f"{path}: expected one label per row, got {values.shape[1]} columns.")
     values = values[:, 0]
     fractional = np.nonzero(values != np.round(values))[0]
     if fractional.size:
         row = fractional[0]
-        raise DataError(f"{path}: row {row + 1}: label {values[row]} is not an integer class index.")
+        raise DataError(f"{path}: row {row + first_row}: label {values[row]} is not an integer class index.")
     labels = values.astype(np.int32)
     limit = num_classes if num_classes is not None else np.inf
     outside = np.nonzero((labels < 0) | (labels >= limit))[0]
     if outside.size:
         row = outside[0]
         declared = f"0..{num_classes - 1}" if num_classes is not None else "a non-negative index"
-        raise DataError(f"{path}: row {row + 1}: label {labels[row]} is outside the declared classes {declared}.")
+        raise DataError(
+            f"{path}: row {row + first_row}: label {labels[row]} is outside the declared classes {declared}."
+        )
     return labels
 
 
-def load_modalities(modality_files, labels_file, num_classes=None):
+def load_modalities(modality_files, labels_file, num_classes=None, header=False):
     """Read one matrix per modality and the labels, and check that their rows align.
 
     Args:
@@ -121,6 +162,7 @@ def load_modalities(modality_files, labels_file, num_classes=None):
             the same sample.
         labels_file: the labels, one integer class per row.
         num_classes: the declared number of classes, checked if given.
+        header: whether every CSV file's first row is a header to skip.
 
     Returns:
         ``(inputs, labels)``: a list of float32 arrays ``(n, d_i)`` and int32 labels.
@@ -130,8 +172,8 @@ def load_modalities(modality_files, labels_file, num_classes=None):
     """
     if not modality_files:
         raise DataError("No modality files were given.")
-    inputs = [read_matrix(p) for p in modality_files]
-    labels = read_labels(labels_file, num_classes)
+    inputs = [read_matrix(p, header) for p in modality_files]
+    labels = read_labels(labels_file, num_classes, header)
     for path, x in zip(modality_files, inputs):
         if len(x) != len(labels):
             raise DataError(

@@ -65,7 +65,7 @@ RECIPE = Settings(units=32, dropout=0.5, lr=1e-3, batch_size=32, epochs=200, pat
                   modality_weight=1.0)
 
 
-def load_splits(spec, seed=0):
+def load_splits(spec, seed=0, header=False):
     """Data by name or path.
 
     Args:
@@ -75,6 +75,7 @@ def load_splits(spec, seed=0):
             with one ``.csv``/``.npy`` file per modality plus ``labels.csv`` or
             ``labels.npy`` (20% of it, stratified, becomes the test split).
         seed: the seed of the generic folder's test split.
+        header: whether every CSV file of a folder starts with a header row to skip.
 
     Returns:
         :class:`Splits`.
@@ -87,8 +88,8 @@ def load_splits(spec, seed=0):
         raise DataError(f"{folder}: data folder not found (expected 'synthetic', 'rosmap' or a folder).")
     name = "rosmap" if spec == "rosmap" else os.path.basename(os.path.normpath(folder))
     if os.path.isfile(os.path.join(folder, "labels_tr.csv")):
-        train = load_multiomics(folder, "train")
-        test = load_multiomics(folder, "test")
+        train = load_multiomics(folder, "train", header=header)
+        test = load_multiomics(folder, "test", header=header)
         num_classes = check_splits(train, test, ("labels_tr.csv", "labels_te.csv"))
         return Splits(train, test, num_classes, name)
     files = sorted(os.listdir(folder))
@@ -99,7 +100,7 @@ def load_splits(spec, seed=0):
             f"{folder}: expected the MOGONET layout (N_tr.csv, labels_tr.csv, ...) or at least two "
             "modality files (.csv/.npy) plus labels.csv or labels.npy."
         )
-    x, y = load_modalities(modalities, os.path.join(folder, labels[0]))
+    x, y = load_modalities(modalities, os.path.join(folder, labels[0]), header=header)
     num_classes = check_classes([y], [labels[0]])
     keep, held = stratified_split(y, 0.2, seed)
     return Splits(([a[keep] for a in x], y[keep]), ([a[held] for a in x], y[held]), num_classes, name)

@@ -169,3 +169,44 @@ def test_generic_folder_labels_with_a_gap_are_refused(tmp_path):
     write_csv(tmp_path / "labels.csv", [[0], [2]] * 5)
     with pytest.raises(DataError, match=r"no sample has label \[1\] \(labels.csv: class 0: 5, class 2: 5\)"):
         load_splits(str(tmp_path))
+
+
+def with_header(tmp_path, header, n=6, widths=(3, 2)):
+    """A MOGONET folder whose every CSV file starts with the row ``header(width)``."""
+    folder = mogonet_folder(tmp_path, n_train=n, widths=widths)
+    for path in folder.glob("*.csv"):
+        rows = [line.split(",") for line in path.read_text().split()]
+        write_csv(path, [header(len(rows[0]))] + rows)
+    return folder
+
+
+@pytest.mark.parametrize("header, seen", [
+    (lambda w: [f"feature_{j}" for j in range(w)], r"cannot read 'feature_0' as a number\. It looks like a header"),
+    (lambda w: list(range(1, w + 1)) if w > 1 else ["label"], r"row 1 is 1, 2, \.\.\., 3, which looks like a header"),
+])
+def test_a_header_row_is_refused_unless_declared_and_then_skipped(tmp_path, header, seen):
+    folder = with_header(tmp_path, header)
+    with pytest.raises(DataError, match=seen + r".*header=True \(mmfusion: --header\)"):
+        load_multiomics(folder, "train")
+    x, y = load_multiomics(folder, "train", header=True)
+    (tmp_path / "plain").mkdir()
+    expected_x, expected_y = load_multiomics(mogonet_folder(tmp_path / "plain", n_train=6), "train")
+    assert [a.shape for a in x] == [(6, 3), (6, 2)]
+    np.testing.assert_array_equal(y, expected_y)
+    for got, expected in zip(x, expected_x):
+        np.testing.assert_array_equal(got, expected)
+
+
+def test_rows_are_numbered_as_in_the_file_when_a_header_is_skipped(tmp_path):
+    path = write_csv(tmp_path / "m.csv", [["a", "b"], [1, 2], [3, "nan"]])
+    with pytest.raises(DataError, match=r"m\.csv: row 3, column 2 is nan"):
+        load_modalities([path, path], write_csv(tmp_path / "l.csv", [["y"], [0], [1]]), header=True)
+    labels = write_csv(tmp_path / "labels.csv", [["y"], [0], [3]])
+    with pytest.raises(DataError, match=r"labels\.csv: row 3: label 3 is outside"):
+        read_labels(labels, num_classes=2, header=True)
+
+
+def test_a_numeric_first_row_that_is_not_column_numbers_is_data(tmp_path):
+    path = write_csv(tmp_path / "m.csv", [[1, 2, 4], [3, 4, 5]])
+    x, _ = load_modalities([path, path], write_csv(tmp_path / "labels.csv", [[0], [1]]))
+    np.testing.assert_array_equal(x[0], [[1, 2, 4], [3, 4, 5]])
