@@ -59,11 +59,16 @@ def test_every_fusion_layer_trains_with_float32_outputs(name, policy):
         assert fusion.last_stats["residual"].dtype == "float32"  # the solver state stays float32
 
 
+# Trained to the end of learning: after 6 epochs float16 still trailed float32 by 1.25-1.75
+# points (it learns more slowly), after 10 both classify the held-out samples alike.
+TRAINED_EPOCHS = 10
+
+
 @pytest.fixture(scope="module")
 def float32_deq():
     """Accuracy and last-epoch solver logs of the DEQ classifier trained in float32."""
     train_data, test_data = data()
-    model, _, history = train("deq", train_data, epochs=6)
+    model, _, history = train("deq", train_data, epochs=TRAINED_EPOCHS)
     accuracy = np.mean(model.predict(test_data[0], verbose=0).argmax(-1) == test_data[1])
     return accuracy, {k: v[-1] for k, v in history.items()}
 
@@ -73,7 +78,7 @@ def test_deq_under_mixed_precision_converges_and_keeps_float32_accuracy(policy, 
     """Without the raised tolerance every solve ran to max_iter under these policies."""
     full, full_logs = float32_deq
     train_data, test_data = data()
-    model, fusion, history = train("deq", train_data, epochs=6)
+    model, fusion, history = train("deq", train_data, epochs=TRAINED_EPOCHS)
     mixed = np.mean(model.predict(test_data[0], verbose=0).argmax(-1) == test_data[1])
     assert full > 0.8, full
     assert mixed >= full - 0.01, (mixed, full)

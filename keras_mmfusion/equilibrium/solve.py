@@ -63,6 +63,7 @@ def fixed_point_solve(
     phantom_damping=0.5,
     solver_options=None,
     jacobian_probes=None,
+    jacobian_active=None,
 ):
     """Solve ``z = f(z, x)`` and make the solution differentiable.
 
@@ -90,6 +91,9 @@ def fixed_point_solve(
             respect to the variables ``f`` reads, for a training loss (Bai et al.,
             2021). In ``"implicit"`` mode the estimate and the backward pass share one
             evaluation of ``f`` at ``z*``, made in the forward pass.
+        jacobian_active: optional boolean scalar tensor. When it is false the estimate
+            is not computed (no vector-Jacobian products) and ``stats.jacobian`` is 0,
+            so a caller can apply the penalty on a fraction of training steps.
 
     Returns:
         ``(z, stats)``: the solution in ``z0``'s dtype and a ``SolverStats`` of the
@@ -108,7 +112,9 @@ def fixed_point_solve(
         # The phantom and unrolled modes evaluate f at z for the penalty on its own.
         if probes is None:
             return z, stats
-        penalty = hutchinson_jacobian_norm(lambda s: f(s, x), tf.stop_gradient(z), probes=probes)
+        penalty = _when_active(
+            jacobian_active, lambda: hutchinson_jacobian_norm(lambda s: f(s, x), tf.stop_gradient(z), probes=probes), z
+        )
         return z, stats._replace(jacobian=penalty)
 
     if backward == "unrolled":
@@ -136,7 +142,7 @@ def fixed_point_solve(
         )
 
     if probes is not None:
-        return _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes)
+        return _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes, jacobian_active)
 
     def implicit_gradient(z_star, xs, fz_of, dz, variables):
         with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
@@ -160,7 +166,14 @@ def fixed_point_solve(
     return _solve_with_gradient(f, x, forward, implicit_gradient)
 
 
-def _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes):
+def _when_active(active, penalty, z):
+    """``penalty()``, or with a boolean tensor ``active``, ``penalty()`` only where it is true (else 0)."""
+    if active is None:
+        return penalty()
+    return tf.cond(tf.convert_to_tensor(active), penalty, lambda: tf.zeros([], z.dtype))
+
+
+def _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes, active=None):
     """The implicit backward pass and the Jacobian penalty from one evaluation of ``f`` at ``z*``.
 
     ``fz = f(z*, x)`` is evaluated in the forward pass, recorded by any outer tape and
@@ -181,7 +194,7 @@ def _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes):
     def vjp(v):
         return tape.gradient(f_at_solution, z_star, output_gradients=tf.cast(v, f_at_solution.dtype))
 
-    penalty = jacobian_norm_from_vjp(vjp, z_star, probes)
+    penalty = _when_active(active, lambda: jacobian_norm_from_vjp(vjp, z_star, probes), z_star)
 
     @tf.custom_gradient
     def solution(fz):

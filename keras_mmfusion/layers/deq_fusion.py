@@ -11,7 +11,7 @@ from keras_mmfusion.equilibrium.solvers import available_solvers
 from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
 from keras_mmfusion.layers.normalization import ExactGroupNormalization
 from keras_mmfusion.metrics import SolverStatsMetric, recording_statistics, report_solver_stats
-from keras_mmfusion._checks import check_int, check_non_negative
+from keras_mmfusion._checks import check_fraction, check_int, check_non_negative
 
 
 class _ModalityBlock(keras.layers.Layer):
@@ -105,6 +105,10 @@ class DEQFusion(keras.layers.Layer):
             ``benchmarks/RESULTS.md``). The penalty is part of the training loss that
             ``fit`` logs.
         jacobian_probes: the number of probe vectors of that estimate.
+        jacobian_frequency: the probability, in ``(0, 1]``, that a training call
+            computes the penalty (Bai et al. 2021's ``jac_loss_freq``); on the other
+            calls it is 0 and its vector-Jacobian products are skipped, which saves
+            their cost. The default, 1, applies it on every call.
         num_groups: GroupNorm groups; ``units`` must be divisible by it. The default, 1,
             normalises each state as a whole, which keeps the relative sizes of all its
             features; the reference code uses 4 groups, which learnt the cross-modal XOR
@@ -152,6 +156,7 @@ class DEQFusion(keras.layers.Layer):
         backward_tol=None,
         jacobian_weight=50.0,
         jacobian_probes=1,
+        jacobian_frequency=1.0,
         num_groups=1,
         phantom_steps=5,
         phantom_damping=0.5,
@@ -169,6 +174,7 @@ class DEQFusion(keras.layers.Layer):
         check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping)
         check_non_negative("jacobian_weight", jacobian_weight)
         check_int("jacobian_probes", jacobian_probes)
+        check_fraction("jacobian_frequency", jacobian_frequency)
         check_int("num_groups", num_groups)
         if solver_options is not None and not isinstance(solver_options, dict):
             raise ValueError(f"solver_options must be a dict or None, got {solver_options!r}.")
@@ -182,6 +188,7 @@ class DEQFusion(keras.layers.Layer):
         self.backward_tol = backward_tol
         self.jacobian_weight = jacobian_weight
         self.jacobian_probes = jacobian_probes
+        self.jacobian_frequency = jacobian_frequency
         self.num_groups = num_groups
         self.phantom_steps = phantom_steps
         self.phantom_damping = phantom_damping
@@ -257,7 +264,7 @@ class DEQFusion(keras.layers.Layer):
         z0 = ops.zeros((ops.shape(xs[0])[0], width), dtype=xs[0].dtype)
         return (xs, x_fuse), z0
 
-    def _solve_state(self, x, z0, jacobian_probes=None):
+    def _solve_state(self, x, z0, jacobian_probes=None, jacobian_active=None):
         return fixed_point_solve(
             self._equilibrium_map,
             x,
@@ -273,6 +280,7 @@ class DEQFusion(keras.layers.Layer):
             phantom_damping=self.phantom_damping,
             solver_options=self.solver_options,
             jacobian_probes=jacobian_probes,
+            jacobian_active=jacobian_active,
         )
 
     @property
@@ -308,12 +316,14 @@ class DEQFusion(keras.layers.Layer):
     def call(self, inputs, training=None):
         check_modalities(f"DEQFusion '{self.name}'", inputs, self._widths)
         x, z0 = self._injections(inputs)
-        probes = None
+        probes = active = None
         if training and self.jacobian_weight > 0:
             probes = keras.random.normal(
                 (self.jacobian_probes,) + tuple(ops.shape(z0)), dtype=z0.dtype, seed=self._seed_generator
             )
-        z, stats = self._solve_state(x, z0, jacobian_probes=probes)
+            if self.jacobian_frequency < 1:
+                active = keras.random.uniform((), seed=self._seed_generator) < self.jacobian_frequency
+        z, stats = self._solve_state(x, z0, jacobian_probes=probes, jacobian_active=active)
         report_solver_stats(self.name, stats)
         if recording_statistics():
             self.stats_metric.update_state(stats)
@@ -352,6 +362,7 @@ class DEQFusion(keras.layers.Layer):
             backward_tol=self.backward_tol,
             jacobian_weight=self.jacobian_weight,
             jacobian_probes=self.jacobian_probes,
+            jacobian_frequency=self.jacobian_frequency,
             num_groups=self.num_groups,
             phantom_steps=self.phantom_steps,
             phantom_damping=self.phantom_damping,

@@ -28,7 +28,7 @@ def build():
         # The Jacobian penalty's Hutchinson probes are random draws of the local batch's
         # shape, so each replica draws different ones than one device would: the penalty
         # is left out of the comparison of weights.
-        fusion = mmf.DEQFusion(8, max_iter=12, tol=1e-5, jacobian_weight=0.0, name="fusion")
+        fusion = mmf.DEQFusion(8, max_iter=30, tol=1e-5, jacobian_weight=0.0, name="fusion")
     elif KIND == "dynmm":
         # With a routing-cost term (cost_weight > 0) the gate's weights after one mirrored
         # step differ from one device's by up to 2e-4, an unexplained gap (Keras scales

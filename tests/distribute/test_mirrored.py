@@ -29,10 +29,12 @@ def test_one_mirrored_step_equals_the_single_device_step(kind):
     if kind == "deq":
         # Each sample's solve is its own, so the global batch's steps are the most any
         # replica took and its largest residual the largest of any replica's.
-        assert 0 < mirrored["last_stats"]["steps"] <= 12
-        assert mirrored["last_stats"] == pytest.approx(single["last_stats"], rel=1e-4)
+        # Residuals near the tolerance (1e-5) agree to float32 rounding of the state, not
+        # relatively: a sum or a mean over the 2 replicas would be off by about 6e-6.
+        assert 0 < mirrored["last_stats"]["steps"] < 30
+        assert mirrored["last_stats"] == pytest.approx(single["last_stats"], rel=0, abs=1e-6)
         for key in ("deq_steps", "deq_residual", "deq_converged"):
-            assert mirrored["logs"][key] == pytest.approx(single["logs"][key], rel=1e-4), key
+            assert mirrored["logs"][key] == pytest.approx(single["logs"][key], rel=0, abs=1e-6), key
     if kind == "dynmm":
         assert len(mirrored["last_routing"]) == 64
         assert mirrored["last_routing"] == single["last_routing"]

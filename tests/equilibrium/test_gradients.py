@@ -235,3 +235,28 @@ def test_penalty_is_reported_for_every_backward_mode(backward):
     expected = hutchinson_jacobian_norm(lambda s: f(s, x), tf.stop_gradient(z), probes=probes)
     # Phantom steps start from z* (to which the penalty refers) and stay within the tolerance of it.
     np.testing.assert_allclose(float(stats.jacobian), float(expected), rtol=1e-8)
+
+
+@pytest.mark.parametrize("backward", ["implicit", "phantom", "unrolled"])
+def test_penalty_switched_by_a_tensor_is_zero_when_off_and_exact_when_on(backward):
+    f, x, variables, _ = make_problem(seed=2)
+    probes = tf.constant(np.random.default_rng(5).normal(size=(1, BATCH, DIM)))
+    z0 = tf.zeros((BATCH, DIM), tf.float64)
+    options = dict(IMPLICIT, backward=backward) if backward == "implicit" else dict(backward=backward, max_iter=100,
+                                                                                       tol=1e-12)
+
+    def penalty_and_gradient(active):
+        with tf.GradientTape() as tape:
+            _, stats = fixed_point_solve(f, x, z0, jacobian_probes=probes, jacobian_active=active, **options)
+        return stats.jacobian, tape.gradient(stats.jacobian, variables)
+
+    # The switch is a graph input, so both branches of the conditional are traced.
+    switched = tf.function(penalty_and_gradient, input_signature=[tf.TensorSpec((), tf.bool)])
+    always, always_gradient = tf.function(lambda: penalty_and_gradient(None))()
+    on, on_gradient = switched(tf.constant(True))
+    off, off_gradient = switched(tf.constant(False))
+    assert float(always) > 0 and float(off) == 0.0
+    np.testing.assert_allclose(float(on), float(always), rtol=1e-12)
+    for a, b, c in zip(on_gradient, always_gradient, off_gradient):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10)
+        assert c is None or not np.any(c.numpy()), c

@@ -44,6 +44,7 @@ def test_get_config_round_trips():
         backward_tol=1e-5,
         jacobian_weight=0.5,
         jacobian_probes=2,
+        jacobian_frequency=0.25,
         num_groups=3,
         phantom_steps=4,
         phantom_damping=0.7,
@@ -54,7 +55,8 @@ def test_get_config_round_trips():
     config = layer.get_config()
     clone = DEQFusion.from_config(config)
     assert clone.get_config() == config
-    for key, value in dict(units=12, solver="broyden", max_iter=7, backward="phantom", num_groups=3).items():
+    for key, value in dict(units=12, solver="broyden", max_iter=7, backward="phantom", num_groups=3,
+                           jacobian_frequency=0.25).items():
         assert config[key] == value
 
 
@@ -318,6 +320,21 @@ def test_jacobian_penalty_is_added_in_training_only():
     assert DEQFusion().jacobian_weight > 0  # on by default: it keeps training at an equilibrium
 
 
+def test_jacobian_frequency_applies_the_penalty_on_that_share_of_training_calls():
+    x = random_inputs(batch=4, widths=(8, 8))
+    layer = DEQFusion(units=8, max_iter=5, jacobian_weight=2.0, jacobian_frequency=0.3, seed=1)
+
+    @tf.function
+    def call(inputs):
+        layer(inputs, training=True)
+        return layer.losses[0]
+
+    penalties = np.array([float(call(x)) for _ in range(60)])
+    # Binomial(60, 0.3): mean 18, standard deviation 3.5.
+    assert 8 <= np.count_nonzero(penalties) <= 28, penalties
+    assert np.all(penalties[penalties != 0] > 0)
+
+
 def test_mixed_precision_runs_with_float32_solver_state():
     keras.config.set_dtype_policy("mixed_float16")
     layer = DEQFusion(units=8, max_iter=10)
@@ -358,6 +375,8 @@ def test_built_layer_rejects_inputs_of_another_shape():
         (dict(max_iter=0), "max_iter"),
         (dict(jacobian_weight=-1.0), "jacobian_weight"),
         (dict(num_groups=0), "num_groups"),
+        (dict(jacobian_frequency=0.0), r"jacobian_frequency must be in \(0, 1\]"),
+        (dict(jacobian_frequency=1.5), "jacobian_frequency"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, message):
