@@ -1,4 +1,4 @@
-"""The two-stage DynMM example run as a user would run it, with its outputs reloaded."""
+"""The examples run as a user would run them: the main job (quickstart) and the two-stage DynMM recipe."""
 
 import json
 import os
@@ -43,3 +43,22 @@ def test_dynmm_two_stage_example_writes_a_model_that_reloads_to_its_reported_met
     assert np.mean(route == 0) == metrics["fraction_to_cheap"]
     relative = np.mean(np.where(route == 0, cheap_macs, expensive_macs)) / expensive_macs
     np.testing.assert_allclose(relative, metrics["realised_macs_relative_to_expensive_path"], rtol=1e-6)
+
+
+def test_quickstart_trains_a_converged_model_and_exports_it_in_three_runtimes_that_match(tmp_path):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
+    done = subprocess.run([sys.executable, os.path.join(EXAMPLES, "quickstart.py"), "--epochs", "3", "--out",
+                           str(tmp_path)], capture_output=True, text=True, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["test"]["accuracy"] > 0.7, metrics["test"]  # chance is 0.5
+    assert metrics["solver"]["converged"] and metrics["test"]["deq_converged"] == 1.0, metrics
+    assert set(metrics["exports"]) == {"saved_model", "tflite", "onnx"}
+    for name, check in metrics["exports"].items():
+        assert check["max_rel"] < 1e-5, (name, check)
+    # The saved model loads in safe mode, and the quickstart uses the layer's own defaults.
+    model = keras.saving.load_model(tmp_path / "model.keras", safe_mode=True)
+    config, defaults = model.get_layer("deq_fusion").get_config(), keras_mmfusion.DEQFusion().get_config()
+    for key in ("solver", "max_iter", "tol", "jacobian_weight", "num_groups", "backward"):
+        assert config[key] == defaults[key], key
+
