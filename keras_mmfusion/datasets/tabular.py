@@ -74,6 +74,11 @@ def _parse_csv(path, header):
     return np.asarray(rows, dtype=np.float64)
 
 
+def _first_data_row(path, header):
+    """The file's row number of the first sample: 2 after a CSV header, else 1 (for messages)."""
+    return 2 if header and not os.fspath(path).endswith(".npy") else 1
+
+
 def read_matrix(path, header=False):
     """Read a ``(rows, features)`` float32 matrix from a CSV or an NPY file.
 
@@ -81,8 +86,9 @@ def read_matrix(path, header=False):
         path: the file.
         header: whether a CSV file's first row is a header to skip (NPY files have none).
             Without it, a first row with a cell that is not a number, or that holds
-            the column numbers (``0, 1, 2, ...`` or ``1, 2, 3, ...``), is refused as a
-            header rather than read as a sample.
+            the column numbers (``0, 1, 2, ...`` or ``1, 2, 3, ...``) above data that
+            are not all whole numbers, is refused as a header rather than read as a
+            sample.
 
     Raises:
         DataError: the file is missing, a cell is not a number, rows differ in length,
@@ -102,8 +108,7 @@ def read_matrix(path, header=False):
             raise DataError(f"{path}: expected a 2-D array, got shape {values.shape}.")
     else:
         values = _parse_csv(path, header)
-    # Rows as the file numbers them, for the messages below.
-    first_row = 2 if header and not path.endswith(".npy") else 1
+    first_row = _first_data_row(path, header)
     bad = np.argwhere(~np.isfinite(values))
     if bad.size:
         row, column = bad[0]
@@ -134,7 +139,7 @@ def read_labels(path, num_classes=None, header=False):
         An int32 array ``(rows,)``.
     """
     values = read_matrix(path, header)
-    first_row = 2 if header and not os.fspath(path).endswith(".npy") else 1
+    first_row = _first_data_row(path, header)
     if values.shape[1] != 1:
         raise DataError(f"{path}: expected one label per row, got {values.shape[1]} columns.")
     values = values[:, 0]
