@@ -116,7 +116,8 @@ def _as_feed(model, sample_inputs):
     names = input_names(model)
     if len(xs) != len(names):
         raise ValueError(f"sample_inputs has {len(xs)} arrays but the model has {len(names)} inputs {names}.")
-    return {n: np.asarray(x, dtype=np.float32) for n, x in zip(names, xs)}
+    dtypes = [np.dtype(tf.as_dtype(t.dtype).as_numpy_dtype) for t in model.inputs]
+    return {n: np.asarray(x, dtype=d) for n, x, d in zip(names, xs, dtypes)}
 
 
 def _check_writable(path, overwrite=False):
@@ -355,7 +356,8 @@ def to_onnx(model, path, opset=17, diagnostics=False, overwrite=False):
         inputs = [t.name for t in frozen.inputs]
         outputs = [f"{name}:0" for name in concrete.structured_outputs]
         graph, _ = tf2onnx.convert.from_graph_def(
-            frozen.graph.as_graph_def(add_shapes=True), input_names=inputs, output_names=outputs, opset=opset
+            frozen.graph.as_graph_def(add_shapes=True), input_names=inputs, output_names=outputs, opset=opset,
+            custom_op_handlers={op: (_select_as_where, []) for op in ("Select", "SelectV2")},
         )
     except Exception as error:
         raise ExportError(f"ONNX conversion of model '{model.name}' failed: {error}") from error
@@ -368,6 +370,24 @@ def to_onnx(model, path, opset=17, diagnostics=False, overwrite=False):
             f.write(graph.SerializeToString())
         _replace(written, path)
     return path
+
+
+def _select_as_where(ctx, node, name, args):
+    """Convert TensorFlow's ``Select``/``SelectV2`` to ONNX ``Where``.
+
+    tf2onnx's own conversion writes most selects as ``c * x + (1 - c) * y``, which is
+    NaN wherever the branch not taken holds a NaN or an infinity; a model that
+    replaces missing modalities' NaN placeholders by zeros with ``where`` would then
+    output NaN in ONNX only. ``Where`` selects exactly, as TensorFlow does; selects of
+    other dtypes keep tf2onnx's conversion.
+    """
+    from onnx import TensorProto
+    from tf2onnx.onnx_opset.controlflow import Select
+
+    # Other dtypes hold no NaN, and onnxruntime lacks Where for some (bool among them).
+    if ctx.get_dtype(node.output[0]) in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
+        node.set_attr("handles_nan", True)
+    Select.version_9(ctx, node)
 
 
 def _rename_onnx_values(graph, names):
