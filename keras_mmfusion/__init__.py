@@ -23,9 +23,11 @@ from keras_mmfusion.layers import (
     FusionLayer,
     GatedFusion,
     LowRankTensorFusion,
+    ModalityDropout,
     PropagateNonFinite,
     SumFusion,
     TensorFusion,
+    ZeroAbsent,
 )
 from keras_mmfusion.callbacks import RoutedObjective, TemperatureSchedule
 from keras_mmfusion.metrics import RoutingMetric, SolverStatsMetric
@@ -46,8 +48,10 @@ __all__ = [
     "FusionLayer",
     "GatedFusion",
     "LowRankTensorFusion",
+    "ModalityDropout",
     "SumFusion",
     "TensorFusion",
+    "ZeroAbsent",
     "RoutingMetric",
     "SolverStatsMetric",
     "datasets",

@@ -13,6 +13,8 @@ from keras_mmfusion.layers.dense_fusion import DenseFusion
 from keras_mmfusion.layers.dynamic import DynamicFusion
 from keras_mmfusion.layers.feature_gate import FeatureGate
 from keras_mmfusion.layers.fusion_layer import FusionLayer
+from keras_mmfusion.layers.modality_dropout import ModalityDropout
+from keras_mmfusion.layers.modality_mask import ZeroAbsent
 from keras_mmfusion.layers.non_finite import PropagateNonFinite
 from keras_mmfusion.layers.normalization import ExactGroupNormalization
 
@@ -27,8 +29,10 @@ __all__ = [
     "FusionLayer",
     "GatedFusion",
     "LowRankTensorFusion",
+    "ModalityDropout",
     "PropagateNonFinite",
     "SumFusion",
     "TensorFusion",
+    "ZeroAbsent",
     "training_labels",
 ]

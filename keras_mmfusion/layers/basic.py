@@ -6,6 +6,7 @@ import keras
 from keras import ops
 
 from keras_mmfusion.layers.fusion_layer import FusionLayer, check_units
+from keras_mmfusion.layers.modality_mask import masked_logits
 from keras_mmfusion._checks import check_int
 
 
@@ -18,13 +19,17 @@ def _append_one(x):
 class ConcatFusion(FusionLayer):
     """Concatenation of the modalities, optionally followed by a Dense projection.
 
+    With ``modality_mask``, an absent modality's slice of the concatenation is zero,
+    so it adds nothing to the projection.
+
     Args:
         units: width of the projection; ``None`` returns the plain concatenation.
         activation: activation of the projection (ignored when ``units`` is None).
         **kwargs: initializers, regularizers and base ``Layer`` arguments.
 
     Input shape:
-        A list of ``N >= 2`` tensors ``(batch, d_i)``.
+        A list of ``N >= 2`` tensors ``(batch, d_i)``; optionally
+        ``modality_mask``, boolean ``(batch, N)``.
 
     Output shape:
         ``(batch, units)``, or ``(batch, sum_i d_i)`` when ``units`` is None.
@@ -47,7 +52,7 @@ class ConcatFusion(FusionLayer):
         if self.units is not None:
             self.projection = self.dense(self.units, "projection", self.activation, input_width=sum(widths))
 
-    def fuse(self, inputs, training):
+    def fuse(self, inputs, presence, training):
         fused = ops.concatenate(inputs, axis=-1)
         return fused if self.projection is None else self.projection(fused)
 
@@ -64,6 +69,9 @@ class ConcatFusion(FusionLayer):
 class SumFusion(FusionLayer):
     """Projects every modality to ``units`` and sums (or averages) the projections.
 
+    With ``modality_mask``, the sum runs over the present modalities' projections
+    (biases included), and the mean divides by the number present.
+
     Args:
         units: the common width. ``None`` skips the projections, and then every input
             must have the same width.
@@ -72,7 +80,8 @@ class SumFusion(FusionLayer):
         **kwargs: initializers, regularizers and base ``Layer`` arguments.
 
     Input shape:
-        A list of ``N >= 2`` tensors ``(batch, d_i)``.
+        A list of ``N >= 2`` tensors ``(batch, d_i)``; optionally
+        ``modality_mask``, boolean ``(batch, N)``.
 
     Output shape:
         ``(batch, units)`` (``(batch, d)`` when ``units`` is None).
@@ -104,11 +113,14 @@ class SumFusion(FusionLayer):
             for i, w in enumerate(widths)
         ]
 
-    def fuse(self, inputs, training):
+    def fuse(self, inputs, presence, training):
         parts = [x if p is None else p(x) for x, p in zip(inputs, self.projections)]
+        if presence is not None:
+            parts = [part * presence[:, i : i + 1] for i, part in enumerate(parts)]
         fused = ops.sum(ops.stack(parts), axis=0)
         if self.mode == "mean":
-            fused = fused / len(parts)
+            count = len(parts) if presence is None else ops.maximum(ops.sum(presence, axis=1, keepdims=True), 1)
+            fused = fused / count
         return self.activation(fused)
 
     def output_width(self, widths):
@@ -131,12 +143,16 @@ class GatedFusion(FusionLayer):
     the output is ``sum_i g_i * h_i``. For two modalities this is the GMU's
     ``z * h_1 + (1 - z) * h_2`` with ``z = sigmoid(.)``.
 
+    With ``modality_mask``, the softmax runs over the present modalities only: an
+    absent modality's gate entries are 0, and the gate reads zeros for its inputs.
+
     Args:
         units: the output width.
         **kwargs: initializers, regularizers and base ``Layer`` arguments.
 
     Input shape:
-        A list of ``N >= 2`` tensors ``(batch, d_i)``.
+        A list of ``N >= 2`` tensors ``(batch, d_i)``; optionally
+        ``modality_mask``, boolean ``(batch, N)``.
 
     Output shape:
         ``(batch, units)``.
@@ -159,9 +175,11 @@ class GatedFusion(FusionLayer):
         ]
         self.gate = self.dense(len(widths) * self.units, "gate", input_width=sum(widths))
 
-    def fuse(self, inputs, training):
+    def fuse(self, inputs, presence, training):
         logits = self.gate(ops.concatenate(inputs, axis=-1))
         logits = ops.reshape(logits, (-1, len(inputs), self.units))
+        if presence is not None:
+            logits = masked_logits(logits, presence[:, :, None] > 0)
         gates = ops.softmax(logits, axis=1)
         candidates = ops.stack([c(x) for c, x in zip(self.candidates, inputs)], axis=1)
         return ops.sum(gates * candidates, axis=1)
@@ -189,6 +207,10 @@ class TensorFusion(FusionLayer):
     refused at build time; project the inputs to smaller widths first, use
     :class:`LowRankTensorFusion`, or raise the limit knowingly.
 
+    With ``modality_mask``, an absent modality's entries are zero and its appended 1
+    stays, so the fused vector holds the interactions among the present modalities
+    only: the tensor fusion of the present modalities, in the same positions.
+
     Args:
         units: width of the projection; ``None`` returns the fused tensor flattened.
         activation: activation of the projection.
@@ -196,7 +218,8 @@ class TensorFusion(FusionLayer):
         **kwargs: initializers, regularizers and base ``Layer`` arguments.
 
     Input shape:
-        A list of ``N >= 2`` tensors ``(batch, d_i)``.
+        A list of ``N >= 2`` tensors ``(batch, d_i)``; optionally
+        ``modality_mask``, boolean ``(batch, N)``.
 
     Output shape:
         ``(batch, units)``, or ``(batch, prod_i (d_i + 1))`` when ``units`` is None.
@@ -229,7 +252,7 @@ class TensorFusion(FusionLayer):
         if self.units is not None:
             self.projection = self.dense(self.units, "projection", self.activation, input_width=fused)
 
-    def fuse(self, inputs, training):
+    def fuse(self, inputs, presence, training):
         fused = _append_one(inputs[0])
         for x in inputs[1:]:
             x = _append_one(x)
@@ -258,6 +281,10 @@ class LowRankTensorFusion(FusionLayer):
     without forming the outer product:
     ``y = sum_r lambda_r prod_i ([x_i, 1] W_i^r) + b``.
 
+    With ``modality_mask``, an absent modality enters as ``[0, 1]``, so its factor is
+    the row ``W_i^r[-1]`` for every sample: as in :class:`TensorFusion`, only the
+    present modalities' interactions remain.
+
     Args:
         units: the output width.
         rank: the number of rank-one terms R.
@@ -265,7 +292,8 @@ class LowRankTensorFusion(FusionLayer):
         **kwargs: initializers, regularizers and base ``Layer`` arguments.
 
     Input shape:
-        A list of ``N >= 2`` tensors ``(batch, d_i)``.
+        A list of ``N >= 2`` tensors ``(batch, d_i)``; optionally
+        ``modality_mask``, boolean ``(batch, N)``.
 
     Output shape:
         ``(batch, units)``.
@@ -305,7 +333,7 @@ class LowRankTensorFusion(FusionLayer):
             name="bias",
         )
 
-    def fuse(self, inputs, training):
+    def fuse(self, inputs, presence, training):
         product = None
         for x, factor in zip(inputs, self.factors):
             term = ops.einsum("bd,rdu->bru", _append_one(x), ops.cast(factor, x.dtype))

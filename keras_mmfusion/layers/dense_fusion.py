@@ -29,6 +29,9 @@ class DenseFusion(FusionLayer):
     ``s^0`` term. The layer returns ``s^depth``, or ``[s^1, ..., s^depth]`` when
     ``return_all_levels=True``.
 
+    With ``modality_mask``, an absent modality's ``h_i^l`` is zero at every level, so
+    the shared layers read the present modalities only.
+
     Args:
         units: the shared width (of every ``s^l``).
         depth: the number of levels ``L``.
@@ -42,7 +45,8 @@ class DenseFusion(FusionLayer):
         **kwargs: initializers, regularizers and base ``Layer`` arguments.
 
     Input shape:
-        A list of ``N >= 2`` tensors ``(batch, d_i)``.
+        A list of ``N >= 2`` tensors ``(batch, d_i)``; optionally
+        ``modality_mask``, boolean ``(batch, N)``.
 
     Output shape:
         ``(batch, units)``, or a list of ``depth`` such tensors.
@@ -123,7 +127,7 @@ class DenseFusion(FusionLayer):
             x = self.dropout_layer(x, training=training)
         return x
 
-    def fuse(self, inputs, training):
+    def fuse(self, inputs, presence, training):
         states = list(inputs)
         shared = None
         levels = []
@@ -132,6 +136,8 @@ class DenseFusion(FusionLayer):
                 self._activate(self.modality_stacks[i][level](h), self.modality_norms[i][level], training)
                 for i, h in enumerate(states)
             ]
+            if presence is not None:
+                states = [h * presence[:, i : i + 1] for i, h in enumerate(states)]
             pre = self.shared[level](ops.concatenate(states, axis=-1))
             if shared is not None:
                 pre = pre + self.recurrent[level - 1](shared)

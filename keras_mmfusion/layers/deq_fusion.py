@@ -9,6 +9,12 @@ from keras_mmfusion.equilibrium.iteration import check_solver_arguments, interna
 from keras_mmfusion.equilibrium.solve import check_backward_arguments, fixed_point_solve
 from keras_mmfusion.equilibrium.solvers import available_solvers
 from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
+from keras_mmfusion.layers.modality_mask import (
+    check_modality_mask,
+    presence_weights,
+    require_present,
+    zero_absent,
+)
 from keras_mmfusion.layers.normalization import ExactGroupNormalization
 from keras_mmfusion.metrics import SolverStatsMetric, recording_statistics, report_solver_stats
 from keras_mmfusion._checks import check_fraction, check_int, check_non_negative
@@ -58,8 +64,10 @@ class _PurifyCombineBlock(keras.layers.Layer):
         for layer in (self.gate, self.combine, self.norm):
             layer.build(input_shape)
 
-    def call(self, z_fuse, modality_states, x_fuse):
+    def call(self, z_fuse, modality_states, x_fuse, presence=None):
         purified = [z_fuse * self.gate(z_i + z_fuse) for z_i in modality_states]
+        if presence is not None:
+            purified = [p * presence[:, i : i + 1] for i, p in enumerate(purified)]
         return self.norm(ops.relu(self.combine(ops.sum(ops.stack(purified), axis=0)) + x_fuse))
 
 
@@ -74,6 +82,14 @@ class DEQFusion(keras.layers.Layer):
     copies are summed, passed through a linear layer plus the injected weighted sum
     ``x_fuse = sum_i w_i x_i + b``, a ReLU and GroupNorm. The layer solves for the
     fixed point ``z* = f(z*; x)`` from ``z = 0`` and returns ``z_fuse*``.
+
+    Missing modalities. Called as ``layer(inputs, modality_mask=mask)`` (boolean
+    ``(batch, N)``, True where present), the update leaves every absent modality out:
+    its state stays 0, its purified copy is not added to the fused state's sum and its
+    input is not injected into ``x_fuse``. The layer is then the equilibrium model of
+    the present modalities, with the same weights; the solver statistics are those of
+    that smaller model too. A sample with no modality present is refused (see
+    :func:`~keras_mmfusion.layers.modality_mask.require_present`).
 
     The solve runs in a bounded ``tf.while_loop``; gradients come from the backward
     mode chosen (implicit differentiation by default), so training memory does not
@@ -131,7 +147,8 @@ class DEQFusion(keras.layers.Layer):
         **kwargs: base ``Layer`` arguments (``name``, ``dtype``, ...).
 
     Input shape:
-        A list of ``N >= 2`` tensors ``(batch, d_i)``.
+        A list of ``N >= 2`` tensors ``(batch, d_i)``; optionally
+        ``modality_mask``, boolean ``(batch, N)``.
 
     Output shape:
         ``(batch, units)``.
@@ -250,19 +267,35 @@ class DEQFusion(keras.layers.Layer):
         self.injection_bias = self.add_weight(shape=(1,), initializer="zeros", name="injection_bias")
 
     def _equilibrium_map(self, z, x):
-        xs, x_fuse = x
+        xs, x_fuse = x[:2]
+        presence = x[2] if len(x) > 2 else None
         states = ops.split(z, len(xs) + 1, axis=-1)
         updated = [block(s, xi) for block, s, xi in zip(self.modality_blocks, states[:-1], xs)]
-        fused = self.fusion_block(states[-1], updated, x_fuse)
+        if presence is not None:
+            updated = [u * presence[:, i : i + 1] for i, u in enumerate(updated)]
+        fused = self.fusion_block(states[-1], updated, x_fuse, presence)
         return ops.concatenate(updated + [fused], axis=-1)
 
-    def _injections(self, inputs):
+    def _injections(self, inputs, modality_mask=None):
+        """The solver's inputs ``(xs, x_fuse[, presence])`` and the start ``z0 = 0``."""
+        presence = None
+        if modality_mask is not None:
+            label = f"DEQFusion '{self.name}'"
+            mask = check_modality_mask(label, modality_mask, len(inputs), inputs[0].shape[0])
+            mask = require_present(label, mask)
+            inputs = zero_absent(inputs, mask)
+            presence = presence_weights(mask, inputs[0].dtype)
         xs = [x if p is None else p(x) for x, p in zip(inputs, self.projections)]
         weights = ops.cast(self.injection_weights, xs[0].dtype)
-        x_fuse = sum(weights[i] * x for i, x in enumerate(xs)) + ops.cast(self.injection_bias, xs[0].dtype)
+        if presence is not None:
+            weights = weights * presence
+        x_fuse = sum(weights[..., i : i + 1] * x for i, x in enumerate(xs)) + ops.cast(
+            self.injection_bias, xs[0].dtype
+        )
         width = self._state_units * (len(xs) + 1)
         z0 = ops.zeros((ops.shape(xs[0])[0], width), dtype=xs[0].dtype)
-        return (xs, x_fuse), z0
+        x = (xs, x_fuse) if presence is None else (xs, x_fuse, presence)
+        return x, z0
 
     def _solve_state(self, x, z0, jacobian_probes=None, jacobian_active=None):
         return fixed_point_solve(
@@ -299,7 +332,7 @@ class DEQFusion(keras.layers.Layer):
             )
         return tol
 
-    def solve(self, inputs):
+    def solve(self, inputs, modality_mask=None):
         """The forward solve on ``inputs``: ``(z_fuse*, stats)``.
 
         ``stats`` is the full :class:`~keras_mmfusion.equilibrium.SolverStats`,
@@ -309,13 +342,13 @@ class DEQFusion(keras.layers.Layer):
         if not self.built:
             self.build([tuple(x.shape) for x in inputs])
         check_modalities(f"DEQFusion '{self.name}'", inputs, self._widths)
-        x, z0 = self._injections([ops.convert_to_tensor(a) for a in inputs])
+        x, z0 = self._injections([ops.convert_to_tensor(a) for a in inputs], modality_mask)
         z, stats = self._solve_state(x, z0)
         return z[:, -self._state_units :], stats
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, modality_mask=None, training=None):
         check_modalities(f"DEQFusion '{self.name}'", inputs, self._widths)
-        x, z0 = self._injections(inputs)
+        x, z0 = self._injections(list(inputs), modality_mask)
         probes = active = None
         if training and self.jacobian_weight > 0:
             probes = keras.random.normal(

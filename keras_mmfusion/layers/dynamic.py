@@ -1,6 +1,8 @@
 """Dynamic multimodal fusion (Xue & Marculescu, "Dynamic Multimodal Fusion",
 arXiv 2204.00102): a gate routes every sample to one of several experts."""
 
+import inspect
+
 import keras
 import numpy as np
 import tensorflow as tf
@@ -10,6 +12,7 @@ from keras_mmfusion._internals import sublayers
 from keras_mmfusion.costs import count_macs
 from keras_mmfusion.layers.fusion_layer import FusionLayer
 from keras_mmfusion.graph_context import in_xla_context
+from keras_mmfusion.layers.modality_mask import masked_logits, require_present
 from keras_mmfusion.layers.routing import masked_route, partitioned_route
 from keras_mmfusion.metrics import RoutingMetric, gather_replicas, recording_statistics
 from keras_mmfusion._checks import check_int, check_positive
@@ -56,6 +59,19 @@ class DynamicFusion(FusionLayer):
     charged at its ``max_iter``, the worst case). Any non-negative numbers may be
     passed instead.
 
+    Missing modalities. The logits are the gate's output plus ``presence @ P``, where
+    ``presence`` holds 1 or 0 for every modality (all ones without ``modality_mask``)
+    and ``P`` (``presence_logits``, ``(N, num_experts)``, initially zero) is trained
+    with the rest, so the routing sees which modalities a sample has. With
+    ``modality_mask``, absent inputs are zeros, and an
+    expert that cannot run without an absent modality gets the lowest logit for that
+    sample, so it is never chosen and its training weight is 0. An expert that is
+    itself a fusion layer (its ``call`` takes ``modality_mask``) and reads several
+    modalities receives the mask of its modalities and needs one of them present;
+    any other expert needs all the modalities it reads. A sample that no expert can
+    take is refused like a sample with no modality (see
+    :func:`~keras_mmfusion.layers.modality_mask.require_present`).
+
     Args:
         experts: a list of at least 2 Keras layers or models with the same output
             shape ``(batch, units)``.
@@ -76,7 +92,8 @@ class DynamicFusion(FusionLayer):
         **kwargs: initializers, regularizers and base ``Layer`` arguments.
 
     Input shape:
-        A list of ``N >= 2`` tensors ``(batch, d_i)``.
+        A list of ``N >= 2`` tensors ``(batch, d_i)``; optionally
+        ``modality_mask``, boolean ``(batch, N)``.
 
     Output shape:
         ``(batch, units)``, the experts' common output shape.
@@ -181,13 +198,14 @@ class DynamicFusion(FusionLayer):
                 f"got {[tuple(s) for s in out_shapes]}."
             )
         self._units = out_shapes[0][-1]
+        gate_width = sum(widths)
         if self.gate is None:
-            hidden = self.dense(self.gate_units, "gate_hidden", "relu", input_width=sum(widths))
+            hidden = self.dense(self.gate_units, "gate_hidden", "relu", input_width=gate_width)
             logits = self.dense(len(self.experts), "gate_logits", input_width=self.gate_units)
             self.gate = keras.Sequential([hidden, logits], name="gate")
         if not self.gate.built:
-            self.gate.build((None, sum(widths)))
-        gate_shape = _output_shape(self.gate, (None, sum(widths)))
+            self.gate.build((None, gate_width))
+        gate_shape = _output_shape(self.gate, (None, gate_width))
         if gate_shape[1:] != (len(self.experts),):
             raise ValueError(
                 f"{self.label}: the gate must return (batch, {len(self.experts)}) logits, got {gate_shape}."
@@ -195,7 +213,7 @@ class DynamicFusion(FusionLayer):
         if self.user_costs is not None:
             costs = self.user_costs
         else:
-            gate_macs = count_macs(self.gate, [sum(widths)])
+            gate_macs = count_macs(self.gate, [gate_width])
             costs = [
                 float(
                     count_macs(lambda xs, i=i: self._run_expert(i, list(xs)), widths, loop_trips=_loop_trips(e))
@@ -204,6 +222,17 @@ class DynamicFusion(FusionLayer):
                 for i, e in enumerate(self.experts)
             ]
         self.costs = costs
+        # reads[e, m] = 1 when expert e reads modality m.
+        self._reads = np.zeros((len(self.experts), len(widths)), "float32")
+        for i in range(len(self.experts)):
+            self._reads[i, self._subset(i, list(range(len(widths))))] = 1
+        self._takes_mask = [
+            self._reads[i].sum() > 1 and "modality_mask" in inspect.signature(e.call).parameters
+            for i, e in enumerate(self.experts)
+        ]
+        self.presence_logits = self.add_weight(
+            shape=(len(widths), len(self.experts)), initializer="zeros", name="presence_logits"
+        )
         self._relative_costs = np.asarray(costs, "float32") / max(costs)
         self._temperature = self.add_weight(
             shape=(),
@@ -228,15 +257,40 @@ class DynamicFusion(FusionLayer):
         else:
             self.initial_temperature = float(value)
 
-    def _run_expert(self, i, inputs, training=None):
-        return self.experts[i](self._subset(i, inputs), training=training)
+    def _run_expert(self, i, inputs, training=None, presence=None):
+        if presence is None or not self._takes_mask[i]:
+            return self.experts[i](self._subset(i, inputs), training=training)
+        mask = ops.take(presence, np.flatnonzero(self._reads[i]), axis=1) > 0
+        # A sample that none of the expert's modalities reaches cannot be routed to it;
+        # it gets an all-present mask so that the expert's own check does not refuse it.
+        mask = ops.logical_or(mask, ops.logical_not(ops.any(mask, axis=1, keepdims=True)))
+        return self.experts[i](self._subset(i, inputs), modality_mask=mask, training=training)
 
-    def gate_logits(self, inputs, training=None):
-        """The gate's ``(batch, num_experts)`` logits."""
-        return self.gate(ops.concatenate(inputs, axis=-1), training=training)
+    def _eligible(self, presence):
+        """``(batch, num_experts)``: which experts can run on each sample's modalities."""
+        absent = ops.matmul(1.0 - ops.cast(presence, "float32"), ops.convert_to_tensor(self._reads.T))
+        # An expert that takes a mask runs while fewer than all its modalities are
+        # absent; any other expert while none is.
+        limit = np.where(self._takes_mask, self._reads.sum(axis=1) - 0.5, 0.5).astype("float32")
+        return absent < ops.convert_to_tensor(limit)
 
-    def fuse(self, inputs, training):
-        logits = ops.cast(self.gate_logits(inputs, training=training), "float32")
+    def gate_logits(self, inputs, presence=None, training=None):
+        """The ``(batch, num_experts)`` routing logits, given the inputs and the 0/1
+        ``(batch, N)`` presence of every modality (``None``: all present)."""
+        logits = self.gate(ops.concatenate(inputs, axis=-1), training=training)
+        weights = ops.cast(self.presence_logits, logits.dtype)
+        if presence is None:
+            # All present: a constant per expert, which exporters fold.
+            return logits + ops.sum(weights, axis=0)
+        return logits + ops.matmul(ops.cast(presence, logits.dtype), weights)
+
+    def fuse(self, inputs, presence, training):
+        logits = ops.cast(self.gate_logits(inputs, presence, training=training), "float32")
+        if presence is not None:
+            eligible = require_present(
+                self.label, self._eligible(presence), needed="an expert that can run on its modalities"
+            )
+            logits = masked_logits(logits, eligible)
         relative = ops.convert_to_tensor(self._relative_costs)
         dtype = self.compute_dtype
         if training:
@@ -252,21 +306,30 @@ class DynamicFusion(FusionLayer):
             if self.cost_weight > 0:
                 expected = ops.mean(ops.sum(weights * relative, axis=-1))
                 self.add_loss(self.cost_weight * expected)
-            outputs = ops.stack([ops.cast(self._run_expert(i, inputs, True), "float32") for i in range(len(self.experts))], axis=1)
+            outputs = ops.stack(
+                [ops.cast(self._run_expert(i, inputs, True, presence), "float32") for i in range(len(self.experts))],
+                axis=1,
+            )
             fused = ops.cast(ops.einsum("be,bed->bd", weights, outputs), dtype)
         else:
             # tf.math.argmax rather than keras.ops.argmax: the latter's handling of
             # negative zero adds bitcasts that neither TFLite nor ONNX supports.
             route = tf.math.argmax(logits, axis=-1, output_type=tf.int32)
-            branches = [lambda xs, i=i: self._run_expert(i, xs, False) for i in range(len(self.experts))]
+            # The presence weights travel with the inputs, so that routing gathers their rows too.
+            routed = inputs if presence is None else inputs + [presence]
+            count = len(inputs)
+            branches = [
+                lambda xs, i=i: self._run_expert(i, xs[:count], False, None if presence is None else xs[count])
+                for i in range(len(self.experts))
+            ]
             if not self.hard_inference:
                 soft = ops.softmax(logits / ops.cast(self._temperature, "float32"), axis=-1)
-                outputs = ops.stack([ops.cast(b(inputs), "float32") for b in branches], axis=1)
+                outputs = ops.stack([ops.cast(b(routed), "float32") for b in branches], axis=1)
                 fused = ops.cast(ops.einsum("be,bed->bd", soft, outputs), dtype)
             elif in_xla_context():
-                fused = masked_route(route, branches, inputs, dtype)
+                fused = masked_route(route, branches, routed, dtype)
             else:
-                fused = partitioned_route(route, branches, inputs, self._units, dtype)
+                fused = partitioned_route(route, branches, routed, self._units, dtype)
         if recording_statistics():
             self.routing_metric.update_state(route, relative)
             # A variable whose shape changes between calls cannot be written under XLA.

@@ -8,6 +8,12 @@ the ``get_config`` entries for those.
 import keras
 
 from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
+from keras_mmfusion.layers.modality_mask import (
+    check_modality_mask,
+    presence_weights,
+    require_present,
+    zero_absent,
+)
 
 
 def check_units(units, allow_none=True):
@@ -22,9 +28,16 @@ def check_units(units, allow_none=True):
 class FusionLayer(keras.layers.Layer):
     """A layer called on a list of ``N >= 2`` modality tensors ``(batch, d_i)``.
 
-    Subclasses implement ``build_fusion(widths)``, ``fuse(inputs, training)`` and
-    ``output_width(widths)``; this class validates the inputs and names the offending
-    one in every error.
+    Subclasses implement ``build_fusion(widths)``, ``fuse(inputs, presence, training)``
+    and ``output_width(widths)``; this class validates the inputs and names the
+    offending one in every error.
+
+    Called as ``layer(inputs, modality_mask=mask)``, with ``mask`` a boolean
+    ``(batch, N)`` tensor (True where a modality is present), the layer zeroes every
+    absent modality's inputs and passes ``fuse`` the mask as 0/1 ``presence`` weights
+    of the compute dtype, ``(batch, N)``; without a mask ``presence`` is ``None``. A
+    sample with no modality present is refused (see
+    :func:`~keras_mmfusion.layers.modality_mask.require_present`).
 
     Args:
         kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer:
@@ -71,9 +84,16 @@ class FusionLayer(keras.layers.Layer):
         self._widths = modality_widths(self.label, input_shape)
         self.build_fusion(list(self._widths))
 
-    def call(self, inputs, training=None):
+    def call(self, inputs, modality_mask=None, training=None):
         check_modalities(self.label, inputs, self._widths)
-        return self.fuse(list(inputs), training)
+        inputs = list(inputs)
+        presence = None
+        if modality_mask is not None:
+            mask = check_modality_mask(self.label, modality_mask, len(inputs), inputs[0].shape[0])
+            mask = require_present(self.label, mask)
+            inputs = zero_absent(inputs, mask)
+            presence = presence_weights(mask, self.compute_dtype)
+        return self.fuse(inputs, presence, training)
 
     def compute_output_shape(self, input_shape):
         widths = modality_widths(self.label, input_shape)
@@ -82,7 +102,7 @@ class FusionLayer(keras.layers.Layer):
     def build_fusion(self, widths):
         raise NotImplementedError
 
-    def fuse(self, inputs, training):
+    def fuse(self, inputs, presence, training):
         raise NotImplementedError
 
     def output_width(self, widths):
