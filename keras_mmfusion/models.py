@@ -15,9 +15,11 @@ from keras_mmfusion.layers import (
     FeatureGate,
     GatedFusion,
     LowRankTensorFusion,
+    ModalityDropout,
     PropagateNonFinite,
     SumFusion,
     TensorFusion,
+    ZeroAbsent,
     training_labels,
 )
 from keras_mmfusion._checks import check_int
@@ -69,26 +71,31 @@ def make_fusion(name, units, num_modalities=None, **kwargs):
     return FUSIONS[name](units, name=f"{name}_fusion", **kwargs)
 
 
-def _modality_inputs(input_widths, input_names, standardize_with):
-    """The ``keras.Input`` of every modality, and what its encoder reads.
+def _modality_inputs(input_widths, input_names, standardize_with, mask=None):
+    """The ``keras.Input`` of every modality, what non-finite checks read, and what
+    each encoder reads.
 
-    That is the input itself, or with ``standardize_with`` (one training array per
-    modality) the input through a ``keras.layers.Normalization`` (``standardize_<i>``)
-    adapted on that array.
+    The checks read each input, or with ``mask`` the inputs through
+    :class:`ZeroAbsent` (``zero_absent``), so that an absent modality's placeholder
+    values reach nothing. The encoders read those, or with ``standardize_with`` (one
+    training array per modality) those through a ``keras.layers.Normalization``
+    (``standardize_<i>``) adapted on that array.
     """
     names = input_names or [f"modality_{i}" for i in range(len(input_widths))]
     inputs = [keras.Input((w,), name=n) for w, n in zip(input_widths, names)]
+    # In float32 (the inputs' dtype) under any policy, so that the non-finite checks see the inputs as given.
+    present = list(inputs) if mask is None else ZeroAbsent(name="zero_absent", dtype="float32")(inputs, modality_mask=mask)
     if standardize_with is None:
-        return inputs, list(inputs)
+        return inputs, present, list(present)
     if len(standardize_with) != len(inputs):
         raise ValueError(f"standardize_with has {len(standardize_with)} arrays; expected one per modality "
                          f"({len(inputs)}).")
     features = []
-    for i, x in enumerate(inputs):
+    for i, x in enumerate(present):
         norm = keras.layers.Normalization(axis=-1, name=f"standardize_{i}")
         norm.adapt(standardize_with[i])
         features.append(norm(x))
-    return inputs, features
+    return inputs, present, features
 
 
 def build_classifier(
@@ -101,6 +108,8 @@ def build_classifier(
     input_names=None,
     l2=0.0,
     standardize_with=None,
+    modality_mask=False,
+    modality_dropout=0.0,
 ):
     """``inputs -> [standardise] -> per-modality Dense encoders -> fusion -> Dense head -> softmax``.
 
@@ -121,17 +130,30 @@ def build_classifier(
             then first goes through a ``keras.layers.Normalization`` adapted on its
             array (per-feature mean and variance, stored as weights, so saved and
             exported models carry them). Pass training data only, never test data.
+        modality_mask: add a last input, ``modality_mask``: boolean ``(batch, N)``,
+            True where a modality is present. Absent modalities' values are ignored
+            (NaN placeholders included: :class:`~keras_mmfusion.layers.ZeroAbsent`
+            replaces them by zeros first), and the fusion layer leaves them out. The
+            mask is an input of exported models too.
+        modality_dropout: the rate of a
+            :class:`~keras_mmfusion.layers.ModalityDropout` (``modality_dropout``) in
+            front of the fusion: in training, each present modality of a sample is
+            dropped with this probability (one always stays), so that the model learns
+            to cope with missing ones. 0 disables it.
 
     Returns:
         A functional ``keras.Model`` whose output layer is named ``probabilities``.
         Each modality's encoder is the layer ``encoder_<i>``. A sample with a NaN or
-        an infinity in any input gets NaN probabilities (see
+        an infinity in any present input gets NaN probabilities (see
         :class:`~keras_mmfusion.layers.PropagateNonFinite`).
     """
+    if (modality_mask or modality_dropout) and fusion is None:
+        raise ValueError("modality_mask and modality_dropout need a fusion layer; fusion is None.")
     regularizer = keras.regularizers.L2(l2) if l2 else None
-    inputs, features = _modality_inputs(input_widths, input_names, standardize_with)
+    mask = keras.Input((len(input_widths),), dtype="bool", name="modality_mask") if modality_mask else None
+    inputs, present, features = _modality_inputs(input_widths, input_names, standardize_with, mask)
     encoded = []
-    for i, (raw, x) in enumerate(zip(inputs, features)):
+    for i, (raw, x) in enumerate(zip(present, features)):
         h = keras.layers.Dense(encoder_units, activation="relu", kernel_regularizer=regularizer, name=f"encoder_{i}")(x)
         # A sample with a non-finite input must come out NaN, not as a plausible answer,
         # and the fusion must see it as such (a DEQ solve then reports converged=False).
@@ -139,15 +161,24 @@ def build_classifier(
         if dropout:
             h = keras.layers.Dropout(dropout, name=f"encoder_dropout_{i}")(h)
         encoded.append(h)
-    fused = encoded[0] if fusion is None else fusion(encoded)
+    fusion_mask = mask
+    if modality_dropout:
+        fusion_mask = ModalityDropout(modality_dropout, name="modality_dropout")(encoded, modality_mask=mask)
+    if fusion is None:
+        fused = encoded[0]
+    elif fusion_mask is None:
+        fused = fusion(encoded)
+    else:
+        fused = fusion(encoded, modality_mask=fusion_mask)
     hidden = keras.layers.Dense(head_units, activation="relu", kernel_regularizer=regularizer, name="head")(fused)
     if dropout:
         hidden = keras.layers.Dropout(dropout, name="head_dropout")(hidden)
     # Again after the head's ReLU layer, which maps NaN to 0 in TensorFlow's fused
     # kernel: a NaN fused output (a solve that found no finite iterate) stays NaN too.
-    hidden = PropagateNonFinite(name="non_finite_head")([hidden, fused, *inputs])
+    hidden = PropagateNonFinite(name="non_finite_head")([hidden, fused, *present])
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(hidden)
-    return keras.Model(inputs if len(inputs) > 1 else inputs[0], outputs)
+    model_inputs = inputs + ([mask] if mask is not None else [])
+    return keras.Model(model_inputs if len(model_inputs) > 1 else model_inputs[0], outputs)
 
 
 def with_modality_heads(classifier):
@@ -167,7 +198,7 @@ def with_modality_heads(classifier):
         ``"probabilities"`` (the classifier's output) and ``"modality_<i>"`` (the head
         on modality ``i``, a ``Dense`` softmax layer named ``modality_head_<i>``).
     """
-    count = len(classifier.inputs)
+    count = len([t for t in classifier.inputs if t.name != "modality_mask"])
     if count < 2:
         raise ValueError("with_modality_heads needs a classifier of two or more modalities; "
                          f"this one has {count} input.")
@@ -255,9 +286,9 @@ def build_reference_classifier(
         raise ValueError(f"The reference classifier fuses two or more modalities; got widths {list(input_widths)}.")
     for i, width in enumerate(input_widths):
         check_int(f"input_widths[{i}]", width)
-    inputs, features = _modality_inputs(input_widths, input_names, standardize_with)
+    inputs, present, features = _modality_inputs(input_widths, input_names, standardize_with)
     encoded = []
-    for i, (raw, x) in enumerate(zip(inputs, features)):
+    for i, (raw, x) in enumerate(zip(present, features)):
         x = FeatureGate(gate_weight, name=f"feature_gate_{i}")(x)
         h = keras.layers.Dense(units, activation="relu", kernel_initializer="glorot_normal", name=f"encoder_{i}")(x)
         h = PropagateNonFinite(name=f"non_finite_{i}")([h, raw])

@@ -179,3 +179,34 @@ def test_non_finite_and_overflowing_inputs_give_nan_and_not_converged(trained_de
         assert np.all(np.isfinite(probabilities[3:])), name
         np.testing.assert_allclose(probabilities[3:], keras_probabilities[3:], atol=1e-4, err_msg=name)
     assert np.all(np.isnan(keras_probabilities[:3]))
+
+
+def test_masked_classifier_iterates_alike_in_every_runtime_with_modalities_absent(trained_deq, tmp_path):
+    """The trained classifier rebuilt with a ``modality_mask`` input: with every modality
+    present it computes what the unmasked model computes, and with modalities absent
+    (NaN placeholders) every runtime takes Keras's steps and gives Keras's output."""
+    models, xs = trained_deq
+    model = models["anderson"]
+    keras.utils.set_random_seed(0)
+    masked = mmf.models.build_classifier(mmf.models.make_fusion("deq", 8), WIDTHS, 2, encoder_units=8,
+                                         head_units=8, standardize_with=[np.zeros((2, w)) for w in WIDTHS],
+                                         modality_mask=True)
+    masked.set_weights(model.get_weights())
+    for layer in masked.layers:  # Normalization reads its statistics from adapt state
+        if isinstance(layer, keras.layers.Normalization):
+            layer.finalize_state()
+    assert export.input_names(masked)[-1] == "modality_mask"
+    full = np.ones((len(xs[0]), 3), bool)
+    np.testing.assert_allclose(masked.predict(xs + [full], verbose=0), model.predict(xs, verbose=0), atol=1e-6)
+    mask = np.array([[1, 1, 1], [0, 1, 1], [1, 0, 1], [1, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1], [1, 0, 1]], bool)
+    absent = [np.where(mask[:, i : i + 1], x, np.nan).astype("float32") for i, x in enumerate(xs)]
+    reference = keras_outputs(masked, absent + [mask])
+    assert np.all(np.isfinite(reference["probabilities"]))
+    assert int(reference["deq_fusion_steps"][0]) > 2
+    # The absent views change the answer: the mask is not ignored.
+    assert np.max(np.abs(reference["probabilities"][1:7] - model.predict(xs, verbose=0)[1:7])) > 1e-3
+    feed = dict(zip(export.input_names(masked), absent + [mask]))
+    for fmt in FORMATS:
+        got = export.run_export(exported(masked, fmt, tmp_path / fmt), feed)
+        assert_same_iteration(reference, got, "deq_fusion", tol=masked.get_layer("deq_fusion").tol)
+        np.testing.assert_allclose(got["probabilities"], reference["probabilities"], atol=1e-5, err_msg=fmt)

@@ -42,6 +42,12 @@ class Settings:
     ``modality_weight`` > 0 trains fusion models with a softmax head on every
     modality's encoder as well (see :func:`keras_mmfusion.training.compile_classifier`);
     one-modality models have no such heads.
+
+    With ``modality_mask``, the classifier takes a ``modality_mask`` input (see
+    :func:`keras_mmfusion.models.build_classifier`); the trial feeds it all True, as
+    its data have every modality, and the returned model can then be evaluated with
+    modalities absent. ``modality_dropout`` > 0 drops whole modalities at random in
+    training; it implies ``modality_mask``.
     """
 
     units: int = 32
@@ -57,7 +63,14 @@ class Settings:
     standardize: bool = True
     refit: bool = False
     modality_weight: float = 0.0
+    modality_mask: bool = False
+    modality_dropout: float = 0.0
     fusion_options: dict = dataclasses.field(default_factory=dict)
+
+    @property
+    def takes_mask(self):
+        """Whether the classifier has a ``modality_mask`` input."""
+        return self.modality_mask or self.modality_dropout > 0
 
 
 # The recipe of the README's ROSMAP results; `mmfusion train` and examples/rosmap.py default to it.
@@ -123,6 +136,9 @@ def build_model(fusion_name, splits, settings, input_names=None, train_inputs=No
         standardize_with = splits.train[0] if train_inputs is None else train_inputs
     else:
         standardize_with = None
+    if fusion_name in ("reference", "single") and settings.takes_mask:
+        raise ValueError(f"The {fusion_name!r} classifier takes no modality_mask; modality_mask and "
+                         "modality_dropout apply to the fusion classifiers.")
     if fusion_name == "reference":
         return build_reference_classifier(
             splits.widths, splits.num_classes, units=settings.units, dropout=settings.dropout,
@@ -135,7 +151,19 @@ def build_model(fusion_name, splits, settings, input_names=None, train_inputs=No
     return build_classifier(
         fusion, splits.widths, splits.num_classes, encoder_units=settings.units, head_units=settings.units,
         dropout=settings.dropout, l2=settings.l2, input_names=input_names, standardize_with=standardize_with,
+        modality_mask=settings.takes_mask, modality_dropout=settings.modality_dropout,
     )
+
+
+def model_inputs(arrays, settings):
+    """What the classifier of :func:`build_model` is called on: the one array of a
+    one-modality model, else the list of arrays, followed by an all-True
+    ``modality_mask`` when the settings give the model one."""
+    if len(arrays) == 1:
+        return arrays[0]
+    if settings.takes_mask:
+        return list(arrays) + [np.ones((len(arrays[0]), len(arrays)), bool)]
+    return list(arrays)
 
 
 def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
@@ -148,13 +176,11 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
         ``(model, history, metrics)`` with test ``accuracy``, ``f1``, ``auc``, the
         best validation value, the epochs run and the median seconds per epoch.
     """
-    # A one-modality model takes its array, not a list of one.
-    model_input = (lambda arrays: arrays[0]) if len(splits.widths) == 1 else (lambda arrays: arrays)
     keras.utils.set_random_seed(seed)
     keep, held = stratified_split(splits.train[1], settings.validation_fraction, seed)
     train_part = [a[keep] for a in splits.train[0]]
-    train = (model_input(train_part), splits.train[1][keep])
-    val = (model_input([a[held] for a in splits.train[0]]), splits.train[1][held])
+    train = (model_inputs(train_part, settings), splits.train[1][keep])
+    val = (model_inputs([a[held] for a in splits.train[0]], settings), splits.train[1][held])
     model = build_model(fusion_name, splits, settings, train_inputs=train_part)
     # The reference classifier has its own per-modality heads; a single modality has none.
     modality_weight = settings.modality_weight if fusion_name not in ("single", "reference") else 0.0
@@ -167,8 +193,8 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
     if settings.refit:
         keras.utils.set_random_seed(seed)
         model = build_model(fusion_name, splits, settings)
-        fit_classifier(model, (model_input(splits.train[0]), splits.train[1]), best_epoch, **fit)
-    probabilities = model.predict(model_input(splits.test[0]), batch_size=256, verbose=0)
+        fit_classifier(model, (model_inputs(splits.train[0], settings), splits.train[1]), best_epoch, **fit)
+    probabilities = model.predict(model_inputs(splits.test[0], settings), batch_size=256, verbose=0)
     metrics = classification_metrics(splits.test[1], probabilities)
     metrics.update(
         best_validation=float(monitored[best_epoch - 1]),
