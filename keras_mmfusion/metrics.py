@@ -16,8 +16,11 @@ _STATE = threading.local()
 def gather_replicas(value):
     """``value`` concatenated along axis 0 over the replicas of a ``tf.distribute`` step.
 
-    Outside a distributed step (or with one replica) it is ``value`` itself. Layer
-    statistics use it so that a replica records what the whole global batch did.
+    Outside a distributed step (or with one replica) it is ``value`` itself. A gather
+    synchronises the replicas, and Keras keeps a model's ``add_loss`` terms in one list
+    that every replica's call clears and refills: a synchronisation inside a training
+    step's forward pass lets another replica's call replace a replica's loss terms
+    before its gradient is taken. Layers gather only outside training.
     """
     context = tf.distribute.get_replica_context()
     if context is None or context.num_replicas_in_sync == 1:
@@ -25,8 +28,11 @@ def gather_replicas(value):
     return context.all_gather(value, axis=0)
 
 
-def _largest_over_replicas(value):
-    return ops.max(gather_replicas(ops.reshape(value, (1,))))
+def _replica_slot(count):
+    """A one-hot ``(count,)`` float32 row of the current replica (``[1]`` without a strategy)."""
+    context = tf.distribute.get_replica_context()
+    replica = 0 if context is None else context.replica_id_in_sync_group
+    return ops.one_hot(replica, count, dtype="float32")
 
 
 def recording_statistics():
@@ -113,10 +119,16 @@ class SolverStatsMetric(_LayerStatistic):
     The values of the most recent call are kept across resets and read with
     :meth:`last`.
 
-    Under a ``tf.distribute`` strategy a call's steps and largest residual are the
-    largest over the replicas (those of the global batch), its ``converged`` holds
-    only if every replica's solve converged, and the converged fraction counts the
-    samples of every replica.
+    Under a ``tf.distribute`` strategy every replica records its own solves in its own
+    slot, without synchronising the replicas (which would break Keras's ``add_loss``
+    bookkeeping, see :func:`gather_replicas`); the slots are combined when read. The
+    logged steps and residual are then the largest over the replicas of each
+    replica's mean over calls (for one call, those of the global batch), ``last()``
+    gives the largest steps and residual of the last call over the replicas and
+    ``converged`` only if every replica's solve converged, and the converged fraction
+    counts the samples of every replica. The number of slots is the replica count of
+    the strategy in scope when the metric is made, so a layer must be made inside the
+    strategy's scope, as Keras requires of models anyway.
 
     Args:
         prefix: the prefix of the logged names.
@@ -128,55 +140,58 @@ class SolverStatsMetric(_LayerStatistic):
 
     def __init__(self, prefix="deq", name=None, dtype="float32", layer=None):
         super().__init__(prefix, layer=layer, name=name or f"{prefix}_solver_stats", dtype=dtype)
-        self._steps_sum = self._scalar("steps_sum")
-        self._residual_sum = self._scalar("residual_sum")
-        self._count = self._scalar("count")
-        self._converged_sum = self._scalar("converged_sum")
-        self._sample_count = self._scalar("sample_count")
-        # Every replica records the same last values, so the first replica's are the call's.
-        self._last_steps = self._scalar("last_steps", "only_first_replica")
-        self._last_residual = self._scalar("last_residual", "only_first_replica")
-        self._last_converged = self._scalar("last_converged", "only_first_replica")
+        self._replicas = tf.distribute.get_strategy().num_replicas_in_sync
+        # Per-replica slots, summed over replicas when read: each replica adds to its own.
+        self._steps_sum = self._slots("steps_sum")
+        self._residual_sum = self._slots("residual_sum")
+        self._count = self._slots("count")
+        self._last_steps = self._slots("last_steps")
+        self._last_residual = self._slots("last_residual")
+        self._last_converged = self._slots("last_converged")
+        self._converged_sum = self._slots("converged_sum", shape=())
+        self._sample_count = self._slots("sample_count", shape=())
 
-    def _scalar(self, name, aggregation="sum"):
-        return self.add_variable(shape=(), initializer="zeros", name=name, dtype=self.dtype, aggregation=aggregation)
+    def _slots(self, name, shape=None):
+        shape = (self._replicas,) if shape is None else shape
+        return self.add_variable(shape=shape, initializer="zeros", name=name, dtype=self.dtype, aggregation="sum")
 
     def update_state(self, stats):
         """Record one solve; ``stats`` is a ``SolverStats``."""
-        # Summed over replicas, the sums and the count below grow by the replica count
-        # alike, so their ratios are the means over calls of these global values.
-        steps = _largest_over_replicas(ops.cast(stats.steps, self.dtype))
-        residual = _largest_over_replicas(ops.cast(ops.max(stats.residual), self.dtype))
-        converged = -_largest_over_replicas(-ops.cast(ops.all(stats.converged), self.dtype))
-        self._steps_sum.assign_add(steps)
-        self._residual_sum.assign_add(residual)
-        self._count.assign_add(ops.ones((), self.dtype))
+        slot = ops.cast(_replica_slot(self._replicas), self.dtype)
+        steps = ops.cast(stats.steps, self.dtype)
+        residual = ops.cast(ops.max(stats.residual), self.dtype)
+        converged = ops.cast(ops.all(stats.converged), self.dtype)
+        self._steps_sum.assign_add(slot * steps)
+        self._residual_sum.assign_add(slot * residual)
+        self._count.assign_add(slot)
         self._converged_sum.assign_add(ops.sum(ops.cast(stats.converged, self.dtype)))
         self._sample_count.assign_add(ops.cast(ops.shape(stats.converged)[0], self.dtype))
-        self._last_steps.assign(steps)
-        self._last_residual.assign(residual)
-        self._last_converged.assign(converged)
+        # Each replica owns its copy of these; written as the slot row, they sum to the
+        # vector of every replica's last values when read.
+        self._last_steps.assign(slot * steps)
+        self._last_residual.assign(slot * residual)
+        self._last_converged.assign(slot * converged)
 
     def result(self):
         prefix = self.key_prefix
         return {
-            f"{prefix}_steps": ops.divide_no_nan(self._steps_sum, self._count),
-            f"{prefix}_residual": ops.divide_no_nan(self._residual_sum, self._count),
+            f"{prefix}_steps": ops.max(ops.divide_no_nan(self._steps_sum, self._count)),
+            f"{prefix}_residual": ops.max(ops.divide_no_nan(self._residual_sum, self._count)),
             f"{prefix}_converged": ops.divide_no_nan(self._converged_sum, self._sample_count),
         }
 
     def reset_state(self):
         for variable in (self._steps_sum, self._residual_sum, self._count, self._converged_sum, self._sample_count):
-            variable.assign(ops.zeros((), self.dtype))
+            variable.assign(ops.zeros(variable.shape, self.dtype))
 
     def last(self):
         """``{"steps", "residual", "converged"}`` of the most recent call."""
         # tf.convert_to_tensor reads a distributed variable as its aggregation says.
         read = lambda variable: tf.convert_to_tensor(variable.value)  # noqa: E731
         return {
-            "steps": tf.cast(read(self._last_steps), "int32"),
-            "residual": read(self._last_residual),
-            "converged": tf.cast(read(self._last_converged), "bool"),
+            "steps": tf.cast(tf.reduce_max(read(self._last_steps)), "int32"),
+            "residual": tf.reduce_max(read(self._last_residual)),
+            "converged": tf.reduce_min(read(self._last_converged)) == 1,
         }
 
     def get_config(self):

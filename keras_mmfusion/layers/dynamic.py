@@ -333,14 +333,19 @@ class DynamicFusion(FusionLayer):
         if recording_statistics():
             self.routing_metric.update_state(route, relative)
             # A variable whose shape changes between calls cannot be written under XLA.
-            if not in_xla_context():
+            # Gathering the replicas' routes synchronises them, which must not happen
+            # inside a distributed training step (see gather_replicas).
+            several = getattr(tf.distribute.get_replica_context(), "num_replicas_in_sync", 1) > 1
+            if not in_xla_context() and not (training and several):
                 self._last_routing.assign(gather_replicas(route))
         return fused
 
     @property
     def last_routing(self):
         """The expert index chosen for each sample of the last call (int32); under a
-        ``tf.distribute`` strategy, for every sample of the global batch, in replica order."""
+        ``tf.distribute`` strategy, for every sample of the global batch, in replica
+        order, and recorded by inference calls only (``evaluate``, ``predict``): a
+        distributed training step leaves it as it was."""
         return tf.convert_to_tensor(self._last_routing)
 
     def output_width(self, widths):

@@ -29,12 +29,9 @@ def build():
         # shape, so each replica draws different ones than one device would: the penalty
         # is left out of the comparison of weights.
         fusion = mmf.DEQFusion(8, max_iter=30, tol=1e-5, jacobian_weight=0.0, name="fusion")
-    elif KIND == "dynmm":
-        # With a routing-cost term (cost_weight > 0) the gate's weights after one mirrored
-        # step differ from one device's by up to 2e-4, an unexplained gap (Keras scales
-        # add_loss terms for the replicas correctly in isolation); it is left out here.
-        fusion = mmf.models.make_fusion(KIND, 8, num_modalities=len(WIDTHS), cost_weight=0.0)
     else:
+        # DynMM with its routing-cost term (make_fusion's cost_weight=0.05): an add_loss
+        # term whose gradient a replica loses if the forward pass synchronises replicas.
         fusion = mmf.models.make_fusion(KIND, 8, num_modalities=len(WIDTHS))
     model = mmf.models.build_classifier(fusion, WIDTHS, 2, encoder_units=8, head_units=8)
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
