@@ -44,7 +44,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from timing import machine as describe_machine, median_ratio, median_seconds  # noqa: E402
+from timing import machine as describe_machine, median_ratio, median_seconds, training_step_peak_mib  # noqa: E402
 
 WIDTH, MODALITIES, BATCH = 256, 3, 256
 # The solver measurements use a model trained on TRAIN_BATCHES batches of BATCH samples.
@@ -377,13 +377,7 @@ def train_step_peak_memory(backward, iters):
     x, y = data(BATCH)
     model.train_on_batch(x, y)
     model.train_on_batch(x, y)
-    peaks = []
-    for _ in range(3):
-        tf.config.experimental.reset_memory_stats("CPU:0")
-        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
-        model.train_on_batch(x, y)
-        peaks.append((tf.config.experimental.get_memory_info("CPU:0")["peak"] - before) / 2**20)
-    return max(peaks)
+    return training_step_peak_mib(model, x, y)
 
 
 def measure_memory():

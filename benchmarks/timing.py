@@ -43,6 +43,23 @@ def median_ratio(fn, reference, repeats, warmup=2):
     return float(np.median(ratios)), float(np.median(times))
 
 
+def training_step_peak_mib(model, x, y, steps=3):
+    """The largest over ``steps`` training steps of the peak memory TensorFlow's CPU
+    allocator reports during the step, above what is in use before it, in MiB.
+
+    Call it after warm-up steps have traced the step and built the optimizer.
+    """
+    import tensorflow as tf
+
+    peaks = []
+    for _ in range(steps):
+        tf.config.experimental.reset_memory_stats("CPU:0")
+        before = tf.config.experimental.get_memory_info("CPU:0")["current"]
+        model.train_on_batch(x, y)
+        peaks.append((tf.config.experimental.get_memory_info("CPU:0")["peak"] - before) / 2**20)
+    return max(peaks)
+
+
 def rosmap_available():
     """Whether ROSMAP can be read: from ``$MMFUSION_ROSMAP``, from the data folder beside a
     source checkout (``../shared/data/rosmap``, which then becomes ``$MMFUSION_ROSMAP``),

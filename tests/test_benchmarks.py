@@ -18,6 +18,7 @@ try:
     from deq_bench import THRESHOLDS, linearised_steps, per_sample_steps
     from deq_trainability import update_evaluations_per_training_step
     import gpu_check
+    from missing_modalities import evaluate_missing, missing_patterns
 finally:
     sys.path.remove(BENCHMARKS)
 
@@ -98,3 +99,21 @@ def test_gpu_check_reads_the_deq_training_step_as_one_xla_program_with_its_solve
     hlo = 'recv.1 = (f32[4], u32[], token[]) recv(token.2), channel_id=1, is_host_transfer=true'
     assert len(gpu_check.HOST_TRANSFER.findall(hlo)) == 1
     assert not gpu_check.HOST_TRANSFER.findall("while.3 = (s32[], f32[16,32]) while(tuple.5), condition=cond")
+
+
+def test_missing_modality_benchmark_feeds_nan_views_masked_out():
+    import keras_mmfusion as mmf
+
+    patterns = missing_patterns(3)
+    assert [m for _, m in patterns] == [(), (0,), (1,), (2,), (0, 1), (0, 2), (1, 2)]
+    assert patterns[1][0] == "-mRNA" and patterns[-1][0] == "-meth-miRNA"
+    x, y = mmf.make_synthetic(64, widths=[4, 5, 6], seed=0)
+    model = mmf.models.build_classifier(mmf.models.make_fusion("concat", 8), [4, 5, 6], 2, 8, 8,
+                                        modality_mask=True)
+    for _, missing in patterns:
+        assert 0.0 <= evaluate_missing(model, (x, y), missing)["accuracy"] <= 1.0
+    # The same NaN views without the mask give NaN probabilities, which the benchmark refuses.
+    unmasked = mmf.models.build_classifier(mmf.models.make_fusion("concat", 8), [4, 5, 6], 2, 8, 8)
+    unmasked.predict = lambda inputs, **kwargs: model.predict(inputs[:-1] + [np.ones_like(inputs[-1])], **kwargs)
+    with pytest.raises(RuntimeError, match=r"non-finite probabilities with views \(1,\) missing"):
+        evaluate_missing(unmasked, (x, y), (1,))
