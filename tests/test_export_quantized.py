@@ -11,7 +11,7 @@ import tensorflow as tf
 
 import keras_mmfusion as mmf
 from keras_mmfusion import export
-from test_export_solver import WIDTHS, trained_deq  # noqa: F401 - trained_deq is a fixture
+from test_export_solver import WIDTHS, trained_deq, with_modality_mask  # noqa: F401 - trained_deq is a fixture
 
 
 @pytest.fixture(scope="module")
@@ -115,7 +115,8 @@ def test_export_readme_snippets_run_as_written(trained_deq, tmp_path, monkeypatc
     models, xs = trained_deq
     model = models["anderson"]
     samples = [[a[i:i + 1] for a in xs] for i in range(len(xs[0]))]
-    namespace = dict(model=model, samples=samples, sample_inputs=xs,
+    masked_model = with_modality_mask(model)
+    namespace = dict(model=model, masked_model=masked_model, samples=samples, sample_inputs=xs,
                      x0=xs[0], x1=xs[1], x2=xs[2])
     monkeypatch.chdir(tmp_path)
     snippets = readme_snippets()
@@ -128,3 +129,7 @@ def test_export_readme_snippets_run_as_written(trained_deq, tmp_path, monkeypatc
     assert namespace["converged"].dtype == bool and namespace["converged"].shape == (len(xs[0]),)
     np.testing.assert_allclose(namespace["trusted"], expected[namespace["out"]["deq_fusion_converged"]], atol=1e-4)
     assert "QUANTIZE" in export.tflite_report(tmp_path / "fusion_int8.tflite")["ops"]
+    # The masked model's snippet: view 1 absent, as Keras computes it.
+    fed = [xs[0][:1], np.full_like(xs[1][:1], np.nan), xs[2][:1], np.array([[True, False, True]])]
+    assert np.all(np.isfinite(namespace["masked_probabilities"]))
+    np.testing.assert_allclose(namespace["masked_probabilities"], masked_model.predict(fed, verbose=0), atol=1e-5)

@@ -181,12 +181,8 @@ def test_non_finite_and_overflowing_inputs_give_nan_and_not_converged(trained_de
     assert np.all(np.isnan(keras_probabilities[:3]))
 
 
-def test_masked_classifier_iterates_alike_in_every_runtime_with_modalities_absent(trained_deq, tmp_path):
-    """The trained classifier rebuilt with a ``modality_mask`` input: with every modality
-    present it computes what the unmasked model computes, and with modalities absent
-    (NaN placeholders) every runtime takes Keras's steps and gives Keras's output."""
-    models, xs = trained_deq
-    model = models["anderson"]
+def with_modality_mask(model):
+    """The trained classifier ``model`` rebuilt with a ``modality_mask`` input, same weights."""
     keras.utils.set_random_seed(0)
     masked = mmf.models.build_classifier(mmf.models.make_fusion("deq", 8), WIDTHS, 2, encoder_units=8,
                                          head_units=8, standardize_with=[np.zeros((2, w)) for w in WIDTHS],
@@ -195,6 +191,16 @@ def test_masked_classifier_iterates_alike_in_every_runtime_with_modalities_absen
     for layer in masked.layers:  # Normalization reads its statistics from adapt state
         if isinstance(layer, keras.layers.Normalization):
             layer.finalize_state()
+    return masked
+
+
+def test_masked_classifier_iterates_alike_in_every_runtime_with_modalities_absent(trained_deq, tmp_path):
+    """The trained classifier rebuilt with a ``modality_mask`` input: with every modality
+    present it computes what the unmasked model computes, and with modalities absent
+    (NaN placeholders) every runtime takes Keras's steps and gives Keras's output."""
+    models, xs = trained_deq
+    model = models["anderson"]
+    masked = with_modality_mask(model)
     assert export.input_names(masked)[-1] == "modality_mask"
     full = np.ones((len(xs[0]), 3), bool)
     np.testing.assert_allclose(masked.predict(xs + [full], verbose=0), model.predict(xs, verbose=0), atol=1e-6)

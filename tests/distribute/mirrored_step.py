@@ -19,7 +19,9 @@ import numpy as np  # noqa: E402
 import keras_mmfusion as mmf  # noqa: E402
 
 WIDTHS = [6, 10, 8]
-KIND = sys.argv[1]
+# "<fusion>" or "<fusion>-masked": the classifier then takes a modality_mask input, fed
+# with modalities absent (NaN placeholders).
+KIND, _, MASKED = sys.argv[1].partition("-")
 
 
 def build():
@@ -33,17 +35,23 @@ def build():
         # DynMM with its routing-cost term (make_fusion's cost_weight=0.05): an add_loss
         # term whose gradient a replica loses if the forward pass synchronises replicas.
         fusion = mmf.models.make_fusion(KIND, 8, num_modalities=len(WIDTHS))
-    model = mmf.models.build_classifier(fusion, WIDTHS, 2, encoder_units=8, head_units=8)
+    model = mmf.models.build_classifier(fusion, WIDTHS, 2, encoder_units=8, head_units=8,
+                                        modality_mask=bool(MASKED))
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
     return model
 
 
 def run(model, x, y):
-    history = model.fit(x, y, batch_size=64, epochs=1, shuffle=False, verbose=0).history
+    if MASKED:
+        # Keras's fit and evaluate average the first distributed batch over the replicas
+        # to build the model, which fails on a boolean input; train_on_batch does not.
+        logs = {k: float(v) for k, v in model.train_on_batch(x, y, return_dict=True).items()}
+    else:
+        history = model.fit(x, y, batch_size=64, epochs=1, shuffle=False, verbose=0).history
+        logs = {k: float(v[-1]) for k, v in history.items()}
     model.predict(x, batch_size=64, verbose=0)
     fusion = next(layer for layer in model.layers if "fusion" in layer.name)
-    report = {"weights": [w.tolist() for w in model.get_weights()],
-              "logs": {k: float(v[-1]) for k, v in history.items()}}
+    report = {"weights": [w.tolist() for w in model.get_weights()], "logs": logs}
     if hasattr(fusion, "last_stats"):
         report["last_stats"] = {k: float(v) for k, v in fusion.last_stats.items()}
     if hasattr(fusion, "last_routing"):
@@ -52,6 +60,11 @@ def run(model, x, y):
 
 
 x, y = mmf.make_synthetic(64, num_modalities=3, widths=WIDTHS, noise=0.5, seed=0)
+if MASKED:
+    rng = np.random.default_rng(0)
+    mask = rng.random((64, 3)) < 0.6
+    mask[np.arange(64), rng.integers(0, 3, 64)] = True
+    x = [np.where(mask[:, i : i + 1], a, np.nan).astype("float32") for i, a in enumerate(x)] + [mask]
 single = run(build(), x, y)
 with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
     mirrored = build()

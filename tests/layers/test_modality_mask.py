@@ -247,3 +247,21 @@ def test_classifier_with_modality_dropout_trains_saves_and_reloads_in_safe_mode(
     assert loaded.get_layer("modality_dropout").rate == 0.3
     np.testing.assert_array_equal(loaded.predict(absent_replaced(x, mask, np.nan) + [mask], verbose=0),
                                   probabilities)
+
+
+@pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"])
+@pytest.mark.parametrize("name", sorted(LAYERS))
+def test_masks_under_mixed_precision_keep_absent_values_out(name, policy):
+    keras.mixed_precision.set_global_policy(policy)
+    try:
+        keras.utils.set_random_seed(0)
+        layer = LAYERS[name]()
+        xs = random_inputs(batch=len(MASK), widths=WIDTHS, seed=10)
+        out = layer(xs, modality_mask=MASK, training=True)
+        assert out.dtype == policy.split("_")[1]
+        out = out.numpy().astype("float32")
+        assert np.all(np.isfinite(out))
+        other = layer(absent_replaced(xs, MASK, np.nan), modality_mask=MASK, training=True).numpy()
+        np.testing.assert_array_equal(other.astype("float32"), out)
+    finally:
+        keras.mixed_precision.set_global_policy("float32")
