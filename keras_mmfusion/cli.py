@@ -68,6 +68,10 @@ def build_parser():
     train.add_argument("--modality-weight", type=float, default=RECIPE.modality_weight,
                        help="weight of the per-modality softmax heads trained alongside the fusion "
                             "(deep supervision of the encoders; 0 for none; default: %(default)s)")
+    train.add_argument("--modality-dropout", type=float, default=RECIPE.modality_dropout, metavar="RATE",
+                       help="drop each modality of a training sample with this probability (one always "
+                            "stays), so that the model copes with missing ones; the model then takes a "
+                            "modality_mask input (default: %(default)s, off)")
     train.add_argument("--lr", type=float, default=RECIPE.lr, help="Adam learning rate (default: %(default)s)")
     train.add_argument("--batch-size", type=int, default=RECIPE.batch_size, help="batch size (default: %(default)s)")
     train.add_argument("--monitor", default="val_loss", choices=["val_loss", "val_accuracy"],
@@ -188,8 +192,7 @@ def _plot_residuals(model, inputs, path):
 
 def _train_one(args, splits, settings, seed, out):
     """One trial, written to ``out``; returns its metrics."""
-    from keras_mmfusion.training import headline_metrics
-    from keras_mmfusion.training import run_trial
+    from keras_mmfusion.training import headline_metrics, model_inputs, run_trial
 
     model, history, metrics = run_trial(splits, args.fusion, seed, settings, verbose=0 if args.quiet else 1)
     os.makedirs(out, exist_ok=True)
@@ -198,7 +201,7 @@ def _train_one(args, splits, settings, seed, out):
     with open(os.path.join(out, "history.json"), "w") as f:
         json.dump(history, f, indent=2)
     _plot_history(history, os.path.join(out, "training_curves.png"))
-    traces = _plot_residuals(model, splits.test[0], os.path.join(out, "solver_residuals.png"))
+    traces = _plot_residuals(model, model_inputs(model, splits.test[0]), os.path.join(out, "solver_residuals.png"))
     data_source = os.path.abspath(args.data) if os.path.isdir(args.data) else args.data
     metrics.update(data=splits.name, data_source=data_source, data_header=args.header, fusion=args.fusion, seed=seed,
                    settings=vars(settings))
@@ -219,7 +222,10 @@ def cmd_train(args):
     if args.seeds < 1:
         raise CommandError(f"--seeds must be at least 1, got {args.seeds}")
     splits = _load_data(args.data, args.header)
-    settings = Settings(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight, lr=args.lr,
+    if not 0 <= args.modality_dropout < 1:
+        raise CommandError(f"--modality-dropout must be in [0, 1), got {args.modality_dropout}")
+    settings = Settings(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight,
+                        modality_dropout=args.modality_dropout, lr=args.lr,
                         batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, monitor=args.monitor,
                         jit_compile=args.jit, standardize=not args.no_standardize, refit=args.refit)
     print(f"data: {splits.name}, {len(splits.widths)} modalities of widths {splits.widths}, "
@@ -246,7 +252,7 @@ def _table(values):
 
 
 def cmd_evaluate(args):
-    from keras_mmfusion.training import classification_metrics
+    from keras_mmfusion.training import classification_metrics, model_inputs
 
     model = _load_model(args.model)
     data, header = _data_of(args)
@@ -254,12 +260,10 @@ def cmd_evaluate(args):
         raise CommandError("pass --data: the data to evaluate on (no metrics.json with a data source next to "
                            "the model)")
     splits = _load_data(data, header)
-    if [int(t.shape[-1]) for t in model.inputs] != splits.widths:
-        raise CommandError(
-            f"the model expects inputs of widths {[int(t.shape[-1]) for t in model.inputs]} but "
-            f"{data} has widths {splits.widths}"
-        )
-    probabilities = model.predict(splits.test[0], batch_size=256, verbose=0)
+    widths = [int(t.shape[-1]) for t in model.inputs if t.name != "modality_mask"]
+    if widths != splits.widths:
+        raise CommandError(f"the model expects inputs of widths {widths} but {data} has widths {splits.widths}")
+    probabilities = model.predict(model_inputs(model, splits.test[0]), batch_size=256, verbose=0)
     metrics = classification_metrics(splits.test[1], probabilities)
     metrics["samples"] = len(splits.test[1])
     print(json.dumps(metrics, indent=2) if args.json else _table(metrics))
@@ -293,8 +297,11 @@ def _verify_exported(model, path, splits, quantize, diagnostics):
 
     from keras_mmfusion import export
 
+    from keras_mmfusion.training import model_inputs
+
     count = min(256, len(splits.test[1]))
-    xs, labels = [np.asarray(a[:count], np.float32) for a in splits.test[0]], splits.test[1][:count]
+    xs = model_inputs(model, [np.asarray(a[:count], np.float32) for a in splits.test[0]])
+    xs, labels = (xs if isinstance(xs, list) else [xs]), splits.test[1][:count]
     reference = export.serving_function(model, diagnostics=True)(*xs)
     got = export.run_export(path, dict(zip(export.input_names(model), xs)))
     name = export.output_names(model)[0]
@@ -329,6 +336,7 @@ def _verify_exported(model, path, splits, quantize, diagnostics):
 
 def cmd_export(args):
     from keras_mmfusion import export
+    from keras_mmfusion.training import model_inputs
 
     model = _load_model(args.model)
     if args.quantize and args.format != "tflite":
@@ -349,7 +357,8 @@ def cmd_export(args):
     else:
         representative = None
         if args.quantize == "int8":
-            x = splits.train[0]
+            x = model_inputs(model, splits.train[0])
+            x = x if isinstance(x, list) else [x]
             representative = ([a[i : i + 1] for a in x] for i in range(min(300, len(x[0]))))
         suffix = f"_{args.quantize}" if args.quantize else ""
         out = export.to_tflite(model, args.out or f"{stem}{suffix}.tflite", quantize=args.quantize,

@@ -116,8 +116,7 @@ def _as_feed(model, sample_inputs):
     names = input_names(model)
     if len(xs) != len(names):
         raise ValueError(f"sample_inputs has {len(xs)} arrays but the model has {len(names)} inputs {names}.")
-    dtypes = [np.dtype(tf.as_dtype(t.dtype).as_numpy_dtype) for t in model.inputs]
-    return {n: np.asarray(x, dtype=d) for n, x, d in zip(names, xs, dtypes)}
+    return {n: np.asarray(x, dtype=d) for n, x, d in zip(names, xs, _input_dtypes(model))}
 
 
 def _check_writable(path, overwrite=False):
@@ -215,8 +214,14 @@ def _float_tflite(saved_model_dir, builtins_only):
     return converter.convert()
 
 
+def _input_dtypes(model):
+    """The NumPy dtype of every model input, in input order."""
+    return [np.dtype(tf.as_dtype(t.dtype).as_numpy_dtype) for t in model.inputs]
+
+
 def _representative_arrays(model, representative_data):
     names = input_names(model)
+    dtypes = dict(zip(names, _input_dtypes(model)))
     rows = {n: [] for n in names}
     for sample in representative_data:
         if isinstance(sample, dict):
@@ -227,7 +232,7 @@ def _representative_arrays(model, representative_data):
                 f"Each representative sample must hold {len(names)} arrays (one per input {names}); got {len(sample)}."
             )
         for n, x in zip(names, sample):
-            x = np.asarray(x, dtype=np.float32)
+            x = np.asarray(x, dtype=dtypes[n])
             rows[n].append(x.reshape((-1,) + x.shape[-1:])[:1])
     if not rows[names[0]]:
         raise ValueError("representative_data yielded no samples.")

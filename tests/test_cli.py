@@ -228,3 +228,19 @@ def test_header_rows_are_refused_without_header_and_skipped_with_it_also_when_ev
     assert json.loads((out / "metrics.json").read_text())["data_header"] is True
     assert cli.main(["evaluate", "--model", str(out / "model.keras"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["samples"] == 12
+
+
+def test_modality_dropout_trains_a_masked_model_that_evaluates_and_exports(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", "synthetic", "--fusion", "dmf", "--epochs", "2", "--modality-dropout", "0.3"]
+    assert cli.main([*args, "--out", str(out), "--quiet"]) == 0
+    model = keras.saving.load_model(out / "model.keras")
+    assert model.inputs[-1].name == "modality_mask" and model.get_layer("modality_dropout").rate == 0.3
+    assert json.loads((out / "metrics.json").read_text())["settings"]["modality_dropout"] == 0.3
+    capsys.readouterr()
+    assert cli.main(["evaluate", "--model", str(out / "model.keras"), "--json"]) == 0
+    assert 0.0 <= json.loads(capsys.readouterr().out)["accuracy"] <= 1.0
+    assert cli.main(["export", "--model", str(out / "model.keras"), "--format", "onnx"]) == 0
+    assert "verified on" in capsys.readouterr().out
+    assert cli.main([*args[:-1], "1.5", "--out", str(tmp_path / "bad")]) == 2
+    assert "--modality-dropout must be in [0, 1), got 1.5" in capsys.readouterr().err

@@ -44,9 +44,9 @@ class Settings:
     one-modality models have no such heads.
 
     With ``modality_mask``, the classifier takes a ``modality_mask`` input (see
-    :func:`keras_mmfusion.models.build_classifier`); the trial feeds it all True, as
-    its data have every modality, and the returned model can then be evaluated with
-    modalities absent. ``modality_dropout`` > 0 drops whole modalities at random in
+    :func:`keras_mmfusion.models.build_classifier`); the trial feeds it all True (see
+    :func:`model_inputs`), as its data have every modality, and the returned model can
+    then be evaluated with modalities absent. ``modality_dropout`` > 0 drops whole modalities at random in
     training; it implies ``modality_mask``.
     """
 
@@ -155,15 +155,14 @@ def build_model(fusion_name, splits, settings, input_names=None, train_inputs=No
     )
 
 
-def model_inputs(arrays, settings):
-    """What the classifier of :func:`build_model` is called on: the one array of a
-    one-modality model, else the list of arrays, followed by an all-True
-    ``modality_mask`` when the settings give the model one."""
-    if len(arrays) == 1:
-        return arrays[0]
-    if settings.takes_mask:
-        return list(arrays) + [np.ones((len(arrays[0]), len(arrays)), bool)]
-    return list(arrays)
+def model_inputs(model, arrays):
+    """What ``model`` is called on for the modality ``arrays``: the one array of a
+    one-input model, else the list of arrays, followed by an all-True ``modality_mask``
+    when the model has that input (see :func:`keras_mmfusion.models.build_classifier`)."""
+    arrays = list(arrays)
+    if [t.name for t in model.inputs][-1] == "modality_mask":
+        arrays.append(np.ones((len(arrays[0]), len(arrays)), bool))
+    return arrays if len(arrays) > 1 else arrays[0]
 
 
 def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
@@ -179,9 +178,9 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
     keras.utils.set_random_seed(seed)
     keep, held = stratified_split(splits.train[1], settings.validation_fraction, seed)
     train_part = [a[keep] for a in splits.train[0]]
-    train = (model_inputs(train_part, settings), splits.train[1][keep])
-    val = (model_inputs([a[held] for a in splits.train[0]], settings), splits.train[1][held])
     model = build_model(fusion_name, splits, settings, train_inputs=train_part)
+    train = (model_inputs(model, train_part), splits.train[1][keep])
+    val = (model_inputs(model, [a[held] for a in splits.train[0]]), splits.train[1][held])
     # The reference classifier has its own per-modality heads; a single modality has none.
     modality_weight = settings.modality_weight if fusion_name not in ("single", "reference") else 0.0
     fit = dict(batch_size=settings.batch_size, lr=settings.lr, modality_weight=modality_weight,
@@ -193,8 +192,8 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
     if settings.refit:
         keras.utils.set_random_seed(seed)
         model = build_model(fusion_name, splits, settings)
-        fit_classifier(model, (model_inputs(splits.train[0], settings), splits.train[1]), best_epoch, **fit)
-    probabilities = model.predict(model_inputs(splits.test[0], settings), batch_size=256, verbose=0)
+        fit_classifier(model, (model_inputs(model, splits.train[0]), splits.train[1]), best_epoch, **fit)
+    probabilities = model.predict(model_inputs(model, splits.test[0]), batch_size=256, verbose=0)
     metrics = classification_metrics(splits.test[1], probabilities)
     metrics.update(
         best_validation=float(monitored[best_epoch - 1]),
