@@ -22,6 +22,8 @@ BENCHMARKS = {
     "zoo": "fusion_zoo.py",
     "dynmm": "dynmm_bench.py",
     "export": "export_bench.py",
+    "missing": "missing_modalities.py",
+    "mixed": "mixed_precision_bench.py",
 }
 
 

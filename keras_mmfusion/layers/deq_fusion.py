@@ -9,12 +9,7 @@ from keras_mmfusion.equilibrium.iteration import check_solver_arguments, interna
 from keras_mmfusion.equilibrium.solve import check_backward_arguments, fixed_point_solve
 from keras_mmfusion.equilibrium.solvers import available_solvers
 from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
-from keras_mmfusion.layers.modality_mask import (
-    check_modality_mask,
-    presence_weights,
-    require_present,
-    zero_absent,
-)
+from keras_mmfusion.layers.modality_mask import masked_inputs
 from keras_mmfusion.layers.normalization import ExactGroupNormalization
 from keras_mmfusion.metrics import SolverStatsMetric, recording_statistics, report_solver_stats
 from keras_mmfusion._checks import check_fraction, check_int, check_non_negative
@@ -278,13 +273,7 @@ class DEQFusion(keras.layers.Layer):
 
     def _injections(self, inputs, modality_mask=None):
         """The solver's inputs ``(xs, x_fuse[, presence])`` and the start ``z0 = 0``."""
-        presence = None
-        if modality_mask is not None:
-            label = f"DEQFusion '{self.name}'"
-            mask = check_modality_mask(label, modality_mask, len(inputs), inputs[0].shape[0])
-            mask = require_present(label, mask)
-            inputs = zero_absent(inputs, mask)
-            presence = presence_weights(mask, inputs[0].dtype)
+        inputs, presence = masked_inputs(f"DEQFusion '{self.name}'", inputs, modality_mask, inputs[0].dtype)
         xs = [x if p is None else p(x) for x, p in zip(inputs, self.projections)]
         weights = ops.cast(self.injection_weights, xs[0].dtype)
         if presence is not None:

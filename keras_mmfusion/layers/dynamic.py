@@ -63,9 +63,9 @@ class DynamicFusion(FusionLayer):
     ``presence`` holds 1 or 0 for every modality (all ones without ``modality_mask``)
     and ``P`` (``presence_logits``, ``(N, num_experts)``, initially zero) is trained
     with the rest, so the routing sees which modalities a sample has. With
-    ``modality_mask``, absent inputs are zeros, and an
-    expert that cannot run without an absent modality gets the lowest logit for that
-    sample, so it is never chosen and its training weight is 0. An expert that is
+    ``modality_mask``, absent inputs are zeros, and an expert that cannot run without an
+    absent modality gets the lowest logit for that sample, so it is never chosen and its
+    training weight is 0. An expert that is
     itself a fusion layer (its ``call`` takes ``modality_mask``) and reads several
     modalities receives the mask of its modalities and needs one of them present;
     any other expert needs all the modalities it reads. A sample that no expert can

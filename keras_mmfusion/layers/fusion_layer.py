@@ -8,12 +8,7 @@ the ``get_config`` entries for those.
 import keras
 
 from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
-from keras_mmfusion.layers.modality_mask import (
-    check_modality_mask,
-    presence_weights,
-    require_present,
-    zero_absent,
-)
+from keras_mmfusion.layers.modality_mask import masked_inputs
 
 
 def check_units(units, allow_none=True):
@@ -86,13 +81,7 @@ class FusionLayer(keras.layers.Layer):
 
     def call(self, inputs, modality_mask=None, training=None):
         check_modalities(self.label, inputs, self._widths)
-        inputs = list(inputs)
-        presence = None
-        if modality_mask is not None:
-            mask = check_modality_mask(self.label, modality_mask, len(inputs), inputs[0].shape[0])
-            mask = require_present(self.label, mask)
-            inputs = zero_absent(inputs, mask)
-            presence = presence_weights(mask, self.compute_dtype)
+        inputs, presence = masked_inputs(self.label, list(inputs), modality_mask, self.compute_dtype)
         return self.fuse(inputs, presence, training)
 
     def compute_output_shape(self, input_shape):

@@ -64,6 +64,20 @@ def require_present(label, mask, needed="at least one modality present in modali
         return tf.identity(mask)
 
 
+def masked_inputs(label, inputs, modality_mask, dtype):
+    """What a fusion layer combines under ``modality_mask``: ``(inputs, presence)``.
+
+    The mask is checked against ``inputs``, a sample with no modality is refused, the
+    absent modalities' inputs are zeroed, and ``presence`` is the mask as 0/1 weights
+    of ``dtype``. Without a mask, ``(inputs, None)``.
+    """
+    if modality_mask is None:
+        return inputs, None
+    mask = check_modality_mask(label, modality_mask, len(inputs), inputs[0].shape[0])
+    mask = require_present(label, mask)
+    return zero_absent(inputs, mask), presence_weights(mask, dtype)
+
+
 def zero_absent(inputs, mask):
     """``inputs`` with every absent modality's rows replaced by zeros (``where``, not a
     product, so that NaN or infinite placeholders vanish too)."""
