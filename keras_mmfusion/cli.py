@@ -293,17 +293,24 @@ def _data_of(args):
     return record.get("data_source"), args.header or bool(record.get("data_header", False))
 
 
+def _input_list(model, arrays):
+    """The list of arrays ``model``'s serving signature takes, one per input (see
+    :func:`keras_mmfusion.training.model_inputs`)."""
+    from keras_mmfusion.training import model_inputs
+
+    inputs = model_inputs(model, arrays)
+    return inputs if isinstance(inputs, list) else [inputs]
+
+
 def _verify_exported(model, path, splits, quantize, diagnostics):
     """Run the export on the test split in its runtime; returns (report lines, failures)."""
     import numpy as np
 
     from keras_mmfusion import export
 
-    from keras_mmfusion.training import model_inputs
-
     count = min(256, len(splits.test[1]))
-    xs = model_inputs(model, [np.asarray(a[:count], np.float32) for a in splits.test[0]])
-    xs, labels = (xs if isinstance(xs, list) else [xs]), splits.test[1][:count]
+    xs = _input_list(model, [np.asarray(a[:count], np.float32) for a in splits.test[0]])
+    labels = splits.test[1][:count]
     reference = export.serving_function(model, diagnostics=True)(*xs)
     got = export.run_export(path, dict(zip(export.input_names(model), xs)))
     name = export.output_names(model)[0]
@@ -338,7 +345,6 @@ def _verify_exported(model, path, splits, quantize, diagnostics):
 
 def cmd_export(args):
     from keras_mmfusion import export
-    from keras_mmfusion.training import model_inputs
 
     model = _load_model(args.model)
     if args.quantize and args.format != "tflite":
@@ -359,8 +365,7 @@ def cmd_export(args):
     else:
         representative = None
         if args.quantize == "int8":
-            x = model_inputs(model, splits.train[0])
-            x = x if isinstance(x, list) else [x]
+            x = _input_list(model, splits.train[0])
             representative = ([a[i : i + 1] for a in x] for i in range(min(300, len(x[0]))))
         suffix = f"_{args.quantize}" if args.quantize else ""
         out = export.to_tflite(model, args.out or f"{stem}{suffix}.tflite", quantize=args.quantize,

@@ -112,8 +112,10 @@ def test_missing_modality_benchmark_feeds_nan_views_masked_out():
                                         modality_mask=True)
     for _, missing in patterns:
         assert 0.0 <= evaluate_missing(model, (x, y), missing)["accuracy"] <= 1.0
-    # The same NaN views without the mask give NaN probabilities, which the benchmark refuses.
-    unmasked = mmf.models.build_classifier(mmf.models.make_fusion("concat", 8), [4, 5, 6], 2, 8, 8)
-    unmasked.predict = lambda inputs, **kwargs: model.predict(inputs[:-1] + [np.ones_like(inputs[-1])], **kwargs)
+    # A model that lets the NaN views through is refused, not scored.
+    class NaNModel:
+        def predict(self, inputs, **kwargs):
+            return np.full((len(inputs[0]), 2), np.nan, "float32")
+
     with pytest.raises(RuntimeError, match=r"non-finite probabilities with views \(1,\) missing"):
-        evaluate_missing(unmasked, (x, y), (1,))
+        evaluate_missing(NaNModel(), (x, y), (1,))

@@ -46,8 +46,8 @@ class Settings:
     With ``modality_mask``, the classifier takes a ``modality_mask`` input (see
     :func:`keras_mmfusion.models.build_classifier`); the trial feeds it all True (see
     :func:`model_inputs`), as its data have every modality, and the returned model can
-    then be evaluated with modalities absent. ``modality_dropout`` > 0 drops whole modalities at random in
-    training; it implies ``modality_mask``.
+    then be evaluated with modalities absent. ``modality_dropout`` > 0 drops whole
+    modalities at random in training; it implies ``modality_mask``.
     """
 
     units: int = 32
