@@ -7,7 +7,7 @@ A thin wrapper: the same code runs as ``mmfusion export``; see ``--help``.
 
 import sys
 
-from keras_mmfusion.cli import main
+from keras_mmfusion_cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["export", *sys.argv[1:]]))

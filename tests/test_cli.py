@@ -8,12 +8,12 @@ import keras
 import numpy as np
 import pytest
 
-from keras_mmfusion import cli
+import keras_mmfusion_cli as cli
 
 
 def run_cli(*args):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"}
-    return subprocess.run([sys.executable, "-m", "keras_mmfusion.cli", *args], capture_output=True, text=True, env=env)
+    return subprocess.run([sys.executable, "-m", "keras_mmfusion_cli", *args], capture_output=True, text=True, env=env)
 
 
 def own_lines(stderr):
@@ -133,6 +133,28 @@ def test_help_lists_every_subcommand_and_option():
     for option in ("--data", "--fusion", "--epochs", "--seed", "--jit", "--no-standardize", "--modality-weight",
                    "--out", "dynmm", "lowrank"):
         assert option in train_help
+
+
+def test_help_and_argument_errors_answer_without_importing_tensorflow():
+    code = ("import sys\n"
+            "import keras_mmfusion_cli as cli\n"
+            "for argv in (['--help'], ['train', '--help'], ['export', '--help'], ['train', '--fusion', 'nope']):\n"
+            "    try:\n"
+            "        code = cli.main(argv)\n"
+            "    except SystemExit as stop:\n"
+            "        code = stop.code\n"
+            "    print('exit', code)\n"
+            "print('imported', sorted(m for m in ('tensorflow', 'keras', 'keras_mmfusion') if m in sys.modules))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    results = [line for line in done.stdout.splitlines() if line.startswith(("exit ", "imported "))]
+    assert results == ["exit 0", "exit 0", "exit 0", "exit 2", "imported []"], done.stderr
+    assert "argument --fusion: invalid choice: 'nope'" in done.stderr
+
+
+def test_the_recipe_file_lists_every_fusion_method():
+    from keras_mmfusion.models import fusion_names
+
+    assert cli._recipe()["fusions"] == fusion_names()
 
 
 def test_generic_folder_is_accepted(tmp_path):

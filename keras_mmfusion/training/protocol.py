@@ -7,6 +7,7 @@ selection on validation only, and one evaluation of the test split at the end.
 """
 
 import dataclasses
+import json
 import os
 
 import keras
@@ -73,9 +74,15 @@ class Settings:
         return self.modality_mask or self.modality_dropout > 0
 
 
+def _read_recipe():
+    # Kept as data so that the `mmfusion` command shows these defaults in --help without
+    # importing the package (see keras_mmfusion_cli).
+    with open(os.path.join(os.path.dirname(__file__), "recipe.json")) as f:
+        return json.load(f)
+
+
 # The recipe of the README's ROSMAP results; `mmfusion train` and examples/rosmap.py default to it.
-RECIPE = Settings(units=32, dropout=0.5, lr=1e-3, batch_size=32, epochs=200, patience=30, standardize=True,
-                  modality_weight=1.0)
+RECIPE = Settings(**_read_recipe()["settings"])
 
 
 def load_splits(spec, seed=0, header=False):

@@ -6,16 +6,21 @@
     mmfusion bench deq [-- benchmark arguments]
 
 Errors are reported as one line on stderr with exit status 2.
+
+This module sits beside the ``keras_mmfusion`` package, not inside it. Importing the
+package imports Keras and TensorFlow (about 3 s), and it has to: that import registers
+the layers, so that ``.keras`` files load in safe mode. Here the arguments are parsed
+first, so ``--help`` and argument errors answer at once, and each command imports what
+it needs. The training defaults shown in ``--help`` are read from the package's
+``training/recipe.json`` without importing the package.
 """
 
 import argparse
+import importlib.util
 import json
 import os
 import subprocess
 import sys
-
-from keras_mmfusion.training import RECIPE
-from keras_mmfusion.models import fusion_names
 
 BENCHMARKS = {
     "deq": "deq_bench.py",
@@ -31,6 +36,13 @@ HEADER_HELP = ("every CSV file of --data starts with a header row, which is skip
                "that looks like a header is refused)")
 
 
+def _recipe():
+    """``keras_mmfusion/training/recipe.json``: the training recipe and the fusion names."""
+    package = importlib.util.find_spec("keras_mmfusion").submodule_search_locations[0]
+    with open(os.path.join(package, "training", "recipe.json")) as f:
+        return json.load(f)
+
+
 class CommandError(Exception):
     """A user-facing error: printed as one line, exit status 2."""
 
@@ -41,6 +53,8 @@ class _Parser(argparse.ArgumentParser):
 
 
 def build_parser():
+    recipe = _recipe()
+    defaults = argparse.Namespace(**recipe["settings"])
     parser = _Parser(prog="mmfusion", description="Train, evaluate, export and benchmark multimodal fusion models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
@@ -52,9 +66,9 @@ def build_parser():
                        help="'synthetic' (default), 'rosmap', or a folder: MOGONET layout (1_tr.csv, 1_te.csv, ..., "
                             "labels_tr.csv, labels_te.csv) or one .csv/.npy file per modality plus labels.csv")
     train.add_argument("--header", action="store_true", help=HEADER_HELP)
-    train.add_argument("--fusion", default="deq", choices=fusion_names(), help="fusion method (default: deq)")
-    train.add_argument("--epochs", type=int, default=RECIPE.epochs, help="maximum epochs (default: %(default)s)")
-    train.add_argument("--patience", type=int, default=RECIPE.patience,
+    train.add_argument("--fusion", default="deq", choices=recipe["fusions"], help="fusion method (default: deq)")
+    train.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum epochs (default: %(default)s)")
+    train.add_argument("--patience", type=int, default=defaults.patience,
                        help="early-stopping patience in epochs (default: %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument("--seeds", type=int, default=1,
@@ -63,19 +77,19 @@ def build_parser():
     train.add_argument("--refit", action="store_true",
                        help="use the validation split only to choose the number of epochs, then retrain on the "
                             "whole training split for that many epochs and test that model")
-    train.add_argument("--units", type=int, default=RECIPE.units,
+    train.add_argument("--units", type=int, default=defaults.units,
                        help="encoder, fusion and head width (default: %(default)s)")
-    train.add_argument("--dropout", type=float, default=RECIPE.dropout,
+    train.add_argument("--dropout", type=float, default=defaults.dropout,
                        help="dropout after encoders and in the head (default: %(default)s)")
-    train.add_argument("--modality-weight", type=float, default=RECIPE.modality_weight,
+    train.add_argument("--modality-weight", type=float, default=defaults.modality_weight,
                        help="weight of the per-modality softmax heads trained alongside the fusion "
                             "(deep supervision of the encoders; 0 for none; default: %(default)s)")
-    train.add_argument("--modality-dropout", type=float, default=RECIPE.modality_dropout, metavar="RATE",
+    train.add_argument("--modality-dropout", type=float, default=defaults.modality_dropout, metavar="RATE",
                        help="drop each modality of a training sample with this probability (one always "
                             "stays), so that the model copes with missing ones; the model then takes a "
                             "modality_mask input (default: %(default)s, off)")
-    train.add_argument("--lr", type=float, default=RECIPE.lr, help="Adam learning rate (default: %(default)s)")
-    train.add_argument("--batch-size", type=int, default=RECIPE.batch_size, help="batch size (default: %(default)s)")
+    train.add_argument("--lr", type=float, default=defaults.lr, help="Adam learning rate (default: %(default)s)")
+    train.add_argument("--batch-size", type=int, default=defaults.batch_size, help="batch size (default: %(default)s)")
     train.add_argument("--monitor", default="val_loss", choices=["val_loss", "val_accuracy"],
                        help="validation value that selects the best epoch (default: val_loss)")
     train.add_argument("--jit", action="store_true", help="compile the training step with XLA")
@@ -383,7 +397,7 @@ def cmd_export(args):
 
 
 def cmd_bench(args):
-    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
+    root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "benchmarks")
     script = os.path.join(root, BENCHMARKS[args.name])
     if not os.path.isfile(script):
         raise CommandError(f"benchmark script not found: {script} (benchmarks live in the source checkout)")
