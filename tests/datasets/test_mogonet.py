@@ -8,13 +8,14 @@ import functools
 import http.server
 import os
 import shutil
+import subprocess
 import threading
 
 import numpy as np
 import pytest
 
 from keras_mmfusion.datasets import DataError, load_mogonet, load_multiomics, mogonet_folder
-from keras_mmfusion.datasets.mogonet import CHECKSUMS
+from keras_mmfusion.datasets.mogonet import CHECKSUMS, git_object_id
 
 ROSMAP = os.path.join(os.path.dirname(__file__), "..", "..", "..", "shared", "data", "rosmap")
 pytestmark = pytest.mark.skipif(not os.path.isdir(ROSMAP), reason=f"ROSMAP data not found at {ROSMAP}")
@@ -84,8 +85,9 @@ def test_a_file_with_the_wrong_checksum_is_an_error_and_is_not_kept(release, cac
         f.write("1\n")
     server = Server(str(release))
     try:
-        with pytest.raises(DataError, match=r"rosmap: could not download http://127.0.0.1:\d+/ROSMAP/labels_te.csv: "
-                                            r".*sha256 file hash does not match"):
+        with pytest.raises(DataError, match=r"rosmap: http://127.0.0.1:\d+/ROSMAP/labels_te.csv has git object id "
+                                            r"[0-9a-f]{40}, not the pinned 6773b84fcd8e2526d020f7f7f3c9440290bff9c7; "
+                                            r"the file was removed"):
             mogonet_folder("rosmap", source=server.url)
     finally:
         server.close()
@@ -113,10 +115,38 @@ def test_a_local_folder_or_the_environment_needs_no_download(server, cache, monk
         mogonet_folder("rosmap", source=server.url)
 
 
-def test_brca_is_read_from_a_local_folder_only(cache, monkeypatch):
+def test_a_cached_file_that_changed_is_caught_on_the_next_read_and_downloaded_again(server, cache):
+    mogonet_folder("rosmap", source=server.url)
+    with open(cache / "2_te.csv", "r+") as f:
+        f.write("9")
+    with pytest.raises(DataError, match=r"ROSMAP/2_te.csv has git object id [0-9a-f]{40}, not the pinned c2cc6718"):
+        mogonet_folder("rosmap", source=server.url)
+    assert not (cache / "2_te.csv").exists() and len(server.requests) == 8
+    mogonet_folder("rosmap", source=server.url)
+    assert server.requests[8:] == ["/ROSMAP/2_te.csv"]
+
+
+def test_the_pins_are_gits_object_ids(tmp_path):
+    path = tmp_path / "file.csv"
+    path.write_bytes(b"0.5,1\n2,3\n")
+    done = subprocess.run(["git", "hash-object", str(path)], capture_output=True, text=True, check=True)
+    assert git_object_id(path) == done.stdout.strip()
+
+
+def test_brca_downloads_from_the_same_source_and_is_checked_the_same_way(tmp_path, cache, monkeypatch):
     monkeypatch.delenv("MMFUSION_BRCA", raising=False)
-    with pytest.raises(DataError, match=r"brca is read from a local folder only: pass path= or set \$MMFUSION_BRCA"):
-        mogonet_folder("brca")
+    (tmp_path / "served" / "BRCA").mkdir(parents=True)
+    for name in CHECKSUMS["brca"]:
+        (tmp_path / "served" / "BRCA" / name).write_text("0\n")
+    server = Server(str(tmp_path / "served"))
+    try:
+        with pytest.raises(DataError, match=r"brca: http://127.0.0.1:\d+/BRCA/1_tr.csv has git object id "
+                                            r"[0-9a-f]{40}, not the pinned f9592a73980e"):
+            mogonet_folder("brca", source=server.url)
+    finally:
+        server.close()
+    assert server.requests == ["/BRCA/1_tr.csv"]
+    assert os.listdir(tmp_path / "keras" / "datasets" / "mmfusion_brca") == []
 
 
 def test_the_tfds_builder_reads_the_same_source(tmp_path, monkeypatch):
