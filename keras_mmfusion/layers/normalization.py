@@ -58,8 +58,13 @@ class ExactGroupNormalization(keras.layers.GroupNormalization):
         channels = inputs.shape[-1]
         dtype = "float64" if keras.backend.standardize_dtype(inputs.dtype) == "float64" else "float32"
         x = ops.cast(inputs, dtype)
-        grouped = ops.reshape(x, (ops.shape(x)[0], -1, self.groups, channels // self.groups))
-        axes = (1, 3)
+        if self.groups == 1:
+            # One group: the moments over every non-batch axis, with no reshape (a
+            # DEQ update holds several of these inside its solver loop, so the ops
+            # saved are saved at every iteration of an exported model).
+            grouped, axes = x, tuple(range(1, len(x.shape)))
+        else:
+            grouped, axes = ops.reshape(x, (ops.shape(x)[0], -1, self.groups, channels // self.groups)), (1, 3)
         mean = ops.mean(grouped, axis=axes, keepdims=True)
         centered = grouped - mean
         variance = ops.mean(ops.square(centered), axis=axes, keepdims=True)
@@ -67,7 +72,7 @@ class ExactGroupNormalization(keras.layers.GroupNormalization):
         # would scale the group to zero and pass for a normalised output; NaN says
         # that it could not be computed.
         inv = ops.where(ops.isfinite(variance), ops.rsqrt(variance + self.epsilon), float("nan"))
-        normalized = ops.reshape(centered * inv, ops.shape(x))
+        normalized = centered * inv if self.groups == 1 else ops.reshape(centered * inv, ops.shape(x))
         if self.scale:
             normalized = normalized * ops.cast(self.gamma, dtype)
         if self.center:

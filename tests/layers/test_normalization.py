@@ -6,13 +6,13 @@ import keras
 from keras_mmfusion.layers.normalization import ExactGroupNormalization
 
 
-def pair(groups=2, width=8, dtype="float64"):
+def pair(groups=2, width=8, dtype="float64", rank=2):
     """An ExactGroupNormalization and a Keras GroupNormalization with equal, non-trivial weights."""
     rng = np.random.default_rng(0)
     exact = ExactGroupNormalization(groups=groups, dtype=dtype)
     reference = keras.layers.GroupNormalization(groups=groups, dtype=dtype)
     for layer in (exact, reference):
-        layer.build((None, width))
+        layer.build((None,) * (rank - 1) + (width,))
     gamma, beta = rng.normal(size=width) + 1.0, rng.normal(size=width)
     for layer in (exact, reference):
         layer.gamma.assign(gamma)
@@ -20,10 +20,12 @@ def pair(groups=2, width=8, dtype="float64"):
     return exact, reference
 
 
-def test_value_and_first_derivatives_equal_keras_group_normalization():
-    exact, reference = pair()
-    x = tf.constant(np.random.default_rng(1).normal(size=(5, 8)) * 3.0 + 1.0)
-    weights = tf.constant(np.random.default_rng(2).normal(size=(5, 8)))
+@pytest.mark.parametrize("groups, shape", [(2, (5, 8)), (1, (5, 8)), (2, (5, 3, 8)), (1, (5, 3, 8))])
+def test_value_and_first_derivatives_equal_keras_group_normalization(groups, shape):
+    # One group takes a path of its own, without reshapes.
+    exact, reference = pair(groups, rank=len(shape))
+    x = tf.constant(np.random.default_rng(1).normal(size=shape) * 3.0 + 1.0)
+    weights = tf.constant(np.random.default_rng(2).normal(size=shape))
     grads = []
     for layer in (exact, reference):
         with tf.GradientTape() as tape:
@@ -51,8 +53,9 @@ def penalty_derivative(layer, x, mixing, direction, probe):
     return float(value), float(tf.reduce_sum(outer.gradient(value, x) * direction))
 
 
-def test_second_derivatives_match_finite_differences_where_keras_does_not():
-    exact, reference = pair()
+@pytest.mark.parametrize("groups", [2, 1])
+def test_second_derivatives_match_finite_differences_where_keras_does_not(groups):
+    exact, reference = pair(groups)
     rng = np.random.default_rng(3)
     x, direction, probe = (tf.constant(rng.normal(size=(4, 8))) for _ in range(3))
     mixing = tf.constant(rng.normal(size=(8, 8)))
