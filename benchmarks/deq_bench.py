@@ -45,6 +45,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 from timing import machine as describe_machine, median_ratio, median_seconds, training_step_peak_mib  # noqa: E402
+import report  # noqa: E402
 
 WIDTH, MODALITIES, BATCH = 256, 3, 256
 # The solver measurements use a model trained on TRAIN_BATCHES batches of BATCH samples.
@@ -407,6 +408,7 @@ def measure_xla(repeats):
 
 def main():
     parser = argparse.ArgumentParser(description="DEQ fusion benchmark.")
+    report.add_option(parser)
     parser.add_argument("--out", default="benchmarks/results/deq_bench.json")
     parser.add_argument("--quick", action="store_true", help="fewer repeats and training epochs")
     parser.add_argument("--jacobian-weight", type=float, default=0.1,
@@ -508,4 +510,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    report.run(main, "deq_bench")

@@ -39,6 +39,7 @@ import keras_mmfusion as mmf  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import machine, rosmap_available  # noqa: E402
+import report  # noqa: E402
 
 DEQ_KEYS = ("deq_steps", "deq_residual", "deq_converged")
 
@@ -189,6 +190,7 @@ def plot(results, path):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    report.add_option(parser)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--epochs", type=int, default=40)
     parser.add_argument("--rosmap-epochs", type=int, default=100)
@@ -230,4 +232,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    report.run(main, "deq_trainability")

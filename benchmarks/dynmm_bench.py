@@ -38,6 +38,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from timing import machine as describe_machine, median_ratio, median_seconds  # noqa: E402
+import report  # noqa: E402
 
 
 def median_ms(fn, repeats=50, warmup=5):
@@ -78,6 +79,7 @@ def serving_function(model, widths):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    report.add_option(parser)
     parser.add_argument("--expensive", choices=["mlp", "deq"], default="mlp")
     parser.add_argument("--cost-weights", type=float, nargs="+", default=[0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 1.0, 2.0])
     parser.add_argument("--max-val-drop", type=float, default=0.5,
@@ -187,4 +189,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    report.run(main, "dynmm_bench")

@@ -37,6 +37,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 import numpy as np  # noqa: E402
 
 from timing import machine as describe_machine, median_seconds, rosmap_available  # noqa: E402
+import report  # noqa: E402
 
 FORMATS = ("saved_model", "tflite float32", "tflite float16", "tflite dynamic", "tflite int8", "onnx")
 
@@ -205,6 +206,7 @@ def print_table(name, data, rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    report.add_option(parser)
     parser.add_argument("--models", nargs="+", default=["deq", "concat", "dynmm"], choices=["deq", "concat", "dynmm"])
     parser.add_argument("--repeats", type=int, default=200)
     parser.add_argument("--quick", action="store_true", help="short training and few repeats (a smoke run)")
@@ -228,4 +230,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    report.run(main, "export_bench")

@@ -27,6 +27,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 from timing import machine as describe_machine, rosmap_available  # noqa: E402
+import report  # noqa: E402
 
 FUSIONS = ["concat", "sum", "gated", "tensor", "lowrank", "dmf", "deq"]
 LOSS_LEVEL = 0.3
@@ -128,6 +129,7 @@ def summarise(rows):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    report.add_option(parser)
     parser.add_argument("--datasets", nargs="+", default=["synthetic", "rosmap"], choices=["synthetic", "rosmap"])
     parser.add_argument("--fusions", nargs="+", default=FUSIONS, choices=FUSIONS)
     parser.add_argument("--seeds", type=int, default=5, help="seeds per dataset (ROSMAP)")
@@ -187,4 +189,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    report.run(main, "fusion_zoo")

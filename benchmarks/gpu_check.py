@@ -35,6 +35,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 import numpy as np  # noqa: E402
 
 from timing import machine as describe_machine  # noqa: E402
+import report  # noqa: E402
 
 HOST_TRANSFER = re.compile(r"\b(send|recv|send-done|recv-done|outfeed|infeed)\(|custom_call_target=\"[^\"]*[Hh]ost")
 
@@ -132,6 +133,7 @@ def check_mixed_precision(x, y, batch):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    report.add_option(parser)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--models", nargs="+", default=["deq", "dynmm", "dmf"])
@@ -180,4 +182,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    report.run(main, "gpu_check")

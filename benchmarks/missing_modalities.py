@@ -35,6 +35,7 @@ from keras_mmfusion.training import RECIPE, Settings, classification_metrics, lo
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import machine, rosmap_available  # noqa: E402
+import report  # noqa: E402
 
 VIEWS = ("mRNA", "meth", "miRNA")  # MOGONET's files 1, 2 and 3, in the loader's order
 
@@ -63,6 +64,7 @@ def evaluate_missing(model, test, missing):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    report.add_option(parser)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--methods", nargs="+", default=["deq", "concat", "dmf"])
     parser.add_argument("--rates", nargs="+", type=float, default=[0.0, 0.3],
@@ -150,4 +152,4 @@ def plot(summary, methods, rates, path):
 
 
 if __name__ == "__main__":
-    main()
+    report.run(main, "missing_modalities")

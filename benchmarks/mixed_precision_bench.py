@@ -31,6 +31,7 @@ import warnings
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 from timing import machine, median_seconds, training_step_peak_mib  # noqa: E402
+import report  # noqa: E402
 
 POLICIES = ("float32", "mixed_float16", "mixed_bfloat16")
 
@@ -74,6 +75,7 @@ def measure(policy, width, batch, repeats, jit):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    report.add_option(parser)
     parser.add_argument("--width", type=int, default=128)
     parser.add_argument("--batch", type=int, default=256)
     parser.add_argument("--repeats", type=int, default=10)
@@ -111,4 +113,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    report.run(main, "mixed_precision_bench")

@@ -2,6 +2,7 @@
 the package's solvers, the trainability benchmark's count of update evaluations, and the
 GPU check's reading of the XLA program, run here on the CPU."""
 
+import argparse
 import functools
 import os
 import sys
@@ -19,6 +20,7 @@ try:
     from deq_trainability import update_evaluations_per_training_step
     import gpu_check
     from missing_modalities import evaluate_missing, missing_patterns
+    import report
 finally:
     sys.path.remove(BENCHMARKS)
 
@@ -119,3 +121,53 @@ def test_missing_modality_benchmark_feeds_nan_views_masked_out():
 
     with pytest.raises(RuntimeError, match=r"non-finite probabilities with views \(1,\) missing"):
         evaluate_missing(NaNModel(), (x, y), (1,))
+
+
+def results_file(tmp_path):
+    path = tmp_path / "RESULTS.md"
+    path.write_text("# Results\n\nabove\n<!-- begin toy -->\nold figures\n<!-- end toy -->\nbelow\n"
+                    "<!-- begin other -->\nkept\n<!-- end other -->\n")
+    return path
+
+
+def toy_main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--n", type=int, default=1)
+    report.add_option(parser)
+    args = parser.parse_args()
+    print(f"metric  {args.n * 0.5:.3f}")
+
+
+def test_a_recorded_run_replaces_its_section_with_command_commit_machine_and_output(tmp_path, monkeypatch, capsys):
+    path = results_file(tmp_path)
+    monkeypatch.setattr(sys, "argv", ["benchmarks/toy.py", "--n", "3", "--record", str(path)])
+    report.run(toy_main, "toy")
+    text = path.read_text()
+    assert "old figures" not in text and text.startswith("# Results\n\nabove\n<!-- begin toy -->\n`python ")
+    section = text.split("<!-- begin toy -->\n")[1].split("<!-- end toy -->")[0]
+    assert "toy.py --n 3` at commit " in section and "--record" not in section
+    assert "CPU cores" in section and "load average" in section
+    assert section.endswith("```\nmetric  1.500\n```\n")
+    assert text.endswith("<!-- end toy -->\nbelow\n<!-- begin other -->\nkept\n<!-- end other -->\n")
+    assert "metric  1.500" in capsys.readouterr().out  # still printed
+
+
+def test_a_run_without_record_leaves_results_alone_and_missing_markers_are_refused(tmp_path, monkeypatch):
+    path = results_file(tmp_path)
+    before = path.read_text()
+    monkeypatch.setattr(sys, "argv", ["benchmarks/toy.py", "--n", "3"])
+    report.run(toy_main, "toy")
+    assert path.read_text() == before
+    monkeypatch.setattr(sys, "argv", ["benchmarks/toy.py", "--record", str(path)])
+    with pytest.raises(ValueError, match=r"needs exactly one '<!-- begin absent -->' followed by one"):
+        report.run(toy_main, "absent")
+    assert path.read_text() == before
+
+
+def test_every_benchmark_has_a_section_to_record_into():
+    scripts = [name[:-3] for name in os.listdir(BENCHMARKS)
+               if name.endswith(".py") and "report.run(main" in open(os.path.join(BENCHMARKS, name)).read()]
+    results = open(os.path.join(BENCHMARKS, "RESULTS.md")).read()
+    assert len(scripts) == 8
+    for name in scripts:
+        assert results.count(f"<!-- begin {name} -->") == 1 and results.count(f"<!-- end {name} -->") == 1, name
