@@ -119,6 +119,9 @@ def build_parser():
                         help="also return each DEQ layer's solver steps, trace, residuals and converged flags")
     export.add_argument("--out", default=None, help="output path (default: next to the model)")
     export.add_argument("--allow-flex", action="store_true", help="TFLite: allow TF (Flex) ops")
+    export.add_argument("--strip-names", action="store_true",
+                        help="TFLite: clear the intermediate tensors' names for a smaller file (inputs, outputs "
+                             "and the signature keep theirs)")
     export.add_argument("--overwrite", action="store_true", help="replace an existing output file or directory")
 
     bench = sub.add_parser("bench", help="run a benchmark script from the source checkout's benchmarks/")
@@ -363,6 +366,8 @@ def cmd_export(args):
     model = _load_model(args.model)
     if args.quantize and args.format != "tflite":
         raise CommandError("--quantize applies to --format tflite only")
+    if args.strip_names and args.format != "tflite":
+        raise CommandError("--strip-names applies to --format tflite only")
     data, header = _data_of(args)
     if not data:
         raise CommandError("pass --data: the data to verify the export on (no metrics.json with a data source "
@@ -383,7 +388,8 @@ def cmd_export(args):
             representative = ([a[i : i + 1] for a in x] for i in range(min(300, len(x[0]))))
         suffix = f"_{args.quantize}" if args.quantize else ""
         out = export.to_tflite(model, args.out or f"{stem}{suffix}.tflite", quantize=args.quantize,
-                               representative_data=representative, builtins_only=not args.allow_flex, **options)
+                               representative_data=representative, builtins_only=not args.allow_flex,
+                               strip_names=args.strip_names, **options)
         report = export.tflite_report(out)
         print(f"ops: {', '.join(report['ops'])}")
         print(f"size: {report['size_bytes']} bytes")

@@ -256,7 +256,7 @@ def _quantize_int8(model, float_path, saved_model_dir, representative_data, out_
 
 
 def to_tflite(model, path, quantize=None, representative_data=None, builtins_only=True, diagnostics=False,
-              overwrite=False):
+              overwrite=False, strip_names=False):
     """Convert ``model`` to a ``.tflite`` file.
 
     Args:
@@ -277,6 +277,10 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
         diagnostics: also return the solver's diagnostics (see :func:`serving_function`).
         overwrite: replace an existing ``path``; otherwise it is refused before any
             conversion work.
+        strip_names: clear the names of the intermediate tensors. The inputs, outputs
+            and serving signature keep theirs, and the file computes the same thing;
+            it is smaller (a DEQ model's solver loop has hundreds of named tensors),
+            and model viewers show no intermediate names.
 
     Returns:
         ``path``. :func:`tflite_report` gives the op list and file size.
@@ -314,8 +318,31 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
                 raise ExportError(f"{quantize} quantisation of model '{model.name}' failed: {error}") from error
             with open(written, "wb") as f:
                 f.write(flatbuffer)
+        if strip_names:
+            with open(written, "rb") as f:
+                flatbuffer = _without_tensor_names(f.read())
+            with open(written, "wb") as f:
+                f.write(flatbuffer)
         _replace(written, path)
     return path
+
+
+def _without_tensor_names(flatbuffer):
+    """A ``.tflite`` flatbuffer whose tensors, but the subgraphs' inputs and outputs, have
+    no names. Signatures refer to tensors by index, so they are unaffected."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    for subgraph in model.subgraphs:
+        kept = set(subgraph.inputs if subgraph.inputs is not None else []) | set(
+            subgraph.outputs if subgraph.outputs is not None else [])
+        for index, tensor in enumerate(subgraph.tensors or []):
+            if index not in kept:
+                tensor.name = None
+    builder = flatbuffers.Builder(len(flatbuffer))
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
 
 
 def tflite_report(path):

@@ -133,3 +133,28 @@ def test_export_readme_snippets_run_as_written(trained_deq, tmp_path, monkeypatc
     fed = [xs[0][:1], np.full_like(xs[1][:1], np.nan), xs[2][:1], np.array([[True, False, True]])]
     assert np.all(np.isfinite(namespace["masked_probabilities"]))
     np.testing.assert_allclose(namespace["masked_probabilities"], masked_model.predict(fed, verbose=0), atol=1e-5)
+
+
+def test_stripped_names_leave_the_computation_and_signature_unchanged(trained_deq, deq_held_out, tmp_path):
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = trained_deq[0]["anderson"]
+    xs = [a[:16] for a in deq_held_out[0]]
+    representative = ([a[i : i + 1] for a in deq_held_out[0]] for i in range(100, 164))
+    named = export.to_tflite(model, tmp_path / "named.tflite", quantize="int8", diagnostics=True,
+                             representative_data=representative)
+    representative = ([a[i : i + 1] for a in deq_held_out[0]] for i in range(100, 164))
+    stripped = export.to_tflite(model, tmp_path / "stripped.tflite", quantize="int8", diagnostics=True,
+                                representative_data=representative, strip_names=True)
+    feeds = dict(zip(export.input_names(model), xs))
+    expected, got = export.run_export(named, feeds), export.run_export(stripped, feeds)
+    assert sorted(got) == sorted(expected) and "deq_fusion_steps" in got
+    for key in expected:
+        np.testing.assert_array_equal(got[key], expected[key], err_msg=key)
+    assert export.tflite_report(stripped)["size_bytes"] < 0.85 * export.tflite_report(named)["size_bytes"]
+    with open(stripped, "rb") as f:
+        flat = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
+    for graph in flat.subgraphs:
+        ends = set(graph.inputs) | set(graph.outputs)
+        assert all(not t.name for i, t in enumerate(graph.tensors) if i not in ends)
+    assert len(flat.subgraphs) == 3  # the main graph and the solver loop's condition and body
