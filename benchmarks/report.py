@@ -49,7 +49,9 @@ def run(main, name, argv=None):
     in section ``name``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     _target.clear()
-    load = os.getloadavg()[0]
+    command = " ".join(["python", os.path.relpath(sys.argv[0])] + _without_record(argv))
+    # The commit and the load are read before the run, which can take hours.
+    description = describe_run(command, os.getloadavg()[0])
     tee = _Tee(sys.stdout)
     sys.stdout = tee
     try:
@@ -57,8 +59,7 @@ def run(main, name, argv=None):
     finally:
         sys.stdout = tee.stream
     if _target:
-        command = " ".join(["python", os.path.relpath(sys.argv[0])] + _without_record(argv))
-        write_section(_target[0], name, describe_run(command, load) + "\n\n```\n" + tee.copy.getvalue().rstrip() + "\n```")
+        write_section(_target[0], name, description + "\n\n```\n" + tee.copy.getvalue().rstrip() + "\n```")
         print(f"recorded in {_target[0]} (section {name})")
 
 

@@ -152,6 +152,16 @@ def test_a_recorded_run_replaces_its_section_with_command_commit_machine_and_out
     assert "metric  1.500" in capsys.readouterr().out  # still printed
 
 
+def test_the_commit_and_load_are_read_before_the_run(tmp_path, monkeypatch):
+    path = results_file(tmp_path)
+    order = []
+    monkeypatch.setattr(report, "describe_run", lambda command, load: order.append("described") or "header")
+    monkeypatch.setattr(sys, "argv", ["benchmarks/toy.py", "--record", str(path)])
+    report.run(lambda: order.append("ran") or toy_main(), "toy")
+    assert order == ["described", "ran"]
+    assert "<!-- begin toy -->\nheader\n\n```\nmetric  0.500\n```\n<!-- end toy -->" in path.read_text()
+
+
 def test_a_run_without_record_leaves_results_alone_and_missing_markers_are_refused(tmp_path, monkeypatch):
     path = results_file(tmp_path)
     before = path.read_text()
