@@ -4,7 +4,8 @@
                                       [--out benchmarks/results/export_bench.json]
 
 Three models, each exported to SavedModel, TFLite (float32, float16, dynamic-range,
-int8) and ONNX, all with the solver diagnostics (``diagnostics=True``):
+int8, and int8 with ``strip_names=True``) and ONNX, all with the solver diagnostics
+(``diagnostics=True``):
 
 - ``deq``: the DEQ classifier (layer defaults) trained on ROSMAP with the validation
   protocol of ``keras_mmfusion.training`` (synthetic data when ROSMAP is absent);
@@ -39,7 +40,8 @@ import numpy as np  # noqa: E402
 from timing import machine as describe_machine, median_seconds, rosmap_available  # noqa: E402
 import report  # noqa: E402
 
-FORMATS = ("saved_model", "tflite float32", "tflite float16", "tflite dynamic", "tflite int8", "onnx")
+FORMATS = ("saved_model", "tflite float32", "tflite float16", "tflite dynamic", "tflite int8",
+           "tflite int8 stripped", "onnx")
 
 
 def folder_size(path):
@@ -143,7 +145,8 @@ def measure(model, train, test, repeats, tmp):
             else:
                 quantize = fmt.split()[1]
                 paths[fmt] = export.to_tflite(model, target + ".tflite", quantize=None if quantize == "float32" else quantize,
-                                              representative_data=representative, diagnostics=True)
+                                              representative_data=representative, diagnostics=True,
+                                              strip_names=fmt.endswith("stripped"))
         except export.ExportError as error:
             rows[fmt] = {"error": str(error).splitlines()[0]}
     for fmt, path in paths.items():
