@@ -328,12 +328,19 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
 
 
 def _without_tensor_names(flatbuffer):
-    """A ``.tflite`` flatbuffer whose tensors, but the subgraphs' inputs and outputs, have
-    no names. Signatures refer to tensors by index, so they are unaffected."""
+    """A ``.tflite`` file whose tensors, but the subgraphs' inputs and outputs, have no
+    names. Signatures refer to tensors by index, so they are unaffected."""
     import flatbuffers
+    import numpy as np
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    for buffer in model.buffers or []:
+        # Large files keep weights after the flatbuffer, addressed by offset and size;
+        # the repacked flatbuffer holds them inline.
+        if buffer.offset > 1:
+            buffer.data = np.frombuffer(flatbuffer, np.uint8, count=buffer.size, offset=buffer.offset)
+            buffer.offset = buffer.size = 0
     for subgraph in model.subgraphs:
         kept = set(subgraph.inputs if subgraph.inputs is not None else []) | set(
             subgraph.outputs if subgraph.outputs is not None else [])

@@ -296,3 +296,42 @@ def test_existing_outputs_are_refused_or_replaced_whole(trained, tmp_path, monke
     for path in (export.to_tflite(model, tflite, overwrite=True), export.to_onnx(model, onnx_path, overwrite=True),
                  version):
         assert export.verify_export(model, path, x)["probabilities"]["max_abs"] <= 1e-4
+
+
+def stored_after_the_flatbuffer(flatbuffer):
+    """The same model with its largest weight buffer stored after the flatbuffer and
+    addressed by offset and size, the layout converters use for large models."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(flatbuffer, 0))
+    index = max(range(len(model.buffers)), key=lambda i: 0 if model.buffers[i].data is None else len(model.buffers[i].data))
+    data = bytes(model.buffers[index].data)
+    model.buffers[index].data, model.buffers[index].size = None, len(data)
+
+    def packed(offset):
+        model.buffers[index].offset = offset
+        builder = flatbuffers.Builder(len(flatbuffer))
+        builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+        return bytes(builder.Output())
+
+    start = (len(packed(1 << 40)) + 15) // 16 * 16
+    head = packed(start)
+    return head + b"\0" * (start - len(head)) + data
+
+
+def test_stripping_names_keeps_weights_stored_after_the_flatbuffer(trained, tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
+    model, _, test = trained[0]["concat"], trained[1], trained[2]
+    path = export.to_tflite(model, tmp_path / "concat.tflite")
+    with open(path, "rb") as f:
+        external = stored_after_the_flatbuffer(f.read())
+    feeds = dict(zip(export.input_names(model), [a[:16] for a in test[0]]))
+
+    def run(content):
+        return Interpreter(model_content=content).get_signature_runner("serving_default")(**feeds)["probabilities"]
+
+    expected = model.predict([a[:16] for a in test[0]], verbose=0)
+    np.testing.assert_allclose(run(external), expected, atol=1e-5)
+    np.testing.assert_array_equal(run(export._without_tensor_names(external)), run(external))
