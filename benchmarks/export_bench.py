@@ -218,8 +218,10 @@ def main():
     repeats = 20 if args.quick else args.repeats
 
     results = {}
-    for name, (model, train, test, data) in train_models(args.models, args.quick).items():
-        with tempfile.TemporaryDirectory() as tmp:
+    with report.unrecorded():  # training logs and the quantizer's messages
+        trained = train_models(args.models, args.quick)
+    for name, (model, train, test, data) in trained.items():
+        with tempfile.TemporaryDirectory() as tmp, report.unrecorded():
             rows = measure(model, train, test, repeats, tmp)
         results[name] = {"data": data, "rows": rows}
         print_table(name, data, rows)

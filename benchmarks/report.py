@@ -8,6 +8,7 @@ scripts, never from an editor; the text around the markers says what they show.
 """
 
 import argparse
+import contextlib
 import datetime
 import io
 import os
@@ -42,6 +43,12 @@ class _Tee(io.TextIOBase):
 
     def flush(self):
         self.stream.flush()
+
+
+def unrecorded():
+    """A context in which printed text goes to stderr: for training logs and libraries'
+    messages, which are not part of a benchmark's results."""
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def run(main, name, argv=None):

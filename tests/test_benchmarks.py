@@ -181,3 +181,17 @@ def test_every_benchmark_has_a_section_to_record_into():
     assert len(scripts) == 9
     for name in scripts:
         assert results.count(f"<!-- begin {name} -->") == 1 and results.count(f"<!-- end {name} -->") == 1, name
+
+
+def test_unrecorded_output_reaches_stderr_but_not_the_section(tmp_path, monkeypatch, capsys):
+    path = results_file(tmp_path)
+
+    def chatty_main():
+        with report.unrecorded():
+            print("Epoch 1/30 - loss: 0.5")
+        toy_main()
+
+    monkeypatch.setattr(sys, "argv", ["benchmarks/toy.py", "--record", str(path)])
+    report.run(chatty_main, "toy")
+    assert "Epoch 1/30" not in path.read_text() and "metric  0.500" in path.read_text()
+    assert "Epoch 1/30 - loss: 0.5" in capsys.readouterr().err
