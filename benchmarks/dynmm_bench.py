@@ -98,7 +98,8 @@ def main():
     keras.utils.set_random_seed(0)
     epochs = 10 if args.quick else 30
     train, val, test = recipe.make_data(0)
-    cheap, expensive, inputs = recipe.pretrain_experts(train, val, args.expensive, epochs)
+    with report.unrecorded():  # the recipe's training logs
+        cheap, expensive, inputs = recipe.pretrain_experts(train, val, args.expensive, epochs)
     expensive_model = recipe.classifier(expensive, inputs)
     expensive_macs = count_macs(expensive, [recipe.WIDTH] * recipe.MODALITIES,
                                 loop_trips=15 if args.expensive == "deq" else 1)
@@ -117,7 +118,8 @@ def main():
     rows = {}
     for weight in weights:
         print(f"stage 2: cost_weight={weight}", flush=True)
-        model, layer = recipe.train_gate(cheap, expensive, inputs, train, val, weight, epochs)
+        with report.unrecorded():
+            model, layer = recipe.train_gate(cheap, expensive, inputs, train, val, weight, epochs)
         val_accuracy = float(np.mean(model.predict(val[0], batch_size=256, verbose=0).argmax(-1) == val[1]))
         probabilities, route = recipe.predict_with_routing(model, layer, test[0])
         routed_fn = serving_function(model, widths)
