@@ -51,14 +51,16 @@ def unrecorded():
     return contextlib.redirect_stdout(sys.stderr)
 
 
-def run(main, name, argv=None):
+def run(main, name):
     """Run a benchmark's ``main()`` and, when ``--record`` was given, record its output
     in section ``name``."""
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:]
     _target.clear()
-    command = " ".join(["python", os.path.relpath(sys.argv[0])] + _without_record(argv))
-    # The commit and the load are read before the run, which can take hours.
-    description = describe_run(command, os.getloadavg()[0])
+    description = None
+    if any(arg == "--record" or arg.startswith("--record=") for arg in argv):
+        # The commit and the load are read before the run, which can take hours.
+        command = " ".join(["python", os.path.relpath(sys.argv[0])] + _without_record(argv))
+        description = describe_run(command, os.getloadavg()[0])
     tee = _Tee(sys.stdout)
     sys.stdout = tee
     try:
@@ -71,18 +73,15 @@ def run(main, name, argv=None):
 
 
 def _without_record(argv):
-    kept, skip = [], False
+    """``argv`` without ``--record`` and its optional path."""
+    kept, after_record = [], False
     for arg in argv:
-        if skip:
-            skip = False
-            if not arg.startswith("-"):
-                continue
-        if arg == "--record":
-            skip = True
+        if after_record and not arg.startswith("-"):
+            after_record = False
             continue
-        if arg.startswith("--record="):
-            continue
-        kept.append(arg)
+        after_record = arg == "--record"
+        if not after_record and not arg.startswith("--record="):
+            kept.append(arg)
     return kept
 
 
