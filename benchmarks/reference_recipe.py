@@ -7,19 +7,21 @@ min-max scaled views, width 300, dropout 0.5, full-batch Adam at 1e-4 with weigh
 epochs, and DEQ fusion with 4 GroupNorm groups, Jacobian weight 20, the absolute residual
 and 30 solver steps. The test split is scored once, after the last epoch.
 
-Three details of that code decide whether the recipe works, and this script keeps them:
+The recipe is ``keras_mmfusion.training.REFERENCE_RECIPE``, which keeps three details
+of that code that decide whether it works:
 
 - Its loss multiplies the running total by 1.5 once per view, so it is 3.375 cross-entropy
   + 2.25, 1.5 and 1 times the sparsity and confidence losses of views 1, 2 and 3 + 20
   times the Jacobian penalty. Adam's steps do not depend on the loss's scale, so the
-  script divides every weight by 3.375 (sparsity and confidence weights 0.469, their mean;
-  Jacobian weight 5.93) and does the same to the clipping norm and the weight decay.
+  recipe divides every weight by 3.375 (sparsity and confidence weights 0.469, their
+  mean; Jacobian weight 5.93), and does the same to the clipping norm and the weight decay.
 - PyTorch's Adam adds ``weight_decay * w`` to every gradient (an L2 penalty on every
   weight, GroupNorm scales included), unlike Keras's decoupled ``weight_decay``; the
-  script gives every trainable variable an L2 regularizer instead. On seed 0 the model
-  without it ended at 57.5% test accuracy (AUC 89.1), with it at 82.1% (AUC 89.4).
+  recipe gives every trainable variable an L2 penalty instead
+  (``keras_mmfusion.training.fitting.add_weight_decay``). On seed 0 the model without
+  it ended at 57.5% test accuracy (AUC 89.1), with it at 82.1% (AUC 89.4).
 - The update's Dense kernels start as PyTorch's ``Linear`` layers do,
-  uniform in ±1/sqrt(fan_in).
+  uniform in +-1/sqrt(fan_in).
 
     MMFUSION_ROSMAP=/path/to/rosmap python benchmarks/reference_recipe.py [--seeds 3]
 
@@ -37,48 +39,28 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import keras  # noqa: E402
-import numpy as np  # noqa: E402
 
-from keras_mmfusion.models import build_reference_classifier  # noqa: E402
-from keras_mmfusion.training import classification_metrics, load_splits, summarise  # noqa: E402
+from keras_mmfusion.training import (  # noqa: E402
+    REFERENCE_RECIPE, build_model, classification_metrics, fit_classifier, load_splits, summarise,
+)
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import machine, rosmap_available  # noqa: E402
 import report  # noqa: E402
 
-LOSS_SCALE = 1.5**3  # the official loss's cross-entropy weight, for 3 views
-VIEW_WEIGHTS = (1.5**2, 1.5, 1.0)  # its sparsity and confidence weights, views 1 to 3
-
-
-def min_max_scaled(train, test):
-    """Each feature scaled by the training split's minimum and range, as the official code does."""
-    low = [x.min(axis=0, keepdims=True) for x in train]
-    span = [x.max(axis=0, keepdims=True) - m + 1e-10 for x, m in zip(train, low)]
-    scale = lambda views: [(x - m) / s for x, m, s in zip(views, low, span)]  # noqa: E731
-    return scale(train), scale(test)
-
-
-def train_once(splits, seed, epochs, weight_decay=1e-4, jacobian_weight=20.0, clip_norm=30.0):
-    """One model trained with the recipe; returns its test metrics and the training time."""
+def train_once(splits, seed, epochs):
+    """One model trained with the recipe on all training patients; its test metrics and training time."""
     keras.utils.set_random_seed(seed)
-    (x_train, y_train), (x_test, y_test) = splits.train, splits.test
-    x_train, x_test = min_max_scaled(x_train, x_test)
-    auxiliary = float(np.mean(VIEW_WEIGHTS)) / LOSS_SCALE
-    fusion = dict(jacobian_weight=jacobian_weight / LOSS_SCALE, num_groups=4, stop_mode="abs", max_iter=30, tol=1e-3,
-                  kernel_initializer=keras.initializers.VarianceScaling(1 / 3, "fan_in", "uniform"))
-    model = build_reference_classifier(splits.widths, splits.num_classes, units=300, dropout=0.5,
-                                       gate_weight=auxiliary, confidence_weight=auxiliary, fusion_options=fusion)
-    for variable in model.trainable_weights:
-        # PyTorch's Adam weight decay: gradient + weight_decay * w on the official loss's scale.
-        variable.regularizer = keras.regularizers.L2(weight_decay / LOSS_SCALE / 2)
-    rate = keras.optimizers.schedules.PiecewiseConstantDecay([500], [1e-4, 2e-5])
-    model.compile(keras.optimizers.Adam(rate, global_clipnorm=clip_norm / LOSS_SCALE),
-                  "sparse_categorical_crossentropy")
+    settings = REFERENCE_RECIPE
+    # Min-max scaled with all training patients, as the official code scales the views.
+    model = build_model("reference", splits, settings)
     started = time.time()
-    model.fit(x_train, y_train, batch_size=len(y_train), epochs=epochs, shuffle=False, verbose=0)
+    fit_classifier(model, splits.train, epochs, batch_size=len(splits.train[1]), lr=settings.lr,
+                   weight_decay=settings.weight_decay, clipnorm=settings.clipnorm,
+                   lr_decay_every=settings.lr_decay_every, lr_decay_factor=settings.lr_decay_factor)
     seconds = time.time() - started
-    probabilities = model.predict(x_test, batch_size=256, verbose=0)
-    return classification_metrics(y_test, probabilities), seconds
+    probabilities = model.predict(splits.test[0], batch_size=256, verbose=0)
+    return classification_metrics(splits.test[1], probabilities), seconds
 
 
 def main():

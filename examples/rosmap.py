@@ -27,7 +27,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
 import numpy as np  # noqa: E402
 
-from keras_mmfusion.training import RECIPE, Settings, load_splits, run_trial, select_views, summarise  # noqa: E402
+from keras_mmfusion.training import (  # noqa: E402
+    RECIPE, REFERENCE_RECIPE, Settings, load_splits, run_trial, select_views, summarise,
+)
 
 PUBLISHED = {"MOGONET (published)": {"accuracy": 0.815, "f1_binary": 0.821, "auc": 0.874}}
 # Chosen on the validation splits of the 5 seeds (mean validation loss at the kept epoch),
@@ -44,7 +46,9 @@ SETTINGS = RECIPE
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
-    parser.add_argument("--epochs", type=int, default=SETTINGS.epochs)
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"the most epochs (default: {SETTINGS.epochs}; the reference classifier "
+                             f"{REFERENCE_RECIPE.epochs})")
     parser.add_argument("--refit", action="store_true",
                         help="retrain on the whole training split for the epochs chosen on validation")
     parser.add_argument("--methods", nargs="+", choices=["deq", "reference", "dmf", "concat", "single"],
@@ -52,18 +56,22 @@ def main():
                         help="methods to run ('single': the best single view); default: all")
     parser.add_argument("--out", default="runs/rosmap")
     args = parser.parse_args()
-    settings = Settings(**{**vars(SETTINGS), "epochs": args.epochs, "refit": args.refit})
+    def settings_of(name):
+        recipe = REFERENCE_RECIPE if name == "reference" else SETTINGS
+        return Settings(**{**vars(recipe), "epochs": args.epochs or recipe.epochs, "refit": args.refit})
+
     splits = load_splits("rosmap")
     seeds = list(range(args.seeds))
     results = {}
     for name in [m for m in args.methods if m != "single"]:
-        runs = [run_trial(splits, name, seed, settings)[2] for seed in seeds]
+        runs = [run_trial(splits, name, seed, settings_of(name))[2] for seed in seeds]
         results[name] = {"runs": runs, "summary": summarise(runs)}
         print(f"{name}: accuracy {results[name]['summary']['accuracy'][0]:.3f}", flush=True)
     if "single" in args.methods:
         views = {}
         for view in range(len(splits.widths)):
-            runs = [run_trial(select_views(splits, [view]), "single", seed, settings)[2] for seed in seeds]
+            runs = [run_trial(select_views(splits, [view]), "single", seed, settings_of("single"))[2]
+                    for seed in seeds]
             views[view] = runs
         best = min(views, key=lambda v: np.mean([r["best_validation"] for r in views[v]]))
         results[f"single view {best + 1}"] = {"runs": views[best], "summary": summarise(views[best]),
@@ -81,7 +89,8 @@ def main():
         print(f"{name:<22} " + " ".join(f"{100 * values[k]:>7.1f}        " for k in ("accuracy", "f1_binary", "auc")))
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:
-        json.dump({"settings": vars(settings), "seeds": seeds, "results": results}, f, indent=2)
+        json.dump({"settings": {name: vars(settings_of(name)) for name in results}, "seeds": seeds,
+                   "results": results}, f, indent=2)
     print(f"wrote {args.out}/results.json")
 
 

@@ -5,6 +5,7 @@ every fusion method is compared inside the same encoder and head.
 """
 
 import keras
+import numpy as np
 
 from keras_mmfusion.layers import (
     ConcatFusion,
@@ -71,16 +72,23 @@ def make_fusion(name, units, num_modalities=None, **kwargs):
     return FUSIONS[name](units, name=f"{name}_fusion", **kwargs)
 
 
-def _modality_inputs(input_widths, input_names, standardize_with, mask=None):
+SCALINGS = ("standardize", "min_max")
+
+
+def _modality_inputs(input_widths, input_names, standardize_with, mask=None, scaling="standardize"):
     """The ``keras.Input`` of every modality, what non-finite checks read, and what
     each encoder reads.
 
     The checks read each input, or with ``mask`` the inputs through
     :class:`ZeroAbsent` (``zero_absent``), so that an absent modality's placeholder
     values reach nothing. The encoders read those, or with ``standardize_with`` (one
-    training array per modality) those through a ``keras.layers.Normalization``
-    (``standardize_<i>``) adapted on that array.
+    training array per modality) those through a ``keras.layers.Normalization`` made
+    from that array: ``standardize_<i>``, adapted to its per-feature mean and variance,
+    or with ``scaling="min_max"`` ``min_max_<i>``, which maps its per-feature minimum
+    to 0 and maximum to 1.
     """
+    if scaling not in SCALINGS:
+        raise ValueError(f"scaling must be one of {SCALINGS}, got {scaling!r}.")
     names = input_names or [f"modality_{i}" for i in range(len(input_widths))]
     inputs = [keras.Input((w,), name=n) for w, n in zip(input_widths, names)]
     # In float32 (the inputs' dtype) under any policy, so that the non-finite checks see the inputs as given.
@@ -92,8 +100,15 @@ def _modality_inputs(input_widths, input_names, standardize_with, mask=None):
                          f"({len(inputs)}).")
     features = []
     for i, x in enumerate(present):
-        norm = keras.layers.Normalization(axis=-1, name=f"standardize_{i}")
-        norm.adapt(standardize_with[i])
+        if scaling == "min_max":
+            low = np.min(standardize_with[i], axis=0)
+            span = np.max(standardize_with[i], axis=0) - low
+            # (x - low) / span; a feature constant in training is only shifted.
+            span = np.where(span > 0, span, 1.0)
+            norm = keras.layers.Normalization(axis=-1, mean=low, variance=np.square(span), name=f"min_max_{i}")
+        else:
+            norm = keras.layers.Normalization(axis=-1, name=f"standardize_{i}")
+            norm.adapt(standardize_with[i])
         features.append(norm(x))
     return inputs, present, features
 
@@ -110,6 +125,7 @@ def build_classifier(
     standardize_with=None,
     modality_mask=False,
     modality_dropout=0.0,
+    scaling="standardize",
 ):
     """``inputs -> [standardise] -> per-modality Dense encoders -> fusion -> Dense head -> softmax``.
 
@@ -130,6 +146,10 @@ def build_classifier(
             then first goes through a ``keras.layers.Normalization`` adapted on its
             array (per-feature mean and variance, stored as weights, so saved and
             exported models carry them). Pass training data only, never test data.
+        scaling: how ``standardize_with`` scales the inputs: ``"standardize"``
+            (per-feature mean and variance) or ``"min_max"`` (per-feature minimum to 0
+            and maximum to 1, as MOGONET and the DEQ-fusion code scale omics views;
+            layers ``min_max_<i>``).
         modality_mask: add a last input, ``modality_mask``: boolean ``(batch, N)``,
             True where a modality is present. Absent modalities' values are ignored
             (NaN placeholders included: :class:`~keras_mmfusion.layers.ZeroAbsent`
@@ -151,7 +171,7 @@ def build_classifier(
         raise ValueError("modality_mask and modality_dropout need a fusion layer; fusion is None.")
     regularizer = keras.regularizers.L2(l2) if l2 else None
     mask = keras.Input((len(input_widths),), dtype="bool", name="modality_mask") if modality_mask else None
-    inputs, present, features = _modality_inputs(input_widths, input_names, standardize_with, mask)
+    inputs, present, features = _modality_inputs(input_widths, input_names, standardize_with, mask, scaling)
     encoded = []
     for i, (raw, x) in enumerate(zip(present, features)):
         h = keras.layers.Dense(encoder_units, activation="relu", kernel_regularizer=regularizer, name=f"encoder_{i}")(x)
@@ -246,6 +266,7 @@ def build_reference_classifier(
     fusion_options=None,
     input_names=None,
     standardize_with=None,
+    scaling="standardize",
 ):
     """The classifier of DEQ fusion's multi-omics experiments (Ni et al., arXiv 2306.16645).
 
@@ -274,8 +295,9 @@ def build_reference_classifier(
         confidence_weight: the weight of each confidence head's loss.
         fusion_options: keyword arguments for ``DEQFusion`` (its defaults otherwise).
         input_names: the ``keras.Input`` names (default ``modality_0``, ...).
-        standardize_with: optional training arrays, one per modality, to standardise
-            the inputs with (as in :func:`build_classifier`).
+        standardize_with: optional training arrays, one per modality, to scale the
+            inputs with (as in :func:`build_classifier`).
+        scaling: ``"standardize"`` or ``"min_max"`` (as in :func:`build_classifier`).
 
     Returns:
         A :class:`ReferenceClassifier`.
@@ -286,7 +308,7 @@ def build_reference_classifier(
         raise ValueError(f"The reference classifier fuses two or more modalities; got widths {list(input_widths)}.")
     for i, width in enumerate(input_widths):
         check_int(f"input_widths[{i}]", width)
-    inputs, present, features = _modality_inputs(input_widths, input_names, standardize_with)
+    inputs, present, features = _modality_inputs(input_widths, input_names, standardize_with, scaling=scaling)
     encoded = []
     for i, (raw, x) in enumerate(zip(present, features)):
         x = FeatureGate(gate_weight, name=f"feature_gate_{i}")(x)

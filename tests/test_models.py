@@ -28,6 +28,36 @@ def test_standardization_uses_the_given_training_statistics():
         np.testing.assert_allclose(z.std(0), 1.0, atol=1e-3)
 
 
+@pytest.mark.parametrize("builder", ["standard", "reference"])
+def test_min_max_scaling_maps_the_training_range_to_0_1_and_survives_saving(builder, tmp_path):
+    rng = np.random.default_rng(3)
+    train = shifted_modalities(rng, 300)
+    train[1][:, 2] = 1.5  # a feature constant in training
+    if builder == "standard":
+        model = build_classifier(keras.layers.Concatenate(), [6, 4], 2, standardize_with=train, scaling="min_max")
+    else:
+        model = mmf.models.build_reference_classifier([6, 4], 2, units=8, standardize_with=train, scaling="min_max")
+    scaled = keras.Model(model.inputs, [model.get_layer(f"min_max_{i}").output for i in range(2)])
+    for z, x in zip(scaled(train), train):
+        z = np.asarray(z)
+        expected = (x - x.min(0)) / np.where(np.ptp(x, 0) > 0, np.ptp(x, 0), 1.0)
+        np.testing.assert_allclose(z, expected, atol=1e-5)
+    # The constant feature is only shifted: another value stays finite in test data.
+    probe = [t[:4].copy() for t in train]
+    probe[1][:, 2] = 2.5
+    np.testing.assert_allclose(np.asarray(scaled(probe)[1])[:, 2], 1.0, atol=1e-6)
+    path = str(tmp_path / "model.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    np.testing.assert_allclose(loaded.predict(train, verbose=0), model.predict(train, verbose=0), atol=1e-6)
+
+
+def test_unknown_scaling_is_refused():
+    with pytest.raises(ValueError, match=r"scaling must be one of \('standardize', 'min_max'\), got 'robust'"):
+        build_classifier(keras.layers.Concatenate(), [6, 4], 2, standardize_with=[np.zeros((3, 6)), np.zeros((3, 4))],
+                         scaling="robust")
+
+
 def test_standardization_needs_one_array_per_modality():
     with pytest.raises(ValueError, match="one per modality"):
         build_classifier(keras.layers.Concatenate(), [6, 4], 2, standardize_with=[np.zeros((3, 6))])
@@ -111,3 +141,38 @@ def test_the_reference_classifier_runs_the_same_protocol():
                                rtol=1e-5)
     assert int(model.optimizer.iterations) == metrics["epochs_run"] * int(np.ceil(80 / 16))
     assert 0 <= metrics["accuracy"] <= 1
+
+
+def test_the_reference_recipe_is_the_papers_divided_by_its_loss_scale():
+    from keras_mmfusion.training import REFERENCE_RECIPE as recipe
+
+    # The official loss is 1.5**3 cross-entropy + (2.25, 1.5, 1) x the views' auxiliary
+    # losses + 20 x the Jacobian penalty; Adam 1e-4 with weight decay 1e-4, clipping at 30.
+    scale = 1.5**3
+    assert recipe.fusion_options["jacobian_weight"] * scale == pytest.approx(20, rel=1e-6)
+    assert recipe.weight_decay * scale == pytest.approx(1e-4, rel=1e-5)
+    assert recipe.clipnorm * scale == pytest.approx(30, rel=1e-6)
+    for key in ("gate_weight", "confidence_weight"):
+        assert recipe.model_options[key] * scale == pytest.approx((2.25 + 1.5 + 1) / 3, rel=1e-5)
+    assert (recipe.units, recipe.dropout, recipe.lr, recipe.epochs, recipe.lr_decay_every) == (300, 0.5, 1e-4, 1000, 500)
+
+
+def test_the_reference_recipe_runs_through_the_protocol_with_its_training_details():
+    from keras_mmfusion.training import REFERENCE_RECIPE
+
+    rng = np.random.default_rng(4)
+    train, test = shifted_modalities(rng, 60), shifted_modalities(rng, 20)
+    splits = Splits((train, np.arange(60) % 2), (test, np.arange(20) % 2), 2, "toy")
+    settings = Settings(**{**vars(REFERENCE_RECIPE), "units": 8, "epochs": 4, "lr_decay_every": 2})
+    model, history, metrics = run_trial(splits, "reference", 0, settings)
+    assert metrics["epochs_run"] == 4  # patience 0: every epoch runs, the best is kept
+    assert int(model.optimizer.iterations) == 4  # one full batch per epoch
+    np.testing.assert_allclose(history["learning_rate"], [1e-4, 1e-4, 2e-5, 2e-5], rtol=1e-6)
+    assert model.optimizer.global_clipnorm == pytest.approx(REFERENCE_RECIPE.clipnorm)
+    assert all(v.regularizer.l2 == pytest.approx(REFERENCE_RECIPE.weight_decay / 2) for v in model.trainable_weights)
+    keep, _ = stratified_split(splits.train[1], settings.validation_fraction, 0)
+    np.testing.assert_allclose(np.asarray(model.get_layer("min_max_0").mean).ravel(), train[0][keep].min(0), rtol=1e-5)
+    deq = model.get_layer("deq_fusion")
+    assert (deq.num_groups, deq.stop_mode, deq.max_iter) == (4, "abs", 30)
+    assert model.get_layer("feature_gate_0").sparsity_weight == REFERENCE_RECIPE.model_options["gate_weight"]
+    assert model.get_layer("confidence_1").loss_weight == REFERENCE_RECIPE.model_options["confidence_weight"]

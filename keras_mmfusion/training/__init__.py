@@ -9,6 +9,7 @@ split at the end. The library itself (layers, models, export) does not depend on
 from keras_mmfusion.training.fitting import compile_classifier, fit_classifier
 from keras_mmfusion.training.protocol import (
     RECIPE,
+    REFERENCE_RECIPE,
     Settings,
     Splits,
     build_model,
@@ -22,6 +23,7 @@ from keras_mmfusion.training.scores import classification_metrics, headline_metr
 
 __all__ = [
     "RECIPE",
+    "REFERENCE_RECIPE",
     "Settings",
     "Splits",
     "build_model",

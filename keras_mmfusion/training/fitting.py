@@ -1,18 +1,46 @@
 """How every tool compiles and trains a classifier: Adam, sparse cross-entropy, early stopping."""
 
+import math
+
 import keras
 
 from keras_mmfusion.callbacks import ClassifierLogs, EpochTimer
 from keras_mmfusion.models import with_modality_heads
 
 
-def compile_classifier(model, lr=1e-3, jit_compile=False, modality_weight=0.0):
+def add_weight_decay(model, rate):
+    """Give every trainable variable of ``model`` the L2 penalty ``rate / 2 * ||w||^2``.
+
+    Its gradient is ``rate * w``, the coupled weight decay of PyTorch's
+    ``Adam(weight_decay=rate)`` (Keras's optimizers decay weights decoupled from the
+    gradient instead). It covers every variable: kernels, biases, normalisation scales
+    and the variables of custom layers alike. The penalties belong to this training run:
+    the model's config does not record them.
+    """
+    if rate < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {rate}.")
+    if rate:
+        for variable in model.trainable_weights:
+            variable.regularizer = keras.regularizers.L2(rate / 2)
+
+
+def _optimizer(lr, clipnorm):
+    if clipnorm < 0:
+        raise ValueError(f"clipnorm must be >= 0, got {clipnorm}.")
+    return keras.optimizers.Adam(lr, global_clipnorm=clipnorm or None)
+
+
+def compile_classifier(model, lr=1e-3, jit_compile=False, modality_weight=0.0, weight_decay=0.0, clipnorm=0.0):
     """Compile ``model`` as every tool trains it: Adam, sparse cross-entropy, accuracy.
 
     Args:
-        model: a classifier from :func:`keras_mmfusion.models.build_classifier`.
+        model: a classifier from :func:`keras_mmfusion.models.build_classifier` or
+            :func:`keras_mmfusion.models.build_reference_classifier`.
         lr: Adam's learning rate.
         jit_compile: compile the training step with XLA.
+        weight_decay: coupled L2 weight decay on every trainable variable (see
+            :func:`add_weight_decay`); 0 for none.
+        clipnorm: clip the gradients' global norm to this value; 0 for no clipping.
         modality_weight: with a positive weight, the model compiled is
             :func:`keras_mmfusion.models.with_modality_heads` of ``model``, whose
             per-modality cross-entropies are added to the classifier's, each times
@@ -27,19 +55,29 @@ def compile_classifier(model, lr=1e-3, jit_compile=False, modality_weight=0.0):
     if modality_weight < 0:
         raise ValueError(f"modality_weight must be >= 0, got {modality_weight}.")
     loss = "sparse_categorical_crossentropy"
+    add_weight_decay(model, weight_decay)
     if not modality_weight:
-        model.compile(keras.optimizers.Adam(lr), loss, metrics=["accuracy"], jit_compile=jit_compile)
+        model.compile(_optimizer(lr, clipnorm), loss, metrics=["accuracy"], jit_compile=jit_compile)
         return model
     trainer = with_modality_heads(model)
     names = list(trainer.output)
-    trainer.compile(keras.optimizers.Adam(lr), {n: loss for n in names},
+    trainer.compile(_optimizer(lr, clipnorm), {n: loss for n in names},
                     loss_weights={n: 1.0 if n == "probabilities" else float(modality_weight) for n in names},
                     metrics={"probabilities": ["accuracy"]}, jit_compile=jit_compile)
     return trainer
 
 
+def step_decay(lr, every, factor):
+    """A ``keras.callbacks.LearningRateScheduler`` that starts at ``lr`` and multiplies it
+    by ``factor`` after every ``every`` epochs."""
+    if every < 1 or not 0 < factor <= 1:
+        raise ValueError(f"Step decay needs every >= 1 and 0 < factor <= 1; got every={every}, factor={factor}.")
+    return keras.callbacks.LearningRateScheduler(lambda epoch: lr * factor ** math.floor(epoch / every))
+
+
 def fit_classifier(model, train, epochs, validation=None, batch_size=32, patience=20, lr=1e-3, monitor="val_loss",
-                   modality_weight=0.0, verbose=0, callbacks=(), jit_compile=False):
+                   modality_weight=0.0, verbose=0, callbacks=(), jit_compile=False, weight_decay=0.0, clipnorm=0.0,
+                   lr_decay_every=0, lr_decay_factor=0.2):
     """Compile and train a classifier; with validation data, stop early and keep the best epoch.
 
     Args:
@@ -47,10 +85,15 @@ def fit_classifier(model, train, epochs, validation=None, batch_size=32, patienc
         train: ``(inputs, labels)``.
         epochs: the most epochs to run (all of them without ``validation``).
         validation: optional ``(inputs, labels)``; training then stops when
-            ``monitor`` has not improved for ``patience`` epochs, and the weights of
-            its best epoch are restored.
+            ``monitor`` has not improved for ``patience`` epochs (with
+            ``patience=0`` it runs all ``epochs``), and the weights of its best epoch
+            are restored.
         callbacks: further callbacks; they run before the early stopping, so one
             that adds a value to the logs can be the ``monitor``.
+        weight_decay, clipnorm: see :func:`compile_classifier`.
+        lr_decay_every, lr_decay_factor: with ``lr_decay_every`` > 0, the learning
+            rate is multiplied by ``lr_decay_factor`` after every ``lr_decay_every``
+            epochs (see :func:`step_decay`).
         modality_weight: see :func:`compile_classifier`. The logs and the history
             keep the classifier's names (see :class:`~keras_mmfusion.callbacks.ClassifierLogs`), so ``monitor``
             means the same with and without modality heads.
@@ -58,7 +101,7 @@ def fit_classifier(model, train, epochs, validation=None, batch_size=32, patienc
     Returns:
         ``(history, timer)``: the Keras history dict and the :class:`~keras_mmfusion.callbacks.EpochTimer`.
     """
-    trainer = compile_classifier(model, lr, jit_compile, modality_weight)
+    trainer = compile_classifier(model, lr, jit_compile, modality_weight, weight_decay, clipnorm)
     if trainer is not model:
         targets = lambda labels: {name: labels for name in trainer.output}  # noqa: E731
         train = (train[0], targets(train[1]))
@@ -68,9 +111,12 @@ def fit_classifier(model, train, epochs, validation=None, batch_size=32, patienc
     # Renamed logs first and early stopping last, so that every callback sees the
     # classifier's names and a callback that adds a logged value can be monitored.
     order = [ClassifierLogs(), *callbacks, timer]
+    if lr_decay_every:
+        order.insert(0, step_decay(lr, lr_decay_every, lr_decay_factor))
     if validation is not None:
         mode = "min" if "loss" in monitor else "max"
-        order.append(keras.callbacks.EarlyStopping(monitor, patience=patience, mode=mode, restore_best_weights=True))
+        order.append(keras.callbacks.EarlyStopping(monitor, patience=patience or epochs, mode=mode,
+                                                   restore_best_weights=True))
     history = trainer.fit(*train, validation_data=validation, epochs=epochs, batch_size=batch_size,
                           verbose=verbose, callbacks=order)
     return history.history, timer

@@ -49,6 +49,17 @@ class Settings:
     :func:`model_inputs`), as its data have every modality, and the returned model can
     then be evaluated with modalities absent. ``modality_dropout`` > 0 drops whole
     modalities at random in training; it implies ``modality_mask``.
+
+    With ``standardize``, the classifier scales its inputs with the training part's
+    statistics, as ``scaling`` says: ``"standardize"`` (mean and variance) or
+    ``"min_max"`` (minimum and range).
+
+    ``weight_decay`` (coupled L2 on every trainable variable), ``clipnorm``,
+    ``lr_decay_every`` and ``lr_decay_factor`` go to
+    :func:`~keras_mmfusion.training.fit_classifier`; ``patience=0`` runs all
+    ``epochs`` and still keeps the best one. ``fusion_options`` are keyword arguments of
+    the fusion layer, ``model_options`` further keyword arguments of the classifier's
+    builder (for the reference classifier, e.g. ``gate_weight``).
     """
 
     units: int = 32
@@ -62,11 +73,17 @@ class Settings:
     monitor: str = "val_loss"
     jit_compile: bool = False
     standardize: bool = True
+    scaling: str = "standardize"
     refit: bool = False
     modality_weight: float = 0.0
     modality_mask: bool = False
     modality_dropout: float = 0.0
     fusion_options: dict = dataclasses.field(default_factory=dict)
+    model_options: dict = dataclasses.field(default_factory=dict)
+    weight_decay: float = 0.0
+    clipnorm: float = 0.0
+    lr_decay_every: int = 0
+    lr_decay_factor: float = 0.2
 
     @property
     def takes_mask(self):
@@ -81,8 +98,18 @@ def _read_recipe():
         return json.load(f)
 
 
+_RECIPES = _read_recipe()
 # The recipe of the README's ROSMAP results; `mmfusion train` and examples/rosmap.py default to it.
-RECIPE = Settings(**_read_recipe()["settings"])
+RECIPE = Settings(**_RECIPES["settings"])
+# The DEQ-fusion paper's ROSMAP recipe for the reference classifier (Ni et al., arXiv
+# 2306.16645; width 300, full-batch Adam 1e-4 with coupled weight decay 1e-4, x0.2 after
+# 500 epochs, gradient norm clipped at 30, Jacobian weight 20, 4 groups, absolute residual,
+# 30 steps, the update's kernels initialised as PyTorch's Linear layers). The official
+# loss is 3.375 cross-entropy + 2.25, 1.5 and 1 times the views' gate and confidence
+# losses + 20 times the Jacobian penalty; Adam's steps do not depend on the loss's scale,
+# so every weight, the weight decay and the clipping norm are divided by 3.375, and the
+# gate and confidence weights are the views' mean.
+REFERENCE_RECIPE = Settings(**_RECIPES["reference"])
 
 
 def load_splits(spec, seed=0, header=False):
@@ -136,8 +163,10 @@ def build_model(fusion_name, splits, settings, input_names=None, train_inputs=No
     """The standard classifier around the named fusion (``"single"``: one modality, no fusion;
     ``"reference"``: :func:`keras_mmfusion.models.build_reference_classifier`).
 
-    With ``settings.standardize``, every modality is standardised with the per-feature
-    statistics of ``train_inputs`` (default: all of ``splits.train``).
+    With ``settings.standardize``, every modality is scaled with the per-feature
+    statistics of ``train_inputs`` (default: all of ``splits.train``), as
+    ``settings.scaling`` says (``"standardize"`` or ``"min_max"``; see
+    :func:`keras_mmfusion.models.build_classifier`).
     """
     if settings.standardize:
         standardize_with = splits.train[0] if train_inputs is None else train_inputs
@@ -150,6 +179,7 @@ def build_model(fusion_name, splits, settings, input_names=None, train_inputs=No
         return build_reference_classifier(
             splits.widths, splits.num_classes, units=settings.units, dropout=settings.dropout,
             fusion_options=settings.fusion_options, input_names=input_names, standardize_with=standardize_with,
+            scaling=settings.scaling, **settings.model_options,
         )
     fusion = None
     if fusion_name != "single":
@@ -158,7 +188,8 @@ def build_model(fusion_name, splits, settings, input_names=None, train_inputs=No
     return build_classifier(
         fusion, splits.widths, splits.num_classes, encoder_units=settings.units, head_units=settings.units,
         dropout=settings.dropout, l2=settings.l2, input_names=input_names, standardize_with=standardize_with,
-        modality_mask=settings.takes_mask, modality_dropout=settings.modality_dropout,
+        modality_mask=settings.takes_mask, modality_dropout=settings.modality_dropout, scaling=settings.scaling,
+        **settings.model_options,
     )
 
 
@@ -191,7 +222,9 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
     # The reference classifier has its own per-modality heads; a single modality has none.
     modality_weight = settings.modality_weight if fusion_name not in ("single", "reference") else 0.0
     fit = dict(batch_size=settings.batch_size, lr=settings.lr, modality_weight=modality_weight,
-               verbose=verbose, jit_compile=settings.jit_compile)
+               verbose=verbose, jit_compile=settings.jit_compile, weight_decay=settings.weight_decay,
+               clipnorm=settings.clipnorm, lr_decay_every=settings.lr_decay_every,
+               lr_decay_factor=settings.lr_decay_factor)
     history, timer = fit_classifier(model, train, settings.epochs, val, patience=settings.patience,
                                     monitor=settings.monitor, callbacks=callbacks, **fit)
     monitored = history[settings.monitor]

@@ -44,3 +44,51 @@ def test_modality_heads_log_the_classifier_loss_under_its_own_names():
 def test_negative_modality_weight_is_refused():
     with pytest.raises(ValueError, match="modality_weight must be >= 0"):
         compile_classifier(classifier(), modality_weight=-1.0)
+
+
+def test_weight_decay_is_an_l2_penalty_on_every_trainable_variable():
+    rng = np.random.default_rng(1)
+    x, y = two_informative_modalities(rng, 32)
+    keras.utils.set_random_seed(0)
+    model = classifier()
+    rate = 0.3
+    compile_classifier(model, weight_decay=rate)
+    # Every variable, biases included: the penalty is rate / 2 times the sum of all squares,
+    # so its gradient is rate * w, as in PyTorch's Adam(weight_decay=rate).
+    expected = rate / 2 * sum(float(np.sum(np.square(v.numpy()))) for v in model.trainable_weights)
+    assert any("bias" in v.path for v in model.trainable_weights)
+    np.testing.assert_allclose(float(sum(model.losses)), expected, rtol=1e-5)
+    data_loss = float(keras.losses.sparse_categorical_crossentropy(y, model(x)).numpy().mean())
+    np.testing.assert_allclose(model.evaluate(x, y, batch_size=32, verbose=0)[0], data_loss + expected, rtol=1e-4)
+
+
+def test_step_decay_clipping_and_patience_zero_run_every_epoch():
+    rng = np.random.default_rng(2)
+    train, val = two_informative_modalities(rng, 32), two_informative_modalities(rng, 16)
+    keras.utils.set_random_seed(0)
+    model = classifier()
+    history, timer = fit_classifier(model, train, 6, val, batch_size=32, patience=0, lr=0.01, clipnorm=0.5,
+                                    lr_decay_every=2, lr_decay_factor=0.5)
+    assert len(timer.times) == 6
+    np.testing.assert_allclose(history["learning_rate"], [0.01, 0.01, 0.005, 0.005, 0.0025, 0.0025], rtol=1e-6)
+    assert model.optimizer.global_clipnorm == 0.5
+    # The best validation epoch's weights are restored even though no epoch stopped the run.
+    compile_classifier(model)
+    np.testing.assert_allclose(model.evaluate(*val, batch_size=16, verbose=0)[0], min(history["val_loss"]), rtol=1e-4)
+
+
+@pytest.mark.parametrize("options, message", [
+    (dict(weight_decay=-1e-4), "weight_decay must be >= 0"),
+    (dict(clipnorm=-1.0), "clipnorm must be >= 0"),
+])
+def test_negative_training_options_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        compile_classifier(classifier(), **options)
+
+
+def test_step_decay_needs_a_period_and_a_factor_in_0_1():
+    from keras_mmfusion.training.fitting import step_decay
+    with pytest.raises(ValueError, match="every >= 1 and 0 < factor <= 1"):
+        step_decay(1e-3, 0, 0.5)
+    with pytest.raises(ValueError, match="every >= 1 and 0 < factor <= 1"):
+        step_decay(1e-3, 10, 1.5)
