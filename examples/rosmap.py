@@ -11,12 +11,16 @@ is evaluated once. Fusion models train with a softmax head on every modality's e
 well (``modality_weight=1``); only the fused output is evaluated. With ``--refit``, the
 validation split only chooses the number of epochs, and a fresh model trained for that
 many epochs on the whole training split (standardised with all of it) is the one tested.
-Methods: DEQFusion in the standard classifier, the reference classifier of the DEQ-fusion
-paper (``build_reference_classifier``, feature gates and confidence heads, with the same
-width, dropout and optimiser), DenseFusion, concat fusion, and the best single omics view, chosen by
-mean validation loss (not by test score). The data are MOGONET's preprocessed release
-(Wang et al., Nature Communications 2021), read from ``$MMFUSION_ROSMAP`` or downloaded
-once into the Keras cache (see ``keras_mmfusion.datasets.mogonet_folder``).
+Methods: DEQFusion in the standard classifier, DenseFusion, concat fusion and the best
+single omics view (chosen by mean validation loss, not by test score), all with
+``RECIPE``; and the reference classifier of the DEQ-fusion paper
+(``build_reference_classifier``: feature gates, confidence heads, DEQ fusion) with that
+paper's ROSMAP recipe, ``REFERENCE_RECIPE``: inputs min-max scaled with the training
+part, width 300, full-batch Adam 1e-4 with coupled weight decay, x0.2 after epoch 500,
+clipped gradients, all 1000 epochs run and the epoch of lowest validation loss kept.
+The data are MOGONET's preprocessed release (Wang et al., Nature Communications 2021),
+read from ``$MMFUSION_ROSMAP`` or downloaded once into the Keras cache (see
+``keras_mmfusion.datasets.mogonet_folder``).
 """
 
 import argparse
