@@ -14,8 +14,9 @@ def add_weight_decay(model, rate):
     Its gradient is ``rate * w``, the coupled weight decay of PyTorch's
     ``Adam(weight_decay=rate)`` (Keras's optimizers decay weights decoupled from the
     gradient instead). It covers every variable: kernels, biases, normalisation scales
-    and the variables of custom layers alike. The penalties belong to this training run:
-    the model's config does not record them.
+    and the variables of custom layers alike, and replaces a regularizer a variable
+    already had (such as :func:`~keras_mmfusion.models.build_classifier`'s ``l2``). The
+    penalties belong to this training run: the model's config does not record them.
     """
     if rate < 0:
         raise ValueError(f"weight_decay must be >= 0, got {rate}.")
@@ -55,11 +56,12 @@ def compile_classifier(model, lr=1e-3, jit_compile=False, modality_weight=0.0, w
     if modality_weight < 0:
         raise ValueError(f"modality_weight must be >= 0, got {modality_weight}.")
     loss = "sparse_categorical_crossentropy"
-    add_weight_decay(model, weight_decay)
     if not modality_weight:
+        add_weight_decay(model, weight_decay)
         model.compile(_optimizer(lr, clipnorm), loss, metrics=["accuracy"], jit_compile=jit_compile)
         return model
     trainer = with_modality_heads(model)
+    add_weight_decay(trainer, weight_decay)  # the classifier's variables and the heads'
     names = list(trainer.output)
     trainer.compile(_optimizer(lr, clipnorm), {n: loss for n in names},
                     loss_weights={n: 1.0 if n == "probabilities" else float(modality_weight) for n in names},

@@ -60,6 +60,10 @@ def test_weight_decay_is_an_l2_penalty_on_every_trainable_variable():
     np.testing.assert_allclose(float(sum(model.losses)), expected, rtol=1e-5)
     data_loss = float(keras.losses.sparse_categorical_crossentropy(y, model(x)).numpy().mean())
     np.testing.assert_allclose(model.evaluate(x, y, batch_size=32, verbose=0)[0], data_loss + expected, rtol=1e-4)
+    # With modality heads, the heads' variables decay too.
+    trainer = compile_classifier(classifier(), weight_decay=rate, modality_weight=1.0)
+    assert len(trainer.trainable_weights) > len(model.trainable_weights)
+    assert all(v.regularizer is not None for v in trainer.trainable_weights)
 
 
 def test_step_decay_clipping_and_patience_zero_run_every_epoch():
