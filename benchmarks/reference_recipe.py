@@ -41,7 +41,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import keras  # noqa: E402
 
 from keras_mmfusion.training import (  # noqa: E402
-    REFERENCE_RECIPE, build_model, classification_metrics, fit_classifier, load_splits, summarise,
+    REFERENCE_RECIPE, build_model, classification_metrics, fit_classifier, fit_options, load_splits, summarise,
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -55,9 +55,7 @@ def train_once(splits, seed, epochs):
     # Min-max scaled with all training patients, as the official code scales the views.
     model = build_model("reference", splits, settings)
     started = time.time()
-    fit_classifier(model, splits.train, epochs, batch_size=len(splits.train[1]), lr=settings.lr,
-                   weight_decay=settings.weight_decay, clipnorm=settings.clipnorm,
-                   lr_decay_every=settings.lr_decay_every, lr_decay_factor=settings.lr_decay_factor)
+    fit_classifier(model, splits.train, epochs, **dict(fit_options(settings), batch_size=len(splits.train[1])))
     seconds = time.time() - started
     probabilities = model.predict(splits.test[0], batch_size=256, verbose=0)
     return classification_metrics(splits.test[1], probabilities), seconds

@@ -203,6 +203,14 @@ def model_inputs(model, arrays):
     return arrays if len(arrays) > 1 else arrays[0]
 
 
+def fit_options(settings):
+    """The keyword arguments of :func:`~keras_mmfusion.training.fit_classifier` that
+    ``settings`` chooses for every model it trains (batch size, optimiser, schedule)."""
+    return dict(batch_size=settings.batch_size, lr=settings.lr, jit_compile=settings.jit_compile,
+                weight_decay=settings.weight_decay, clipnorm=settings.clipnorm,
+                lr_decay_every=settings.lr_decay_every, lr_decay_factor=settings.lr_decay_factor)
+
+
 def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
     """Train on a validation split of ``splits.train``, pick the best epoch, test once.
 
@@ -221,10 +229,7 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
     val = (model_inputs(model, [a[held] for a in splits.train[0]]), splits.train[1][held])
     # The reference classifier has its own per-modality heads; a single modality has none.
     modality_weight = settings.modality_weight if fusion_name not in ("single", "reference") else 0.0
-    fit = dict(batch_size=settings.batch_size, lr=settings.lr, modality_weight=modality_weight,
-               verbose=verbose, jit_compile=settings.jit_compile, weight_decay=settings.weight_decay,
-               clipnorm=settings.clipnorm, lr_decay_every=settings.lr_decay_every,
-               lr_decay_factor=settings.lr_decay_factor)
+    fit = dict(fit_options(settings), modality_weight=modality_weight, verbose=verbose)
     history, timer = fit_classifier(model, train, settings.epochs, val, patience=settings.patience,
                                     monitor=settings.monitor, callbacks=callbacks, **fit)
     monitored = history[settings.monitor]
