@@ -7,8 +7,9 @@ Three models, each exported to SavedModel, TFLite (float32, float16, dynamic-ran
 int8, and int8 with ``strip_names=True``) and ONNX, all with the solver diagnostics
 (``diagnostics=True``):
 
-- ``deq``: the DEQ classifier (layer defaults) trained on ROSMAP with the validation
-  protocol of ``keras_mmfusion.training`` (synthetic data when ROSMAP is absent);
+- ``deq``: the DEQ classifier (layer defaults) trained on ROSMAP as ``mmfusion train``
+  trains it: the recipe and validation protocol of ``keras_mmfusion.training``
+  (synthetic data when ROSMAP is absent);
 - ``concat``: the concatenation baseline, trained the same way;
 - ``dynmm``: the DynMM benchmark model of ``examples/dynmm_two_stage.py`` (cost weight
   0.2), on its synthetic data.
@@ -16,7 +17,9 @@ int8, and int8 with ``strip_names=True``) and ONNX, all with the solver diagnost
 int8 calibrates on training samples. For every artefact, on the test split run one sample
 at a time (a solve's step count depends on its batch):
 
-- file size, and the ratio to the float32 TFLite file;
+- file size, and the ratio to the float32 TFLite file, split into constant data
+  (weights, normalisation statistics: "const") and the graph (ops, tensors, names,
+  signatures: "graph"), each as a fraction of the float32 file;
 - test accuracy, the largest probability difference from Keras, and the number of test
   predictions that differ from Keras's;
 - for DEQ, the solver's per-sample step count against Keras's: the largest difference,
@@ -27,6 +30,7 @@ at a time (a solve's step count depends on its batch):
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -73,7 +77,7 @@ def train_models(names, quick):
     """``{name: (model, (train_x, train_y), (test_x, test_y), data name)}``."""
     import keras
 
-    from keras_mmfusion.training import Settings, load_splits, run_trial
+    from keras_mmfusion.training import RECIPE, load_splits, run_trial
 
     models = {}
     data = "rosmap" if rosmap_available() else "synthetic"
@@ -89,7 +93,7 @@ def train_models(names, quick):
             models[name] = (model, train, ([a[:512] for a in test[0]], test[1][:512]), "dynmm synthetic")
         else:
             splits = load_splits(data)
-            settings = Settings(units=32, epochs=20 if quick else 150, patience=30)
+            settings = RECIPE if not quick else dataclasses.replace(RECIPE, epochs=20)
             model, _, _ = run_trial(splits, name, 0, settings)
             models[name] = (model, splits.train, splits.test, data)
     return models
@@ -169,7 +173,8 @@ def measure(model, train, test, repeats, tmp):
             row.update(steps_max_diff=int(difference.max()), steps_within_2=float(np.mean(difference <= 2)),
                        converged=float(np.mean(converged)))
         if path.endswith(".tflite"):
-            row["ops"] = export.tflite_report(path)["ops"]
+            tflite = export.tflite_report(path)
+            row.update(ops=tflite["ops"], operators=tflite["operators"], constant_bytes=tflite["buffer_bytes"])
         rows[fmt] = row
     if steps_key:
         rows["keras eager"]["steps_mean"] = float(np.mean(reference[steps_key]))
@@ -179,7 +184,7 @@ def measure(model, train, test, repeats, tmp):
 
 def print_table(name, data, rows):
     print(f"\n{name} classifier on {data}")
-    print(f"{'format':<28} {'KiB':>8} {'/f32':>5} {'acc':>7} {'max diff':>9} {'changed':>7} {'steps':>15} "
+    print(f"{'format':<28} {'KiB':>8} {'/f32':>5} {'const':>6} {'graph':>6} {'acc':>7} {'max diff':>9} {'changed':>7} {'steps':>15} "
           f"{'conv':>5} {'1-sample ms':>11} {'batch64/s':>10}")
     f32 = rows.get("tflite float32", {}).get("size_bytes")
     for label, row in rows.items():
@@ -192,9 +197,12 @@ def print_table(name, data, rows):
             steps = f"max {row['steps_max_diff']}, {100 * row['steps_within_2']:.0f}% <=2"
         else:
             steps = f"mean {row['steps_mean']:.1f}" if "steps_mean" in row else "-"
+        constant = row.get("constant_bytes")
         cells = [
             "-" if size is None else f"{size / 1024:.1f}",
             "-" if ratio is None else f"{ratio:.2f}",
+            "-" if constant is None else f"{constant / f32:.2f}",
+            "-" if constant is None else f"{(size - constant) / f32:.2f}",
             f"{row['accuracy']:.4f}",
             f"{row['max_abs_diff']:.1e}" if "max_abs_diff" in row else "-",
             str(row.get("predictions_changed", "-")),
@@ -203,7 +211,7 @@ def print_table(name, data, rows):
             f"{row['latency_ms']:.3f}",
             f"{row['batch64_per_s']:.0f}",
         ]
-        widths = (8, 5, 7, 9, 7, 15, 5, 11, 10)
+        widths = (8, 5, 6, 6, 7, 9, 7, 15, 5, 11, 10)
         print(f"{label:<28} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths)))
 
 

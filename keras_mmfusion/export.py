@@ -239,14 +239,13 @@ def _representative_arrays(model, representative_data):
     return {n: np.concatenate(v) for n, v in rows.items()}
 
 
-def _quantize_int8(model, float_path, saved_model_dir, representative_data, out_path, tmp, builtins_only):
+def _quantize_int8(model, float_path, representative_data, out_path, tmp):
     """Run :func:`keras_mmfusion.quantization.quantize_tflite` for int8 in a subprocess."""
     samples = _representative_arrays(model, representative_data)
     samples_path = os.path.join(tmp, "samples.npz")
     np.savez(samples_path, __names__=json.dumps(list(samples)), **samples)
-    # Run as a script: the subprocess imports TensorFlow only for a graph without control flow.
-    command = [sys.executable, quantization.__file__, "--int8-worker", float_path, saved_model_dir,
-               samples_path, out_path, "1" if builtins_only else "0"]
+    # Run as a script, so that the subprocess does not import TensorFlow.
+    command = [sys.executable, quantization.__file__, "--int8-worker", float_path, samples_path, out_path]
     done = subprocess.run(command, capture_output=True, text=True, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "3"})
     if done.returncode != 0 or not os.path.isfile(out_path):
         how = f"crashed with signal {-done.returncode}" if done.returncode < 0 else f"failed (exit {done.returncode})"
@@ -309,7 +308,7 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
             f.write(flatbuffer)
         if quantize == "int8":
             quantized = os.path.join(tmp, "int8.tflite")
-            _quantize_int8(model, written, saved, representative_data, quantized, tmp, builtins_only)
+            _quantize_int8(model, written, representative_data, quantized, tmp)
             written = quantized
         elif quantize is not None:
             try:
@@ -353,7 +352,15 @@ def _without_tensor_names(flatbuffer):
 
 
 def tflite_report(path):
-    """``{"ops": sorted builtin op names over all subgraphs, "size_bytes": ...}``."""
+    """What a ``.tflite`` file holds.
+
+    Returns:
+        ``{"ops": sorted builtin op names over all subgraphs, "size_bytes": the file's
+        size, "subgraphs": their number, "operators": the number of ops over all
+        subgraphs, "buffer_bytes": the bytes of constant data (weights and other
+        constants)}``. The rest of the file is the graph: ops, tensors and their names,
+        signatures.
+    """
     from ai_edge_litert import schema_py_generated as schema
 
     with open(path, "rb") as f:
@@ -365,7 +372,10 @@ def tflite_report(path):
         builtin = max(code.builtinCode, code.deprecatedBuiltinCode)
         codes.append(code.customCode.decode() if code.customCode else names.get(builtin, str(builtin)))
     ops = sorted({codes[op.opcodeIndex] for sg in flat.subgraphs for op in (sg.operators or [])})
-    return {"ops": ops, "size_bytes": len(buffer), "subgraphs": len(flat.subgraphs)}
+    operators = sum(len(sg.operators or []) for sg in flat.subgraphs)
+    constants = sum(len(b.data) if b.data is not None else int(b.size or 0) for b in flat.buffers or [])
+    return {"ops": ops, "size_bytes": len(buffer), "subgraphs": len(flat.subgraphs), "operators": operators,
+            "buffer_bytes": constants}
 
 
 # -- ONNX ---------------------------------------------------------------------------

@@ -12,28 +12,26 @@ what Keras computes:
   ``tol`` and would run to ``max_iter``.
 
 The recipes here therefore quantise only ``FULLY_CONNECTED`` ops, the matrix products
-of the encoders, the head, DynMM's experts and the fusion update:
+of the encoders, the head, DynMM's experts and the fusion update, in every graph:
 
 - ``"float16"``: float16 weights (dequantised to float32 at load), float activations.
 - ``"dynamic"``: int8 weights; activations quantised on the fly outside solver loops,
   float inside them.
-- ``"int8"``, for a graph with control flow (a solver's ``WHILE``, DynMM's ``IF``
-  branches): int8 weights; int8 activations, calibrated on representative data, outside
-  solver loops; float activations inside them (weight-only int8). DynMM's experts run
-  inside ``IF`` branches; each branch is calibrated on the samples routed to it,
-  because calibration records the ranges of the ops that actually run. Everything
-  else (normalisation, the solver, routing) stays float32.
-- ``"int8"``, for a graph without control flow: the TFLite converter's full-integer
-  quantisation of every op. The converter cannot quantise the graphs above (its int8
-  ``DIV`` fails on the solver's small norms; it does not calibrate inside ``IF``
-  branches), but on plain graphs it keeps more accuracy than quantising only the
-  matrix products: on the test suite's concat-fusion classifier (float32 accuracy
-  0.995), quantising only the matrix products gave 0.940, the converter stays within a
-  point.
+- ``"int8"``: int8 weights (per output channel); int8 activations, calibrated on
+  representative data, outside solver loops; float activations inside them
+  (weight-only int8). DynMM's experts run inside ``IF`` branches; each branch is
+  calibrated on the samples routed to it, because calibration records the ranges of
+  the ops that actually run. Everything else (normalisation, the solver, routing)
+  stays float32.
+
+The TFLite converter's full-integer quantisation is not used: it cannot quantise a
+solver loop (its int8 ``DIV`` fails on the solver's small norms) nor calibrate inside
+``IF`` branches, and on plain graphs it quantises the raw inputs ahead of the
+standardisation too: on a concat-fusion ROSMAP classifier it changed 11 of 106 test
+predictions, against 1 for the matrix products alone (``benchmarks/RESULTS.md``).
 """
 
 import json
-import re
 import sys
 
 import numpy as np
@@ -42,7 +40,6 @@ import numpy as np
 SOLVER_LOOP_SCOPE = r"(^|/)while(_\d+)?/"
 
 RECIPES = ("float16", "dynamic", "int8")
-CONTROL_FLOW_OPS = ("WHILE", "IF")
 
 
 def _quantizer(float_model, quantize):
@@ -86,9 +83,14 @@ def quantize_tflite(float_model, quantize, calibration=None):
     if qt.need_calibration:
         if not calibration:
             raise ValueError("int8 quantisation needs calibration samples; none were given.")
+        # One batch of every sample: ai-edge-quantizer keeps, per tensor, a moving average
+        # (0.95 old, 0.05 new) of the ranges of its calibration steps, so sample by sample
+        # the ranges are those of the first samples, and later samples' larger activations
+        # are clipped. One step records the minimum and maximum over all samples.
         # The profiler-based calibrator records every op that runs, in every subgraph and
         # on every loop iteration; the default mode misses the solver's WHILE body.
-        result = qt.calibrate({"serving_default": calibration}, mode=CalibrationMode.CALIBRATION_PROFILER_BASED)
+        batch = {name: np.concatenate([feed[name] for feed in calibration]) for name in calibration[0]}
+        result = qt.calibrate({"serving_default": [batch]}, mode=CalibrationMode.CALIBRATION_PROFILER_BASED)
     try:
         return bytes(qt.quantize(result).quantized_model)
     except ValueError as error:
@@ -100,31 +102,7 @@ def quantize_tflite(float_model, quantize, calibration=None):
         ) from error
 
 
-def full_integer_tflite(saved_model_dir, calibration, builtins_only=True):
-    """The TFLite converter's full-integer int8 model of a SavedModel without control flow
-    (with TF (Flex) ops allowed where no builtin fits, unless ``builtins_only``)."""
-    import tensorflow as tf
-
-    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=["serving_default"])
-    converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    converter.representative_dataset = lambda: iter(calibration)
-    ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.TFLITE_BUILTINS]
-    converter.target_spec.supported_ops = ops if builtins_only else ops + [tf.lite.OpsSet.SELECT_TF_OPS]
-    return converter.convert()
-
-
-def has_control_flow(float_model):
-    """Whether a ``.tflite`` file has a ``WHILE`` or ``IF`` op in any subgraph."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    with open(float_model, "rb") as f:
-        model = schema.ModelT.InitFromObj(schema.Model.GetRootAsModel(f.read(), 0))
-    flow = {getattr(schema.BuiltinOperator, name) for name in CONTROL_FLOW_OPS}
-    codes = [max(code.builtinCode, code.deprecatedBuiltinCode) for code in model.operatorCodes]
-    return any(codes[op.opcodeIndex] in flow for graph in model.subgraphs for op in graph.operators or [])
-
-
-def _worker(float_path, saved_model_dir, samples_path, out_path, builtins_only):
+def _worker(float_path, samples_path, out_path):
     """Subprocess entry point: quantise to int8, run the result once, write it.
 
     Running the quantised model once makes a kernel that fails on int8 data fail here,
@@ -136,10 +114,7 @@ def _worker(float_path, saved_model_dir, samples_path, out_path, builtins_only):
     names = json.loads(str(samples["__names__"]))
     feeds = [{n: samples[n][i : i + 1] for n in names} for i in range(len(samples[names[0]]))]
     try:
-        if has_control_flow(float_path):
-            flatbuffer = quantize_tflite(float_path, "int8", feeds)
-        else:
-            flatbuffer = full_integer_tflite(saved_model_dir, feeds, builtins_only == "1")
+        flatbuffer = quantize_tflite(float_path, "int8", feeds)
         Interpreter(model_content=flatbuffer).get_signature_runner("serving_default")(**feeds[0])
     except Exception as error:  # report the library's own message to the parent process
         print(f"{type(error).__name__}: {error}", file=sys.stderr)
@@ -148,5 +123,5 @@ def _worker(float_path, saved_model_dir, samples_path, out_path, builtins_only):
         f.write(flatbuffer)
 
 
-if __name__ == "__main__" and len(sys.argv) == 7 and sys.argv[1] == "--int8-worker":
+if __name__ == "__main__" and len(sys.argv) == 5 and sys.argv[1] == "--int8-worker":
     _worker(*sys.argv[2:])

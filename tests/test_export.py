@@ -158,6 +158,23 @@ def test_int8_accuracy_within_one_point_with_builtin_ops(name, trained, tmp_path
     assert int8_accuracy >= float_accuracy - 0.01, (int8_accuracy, float_accuracy)
 
 
+def test_int8_ranges_cover_every_calibration_sample(tmp_path):
+    """The activation ranges are the minimum and maximum over all calibration samples: the
+    largest sample, given last, comes out as float32 does, not clipped to the ranges of
+    the samples before it."""
+    keras.utils.set_random_seed(0)
+    inputs = keras.Input((4,), name="x")
+    model = keras.Model(inputs, keras.layers.Dense(3, name="probabilities")(keras.layers.Dense(8, name="dense")(inputs)))
+    rng = np.random.default_rng(0)
+    samples = [rng.normal(size=(1, 4)).astype("float32") for _ in range(40)] + [np.full((1, 4), 8.0, "float32")]
+    path = export.to_tflite(model, tmp_path / "int8.tflite", quantize="int8", representative_data=samples)
+    assert "QUANTIZE" in export.tflite_report(path)["ops"]
+    got = export.run_export(path, {"x": np.concatenate(samples)})["probabilities"]
+    expected = model.predict(np.concatenate(samples), verbose=0)
+    scale = np.abs(expected).max()
+    assert np.abs(got - expected).max() <= 0.03 * scale, np.abs(got - expected).max(-1)
+
+
 def test_int8_calibration_must_reach_every_dynmm_expert(trained, tmp_path):
     models, train, _ = trained
     model = models["dynmm"]

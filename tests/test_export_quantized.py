@@ -67,12 +67,13 @@ def test_quantized_solver_stays_float_and_takes_kerass_steps(quantize, trained_d
                                                              tmp_path):
     """Quantising the update's activations would floor the residual above tol (every solve
     then runs to max_iter); only its weights are quantised, so the solve still converges,
-    in about Keras's number of steps.
+    in about Keras's number of steps, and the predictions stay Keras's.
 
-    This briefly trained model is near chance (its probabilities stay near 0.5), so int8's
-    rounding flips many of its predictions. int8 accuracy is checked on models that have
-    learned: for the other layers in test_export.py, for a DEQ classifier on ROSMAP by
-    benchmarks/export_bench.py."""
+    This briefly trained model's probabilities stay near 0.5, so the predictions are a
+    sensitive check: with int8 ranges averaged over the calibration samples instead of
+    their minimum and maximum, int8 changed 9% of them. int8 accuracy is checked on
+    models that have learned: for the other layers in test_export.py, for a DEQ
+    classifier on ROSMAP by benchmarks/export_bench.py."""
     models, _ = trained_deq
     model = models["anderson"]
     held_out, _ = deq_held_out
@@ -92,13 +93,12 @@ def test_quantized_solver_stays_float_and_takes_kerass_steps(quantize, trained_d
     within_two = np.abs(got_steps - steps) <= 2
     # Quantised weights make the solve a nearby problem: on this briefly trained model a few
     # samples (which ones depends on the training run's float rounding) take several steps
-    # more, and int8 activations in the encoders move the injection further (see
-    # RESULTS.md). Activations quantised inside the loop would leave most solves unconverged.
+    # more, and int8 activations in the encoders move the injection further. Activations
+    # quantised inside the loop would leave most solves unconverged.
     assert np.mean(converged) >= 0.95 and np.mean(within_two) >= 0.9, (got_steps, steps, converged)
-    if quantize != "int8":
-        predictions = np.array([r["probabilities"].argmax() for r in reference])
-        got_predictions = np.array([g["probabilities"].argmax() for g in got])
-        assert np.mean(got_predictions == predictions) >= 0.95
+    predictions = np.array([r["probabilities"].argmax() for r in reference])
+    got_predictions = np.array([g["probabilities"].argmax() for g in got])
+    assert np.mean(got_predictions == predictions) >= 0.95
 
 
 def readme_snippets():
