@@ -46,17 +46,20 @@ def test_the_tolerance_is_raised_to_what_the_compute_dtype_resolves():
     assert mmf.DEQFusion(8, tol=1e-4).effective_tol == 1e-4
 
 
+def check_float32_outputs(model, fusion, policy, inputs):
+    assert fusion.compute_dtype == policy.split("_")[1]
+    assert model.output.dtype == "float32"
+    assert model.predict(inputs, verbose=0).dtype == np.float32
+
+
+# DEQFusion is checked the same way, after longer training, in the test below.
 @pytest.mark.parametrize("policy", ["mixed_float16", "mixed_bfloat16"], indirect=True)
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [n for n in NAMES if n != "deq"])
 def test_every_fusion_layer_trains_with_float32_outputs(name, policy):
     (train_data, test_data) = data()
     model, fusion, history = train(name, ([a[:256] for a in train_data[0]], train_data[1][:256]), epochs=1)
     assert np.all(np.isfinite(history["loss"])), history
-    assert fusion.compute_dtype == policy.split("_")[1]
-    assert model.output.dtype == "float32"
-    assert model.predict([a[:8] for a in test_data[0]], verbose=0).dtype == np.float32
-    if name == "deq":
-        assert fusion.last_stats["residual"].dtype == "float32"  # the solver state stays float32
+    check_float32_outputs(model, fusion, policy, [a[:8] for a in test_data[0]])
 
 
 # Trained to the end of learning: after 6 epochs float16 still trailed float32 by 1.25-1.75
@@ -79,6 +82,9 @@ def test_deq_under_mixed_precision_converges_and_keeps_float32_accuracy(policy, 
     full, full_logs = float32_deq
     train_data, test_data = data()
     model, fusion, history = train("deq", train_data, epochs=TRAINED_EPOCHS)
+    assert np.all(np.isfinite(history["loss"])), history
+    check_float32_outputs(model, fusion, policy, [a[:8] for a in test_data[0]])
+    assert fusion.last_stats["residual"].dtype == "float32"  # the solver state stays float32
     mixed = np.mean(model.predict(test_data[0], verbose=0).argmax(-1) == test_data[1])
     assert full > 0.8, full
     assert mixed >= full - 0.01, (mixed, full)
