@@ -4,6 +4,7 @@ import numpy as np
 import keras
 
 import keras_mmfusion as mmf
+from keras_mmfusion.training import build_before_tracing
 
 
 def random_inputs(batch=5, widths=(8, 12, 8), seed=0, dtype="float32"):
@@ -41,6 +42,8 @@ def fit_and_score(model, train, test, epochs=20, batch_size=64, lr=3e-3, **compi
     model.compile(
         keras.optimizers.Adam(lr), "sparse_categorical_crossentropy", metrics=["accuracy"], **compile_kwargs
     )
+    build_before_tracing(model, *[[a[:batch_size] for a in part] if isinstance(part, list) else part[:batch_size]
+                                  for part in train])
     model.fit(*train, epochs=epochs, batch_size=batch_size, verbose=0)
     return model.evaluate(*test, verbose=0, return_dict=True)["accuracy"]
 

@@ -6,7 +6,7 @@ stopping and best-epoch selection on validation only, and one evaluation of the 
 split at the end. The library itself (layers, models, export) does not depend on it.
 """
 
-from keras_mmfusion.training.fitting import compile_classifier, fit_classifier
+from keras_mmfusion.training.fitting import build_before_tracing, compile_classifier, fit_classifier
 from keras_mmfusion.training.protocol import (
     RECIPE,
     REFERENCE_RECIPE,
@@ -27,6 +27,7 @@ __all__ = [
     "REFERENCE_RECIPE",
     "Settings",
     "Splits",
+    "build_before_tracing",
     "build_model",
     "model_inputs",
     "classification_metrics",

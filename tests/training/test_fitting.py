@@ -96,3 +96,29 @@ def test_step_decay_needs_a_period_and_a_factor_in_0_1():
         step_decay(1e-3, 0, 0.5)
     with pytest.raises(ValueError, match="every >= 1 and 0 < factor <= 1"):
         step_decay(1e-3, 10, 1.5)
+
+
+@pytest.mark.parametrize("modality_weight", [0.0, 0.5])
+def test_the_training_step_is_traced_once(modality_weight, monkeypatch):
+    """The optimizer's, metrics' and losses' variables exist before fit traces the step,
+    so TensorFlow traces it once and not again to create them."""
+    import keras_mmfusion.training.fitting as fitting
+    from keras_mmfusion.models import make_fusion
+
+    traces = []
+
+    def compile_and_count(*args, **kwargs):
+        trainer = compile_classifier(*args, **kwargs)
+        step = trainer.train_step
+        trainer.train_step = lambda data: traces.append(data) or step(data)  # runs once per trace
+        return trainer
+
+    monkeypatch.setattr(fitting, "compile_classifier", compile_and_count)
+    rng = np.random.default_rng(0)
+    keras.utils.set_random_seed(0)
+    model = build_classifier(make_fusion("sum", 8), [5, 3], 2, encoder_units=8, head_units=8)
+    # Whole batches: a smaller last batch would be traced once more, for its shape.
+    history, _ = fit_classifier(model, two_informative_modalities(rng, 64), 2, batch_size=32,
+                                modality_weight=modality_weight)
+    assert len(history["loss"]) == 2
+    assert len(traces) == 1
