@@ -61,6 +61,8 @@ def fit_save_reload(model, x, path):
     """Train ``model`` one epoch on ``x`` with alternating labels, save it to ``path`` and
     load it back in safe mode; returns the loaded model."""
     model.compile("adam", "sparse_categorical_crossentropy")
-    model.fit(x, np.arange(len(x[0])) % 2, epochs=1, verbose=0)
+    labels = np.arange(len(x[0])) % 2
+    build_before_tracing(model, [a[:32] for a in x], labels[:32])
+    model.fit(x, labels, epochs=1, verbose=0)
     model.save(path)
     return keras.saving.load_model(path, safe_mode=True)
