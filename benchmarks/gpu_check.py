@@ -63,7 +63,7 @@ def train(kind, x, y, batch, jit_compile, seed=0, **fusion_options):
     keras.utils.set_random_seed(seed)
     model = build(kind, [a.shape[1] for a in x], **fusion_options)
     model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy", jit_compile=jit_compile)
-    build_before_tracing(model, [a[:batch] for a in x], y[:batch])  # one trace of the step, not two
+    build_before_tracing(model, x, y)  # one trace of the step, not two
     losses, times = [], []
     for step in range(len(y) // batch):
         part = slice(step * batch, (step + 1) * batch)

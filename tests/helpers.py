@@ -42,8 +42,7 @@ def fit_and_score(model, train, test, epochs=20, batch_size=64, lr=3e-3, **compi
     model.compile(
         keras.optimizers.Adam(lr), "sparse_categorical_crossentropy", metrics=["accuracy"], **compile_kwargs
     )
-    build_before_tracing(model, *[[a[:batch_size] for a in part] if isinstance(part, list) else part[:batch_size]
-                                  for part in train])
+    build_before_tracing(model, *train)
     model.fit(*train, epochs=epochs, batch_size=batch_size, verbose=0)
     return model.evaluate(*test, verbose=0, return_dict=True)["accuracy"]
 
@@ -62,7 +61,7 @@ def fit_save_reload(model, x, path):
     load it back in safe mode; returns the loaded model."""
     model.compile("adam", "sparse_categorical_crossentropy")
     labels = np.arange(len(x[0])) % 2
-    build_before_tracing(model, [a[:32] for a in x], labels[:32])
+    build_before_tracing(model, x, labels)
     model.fit(x, labels, epochs=1, verbose=0)
     model.save(path)
     return keras.saving.load_model(path, safe_mode=True)

@@ -61,7 +61,7 @@ def trained():
                 if weight.path.endswith("gamma"):
                     weight.assign(0.1 * weight.numpy())
         model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
-        build_before_tracing(model, [a[:64] for a in train[0]], train[1][:64])
+        build_before_tracing(model, *train)
         # The DEQ model is compared across runtimes, not scored (see the int8 test), so
         # a few epochs do; the others are trained to the int8 test's accuracy.
         model.fit(*train, epochs=3 if name == "deq" else 15, batch_size=64, verbose=0)

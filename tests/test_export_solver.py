@@ -119,7 +119,7 @@ def trained_deq():
     model = mmf.models.build_classifier(mmf.models.make_fusion("deq", 8), WIDTHS, 2, encoder_units=8,
                                         head_units=8, standardize_with=train[0])
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
-    build_before_tracing(model, [a[:64] for a in train[0]], train[1][:64])
+    build_before_tracing(model, *train)
     model.fit(*train, epochs=8, batch_size=64, verbose=0)
     models = {"anderson": model}
     for solver in SOLVERS[1:]:

@@ -31,7 +31,7 @@ def train(name, train_data, epochs):
     fusion = mmf.models.make_fusion(name, 16, num_modalities=3)
     model = mmf.models.build_classifier(fusion, WIDTHS, 2, encoder_units=16, head_units=16)
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
-    build_before_tracing(model, [a[:64] for a in train_data[0]], train_data[1][:64])
+    build_before_tracing(model, *train_data)
     history = model.fit(*train_data, epochs=epochs, batch_size=64, verbose=0).history
     return model, fusion, history
 

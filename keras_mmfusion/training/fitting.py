@@ -3,7 +3,6 @@
 import math
 
 import keras
-import numpy as np
 
 from keras_mmfusion.callbacks import ClassifierLogs, EpochTimer
 from keras_mmfusion.models import with_modality_heads
@@ -120,22 +119,23 @@ def fit_classifier(model, train, epochs, validation=None, batch_size=32, patienc
         mode = "min" if "loss" in monitor else "max"
         order.append(keras.callbacks.EarlyStopping(monitor, patience=patience or epochs, mode=mode,
                                                    restore_best_weights=True))
-    build_before_tracing(trainer, *keras.tree.map_structure(lambda a: np.asarray(a)[:batch_size], tuple(train)))
+    build_before_tracing(trainer, *train)
     history = trainer.fit(*train, validation_data=validation, epochs=epochs, batch_size=batch_size,
                           verbose=verbose, callbacks=order)
     return history.history, timer
 
 
 def build_before_tracing(model, x, y):
-    """Create a compiled model's optimizer, metric and loss variables from one batch
-    ``(x, y)``, before ``fit`` or ``train_on_batch`` traces the training step.
+    """Create a compiled model's optimizer, metric and loss variables before ``fit`` or
+    ``train_on_batch`` traces the training step. ``x`` and ``y`` are training inputs and
+    labels as ``fit`` takes them (a batch or all of them); only their shapes are read.
 
     Without a distribution strategy, Keras creates them inside the first call of the
     step, and TensorFlow then traces the step a second time; for a DEQ classifier each
     trace takes seconds (the solver loops and their gradients), about half of the first
     epoch on small data. This is the build Keras runs itself under a strategy
-    (``Trainer._symbolic_build``), on the batch's shapes. Under a strategy, and on a Keras without that method, it does
-    nothing.
+    (``Trainer._symbolic_build``). Under a strategy, and on a Keras without that method,
+    it does nothing.
     """
     build = getattr(model, "_symbolic_build", None)
     if build is None or getattr(model, "_distribute_strategy", None) is not None:
