@@ -4,6 +4,7 @@ import keras
 import numpy as np
 
 from keras_mmfusion import ConcatFusion, DEQFusion, DynamicFusion
+from keras_mmfusion.training import build_before_tracing
 
 
 def fit_logs(model, widths, epochs=1):
@@ -11,6 +12,7 @@ def fit_logs(model, widths, epochs=1):
     x = [rng.standard_normal((32, w)).astype("float32") for w in widths]
     y = rng.integers(0, 2, 32)
     model.compile("adam", "sparse_categorical_crossentropy")
+    build_before_tracing(model, x, y)
     history = model.fit(x, y, batch_size=16, epochs=epochs, validation_data=(x, y), verbose=0)
     return {key: values[-1] for key, values in history.history.items()}
 

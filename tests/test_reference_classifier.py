@@ -8,6 +8,7 @@ import keras
 import keras_mmfusion as mmf
 from keras_mmfusion import export
 from keras_mmfusion.layers import ConfidenceHead, FeatureGate, training_labels
+from keras_mmfusion.training import build_before_tracing
 
 WIDTHS = (6, 10, 8)
 
@@ -24,6 +25,7 @@ def trained(data):
     keras.utils.set_random_seed(0)
     model = mmf.models.build_reference_classifier(WIDTHS, 2, units=8, standardize_with=x)
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    build_before_tracing(model, x, y)
     history = model.fit(x, y, epochs=3, batch_size=100, verbose=0)
     return model, history.history
 

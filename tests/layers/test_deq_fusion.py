@@ -5,6 +5,7 @@ import keras
 
 from keras_mmfusion.equilibrium import hutchinson_jacobian_norm
 from keras_mmfusion.layers import DEQFusion
+from keras_mmfusion.training import build_before_tracing
 
 from helpers import (BAD_FUSION_INPUTS, fit_and_score, fit_save_reload, fusion_classifier, linear_classifier,
                      random_inputs, synthetic_split)
@@ -256,6 +257,7 @@ def test_fit_beats_linear_model_and_logs_solver_stats(synthetic, linear_accuracy
     # graph-mode training in tests/test_benchmarks.py (gpu_check), eager training below.
     model = fusion_classifier(DEQFusion(), widths)
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    build_before_tracing(model, x, y)
     # 30 epochs: an occasional run starts slowly and was still near chance at epoch 20.
     history = model.fit(x, y, epochs=30, batch_size=64, verbose=0)
     assert {"deq_steps", "deq_residual", "deq_converged"} <= set(history.history)

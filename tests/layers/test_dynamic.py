@@ -7,6 +7,7 @@ import keras
 
 import keras_mmfusion as mmf
 from keras_mmfusion.layers import ConcatFusion, DEQFusion, DynamicFusion
+from keras_mmfusion.training import build_before_tracing
 
 from helpers import fit_save_reload, random_inputs
 
@@ -139,6 +140,7 @@ def test_raising_cost_weight_moves_routing_to_the_cheaper_expert():
     for weight in (0.0, 2.0):
         model, layer = routed_model(weight)
         model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+        build_before_tracing(model, x, y)
         history = model.fit(x, y, epochs=8, batch_size=64, verbose=0)
         assert {"dynmm_cost", "dynmm_expert_0", "dynmm_expert_1"} <= set(history.history)
         model.predict(x, batch_size=600, verbose=0)
@@ -151,6 +153,7 @@ def test_jit_compiled_training_logs_routing_and_reaches_the_cost_loss():
     x, y = routing_task(1)
     model, layer = routed_model(0.5)
     model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy", jit_compile=True)
+    build_before_tracing(model, x, y)
     history = model.fit(x, y, epochs=3, batch_size=64, verbose=0)
     assert history.history["loss"][-1] < history.history["loss"][0]
     fractions = history.history["dynmm_expert_0"][-1] + history.history["dynmm_expert_1"][-1]
