@@ -69,7 +69,7 @@ def build_parser():
     train.add_argument("--fusion", default="deq", choices=recipe["fusions"], help="fusion method (default: deq)")
     train.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum epochs (default: %(default)s)")
     train.add_argument("--patience", type=int, default=defaults.patience,
-                       help="early-stopping patience in epochs (default: %(default)s)")
+                       help="early-stopping patience in epochs; 0 runs every epoch (default: %(default)s)")
     train.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     train.add_argument("--seeds", type=int, default=1,
                        help="train with N seeds (--seed, --seed + 1, ...), each in OUT/seed_<s>, and print the "
@@ -133,22 +133,36 @@ def build_parser():
 # -- subcommands --------------------------------------------------------------------
 
 
-def _load_data(spec, header=False):
-    from keras_mmfusion.training import load_splits
-
-    splits = load_splits(spec, header=header)
-    if header and spec not in ("synthetic", "rosmap"):
-        print(f"{spec}: skipped the header row of every CSV file (--header)", file=sys.stderr)
-    return splits
+BUILT_IN_DATA = ("synthetic", "rosmap")
 
 
-def _load_model(path):
+def _check_data(spec):
+    """Refuse a ``--data`` folder that does not exist, before TensorFlow is imported."""
+    if spec not in BUILT_IN_DATA and not os.path.isdir(spec):
+        raise CommandError(f"{spec}: data folder not found (expected 'synthetic', 'rosmap' or a folder)")
+
+
+def _check_model_file(path):
+    """Refuse a ``--model`` that is not a file or not a zip archive, before TensorFlow is imported."""
     if not os.path.isfile(path):
         raise CommandError(f"model file not found: {path}")
     import zipfile
 
     if not zipfile.is_zipfile(path):
         raise CommandError(f"{path} is not a valid .keras archive (a .keras file is a zip archive written by model.save)")
+
+
+def _load_data(spec, header=False):
+    from keras_mmfusion.training import load_splits
+
+    splits = load_splits(spec, header=header)
+    if header and spec not in BUILT_IN_DATA:
+        print(f"{spec}: skipped the header row of every CSV file (--header)", file=sys.stderr)
+    return splits
+
+
+def _load_model(path):
+    _check_model_file(path)
     import keras
 
     try:
@@ -234,15 +248,29 @@ def _train_one(args, splits, settings, seed, out):
     return metrics
 
 
+def _check_train_arguments(args):
+    """The number and range checks of ``train``'s options, before TensorFlow is imported."""
+    for option in ("seeds", "epochs", "units", "batch_size"):
+        if getattr(args, option) < 1:
+            raise CommandError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
+    if args.patience < 0:
+        raise CommandError(f"--patience must be >= 0 (0: no early stopping), got {args.patience}")
+    if not args.lr > 0:
+        raise CommandError(f"--lr must be > 0, got {args.lr}")
+    if not args.modality_weight >= 0:
+        raise CommandError(f"--modality-weight must be >= 0, got {args.modality_weight}")
+    for option in ("dropout", "modality_dropout"):
+        if not 0 <= getattr(args, option) < 1:
+            raise CommandError(f"--{option.replace('_', '-')} must be in [0, 1), got {getattr(args, option)}")
+    _check_data(args.data)
+
+
 def cmd_train(args):
+    _check_train_arguments(args)
     from keras_mmfusion.training import headline_metrics
     from keras_mmfusion.training import Settings, summarise
 
-    if args.seeds < 1:
-        raise CommandError(f"--seeds must be at least 1, got {args.seeds}")
     splits = _load_data(args.data, args.header)
-    if not 0 <= args.modality_dropout < 1:
-        raise CommandError(f"--modality-dropout must be in [0, 1), got {args.modality_dropout}")
     settings = Settings(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight,
                         modality_dropout=args.modality_dropout, lr=args.lr,
                         batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, monitor=args.monitor,
@@ -271,13 +299,15 @@ def _table(values):
 
 
 def cmd_evaluate(args):
-    from keras_mmfusion.training import classification_metrics, model_inputs
-
-    model = _load_model(args.model)
+    _check_model_file(args.model)
     data, header = _data_of(args)
     if not data:
         raise CommandError("pass --data: the data to evaluate on (no metrics.json with a data source next to "
                            "the model)")
+    _check_data(data)
+    from keras_mmfusion.training import classification_metrics, model_inputs
+
+    model = _load_model(args.model)
     splits = _load_data(data, header)
     widths = [int(t.shape[-1]) for t in model.inputs if t.name != "modality_mask"]
     if widths != splits.widths:
@@ -361,9 +391,7 @@ def _verify_exported(model, path, splits, quantize, diagnostics):
 
 
 def cmd_export(args):
-    from keras_mmfusion import export
-
-    model = _load_model(args.model)
+    _check_model_file(args.model)
     if args.quantize and args.format != "tflite":
         raise CommandError("--quantize applies to --format tflite only")
     if args.strip_names and args.format != "tflite":
@@ -374,6 +402,10 @@ def cmd_export(args):
                            "next to the model)")
     if args.quantize == "int8" and not args.data:
         raise CommandError("--quantize int8 needs calibration data: pass --data with the model's training data")
+    _check_data(data)
+    from keras_mmfusion import export
+
+    model = _load_model(args.model)
     splits = _load_data(data, header)
     stem = os.path.splitext(args.model)[0]
     options = dict(overwrite=args.overwrite, diagnostics=args.diagnostics)

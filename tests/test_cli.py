@@ -114,7 +114,7 @@ def test_negative_modality_weight_is_one_line():
     done = run_cli("train", "--fusion", "concat", "--modality-weight", "-1", "--epochs", "1")
     assert done.returncode != 0 and "Traceback" not in done.stderr
     lines = own_lines(done.stderr)
-    assert len(lines) == 1 and "modality_weight must be >= 0" in lines[0], done.stderr
+    assert len(lines) == 1 and "--modality-weight must be >= 0, got -1.0" in lines[0], done.stderr
 
 
 def test_unreadable_model_file_is_one_line(tmp_path):
@@ -135,20 +135,45 @@ def test_help_lists_every_subcommand_and_option():
         assert option in train_help
 
 
-def test_help_and_argument_errors_answer_without_importing_tensorflow():
+# Each argument error, and the message that names it.
+ARGUMENT_ERRORS = [
+    (["train", "--fusion", "nope"], "argument --fusion: invalid choice: 'nope'"),
+    (["train", "--data", "/nonexistent/folder"], "/nonexistent/folder: data folder not found"),
+    (["train", "--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["train", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["train", "--patience", "-1"], "--patience must be >= 0 (0: no early stopping), got -1"),
+    (["train", "--lr", "0"], "--lr must be > 0, got 0.0"),
+    (["train", "--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
+    (["train", "--modality-dropout", "-0.1"], "--modality-dropout must be in [0, 1), got -0.1"),
+    (["evaluate", "--model", "/nonexistent/model.keras"], "model file not found: /nonexistent/model.keras"),
+    (["export", "--model", "/nonexistent/model.keras", "--format", "onnx"],
+     "model file not found: /nonexistent/model.keras"),
+]
+
+
+def test_help_and_argument_errors_answer_without_importing_tensorflow(tmp_path):
+    bad = tmp_path / "broken.keras"
+    bad.write_bytes(b"not a zip file")
+    errors = ARGUMENT_ERRORS + [(["export", "--model", str(bad), "--format", "tflite", "--data", "synthetic"],
+                                 f"{bad} is not a valid .keras archive")]
+    argvs = [["--help"], ["train", "--help"], ["export", "--help"]] + [argv for argv, _ in errors]
     code = ("import sys\n"
             "import keras_mmfusion_cli as cli\n"
-            "for argv in (['--help'], ['train', '--help'], ['export', '--help'], ['train', '--fusion', 'nope']):\n"
+            f"for argv in {argvs!r}:\n"
             "    try:\n"
             "        code = cli.main(argv)\n"
             "    except SystemExit as stop:\n"
             "        code = stop.code\n"
-            "    print('exit', code)\n"
+            "    print('exit', code, file=sys.stderr)\n"
             "print('imported', sorted(m for m in ('tensorflow', 'keras', 'keras_mmfusion') if m in sys.modules))\n")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
-    results = [line for line in done.stdout.splitlines() if line.startswith(("exit ", "imported "))]
-    assert results == ["exit 0", "exit 0", "exit 0", "exit 2", "imported []"], done.stderr
-    assert "argument --fusion: invalid choice: 'nope'" in done.stderr
+    assert done.stdout.splitlines()[-1] == "imported []", done.stderr
+    lines = done.stderr.splitlines()
+    assert lines.count("exit 0") == 3 and lines[-1] == "exit 2", done.stderr
+    # After the helps, each error is one line, then its exit status.
+    pairs = lines[-2 * len(errors):]
+    for (argv, message), line, status in zip(errors, pairs[::2], pairs[1::2]):
+        assert line.startswith("mmfusion") and message in line and status == "exit 2", (argv, line, status)
 
 
 def test_the_recipe_file_lists_every_fusion_method():
