@@ -144,6 +144,35 @@ def test_onnx_matches_keras(name, trained, tmp_path):
         assert errors["probabilities"]["max_abs"] <= 1e-4, errors
 
 
+def test_onnx_optimizers_run_in_place_and_a_failing_one_falls_back_to_tf2onnxs_undo(trained, tmp_path, monkeypatch):
+    """to_onnx runs tf2onnx's optimizers without its per-optimizer graph copies; when one
+    raises, the conversion is redone by tf2onnx.convert.from_graph_def, which undoes it."""
+    import onnx
+    from tf2onnx import optimizer
+
+    models, _, test = trained
+    model = models["gated"]
+    in_place = onnx.load(export.to_onnx(model, tmp_path / "in_place.onnx"))
+    calls = []
+
+    class Failing:
+        graph_been_opt = False
+
+        def optimize(self, graph, iteration):
+            calls.append(iteration)
+            raise RuntimeError("an optimizer that fails")
+
+    monkeypatch.setitem(optimizer._optimizers, "failing", Failing)
+    path = export.to_onnx(model, tmp_path / "fallback.onnx")
+    # Raised once in place, then once per pass of tf2onnx's own conversion.
+    assert len(calls) >= 2, calls
+    fallback = onnx.load(path)
+    # The same ops; tf2onnx's copies renumber the generated constant names and node order.
+    assert sorted(n.op_type for n in fallback.graph.node) == sorted(n.op_type for n in in_place.graph.node)
+    errors = export.verify_export(model, path, batches(test)["batch7"])
+    assert errors["probabilities"]["max_abs"] <= 1e-4, errors
+
+
 # The DEQ model here is made contractive by hand, not trained to accuracy; int8 of a trained
 # DEQ classifier, with its solver's steps, is tested in test_export_solver.py.
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "deq"])
