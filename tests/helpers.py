@@ -1,5 +1,8 @@
 """Model builders and data shared by the layer tests."""
 
+import fcntl
+import os
+
 import numpy as np
 import keras
 
@@ -64,4 +67,25 @@ def fit_save_reload(model, x, path):
     build_before_tracing(model, x, labels)
     model.fit(x, labels, epochs=1, verbose=0)
     model.save(path)
+    return keras.saving.load_model(path, safe_mode=True)
+
+
+def trained_once(tmp_path_factory, name, train):
+    """A model that ``train()`` returns, trained once per test run and loaded from a
+    ``.keras`` file (in safe mode) by every test module that asks for it.
+
+    Under pytest-xdist the workers of one run share the parent of their base
+    temporary folders, so a lock there lets the first worker train and the others
+    wait for its file (the pattern of pytest-xdist's documentation); without xdist
+    the run's own base folder is used.
+    """
+    base = tmp_path_factory.getbasetemp()
+    root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
+    path = root / f"{name}.keras"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not path.exists():
+            written = root / f"{name}.writing.keras"
+            train().save(written)
+            os.replace(written, path)
     return keras.saving.load_model(path, safe_mode=True)

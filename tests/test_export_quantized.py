@@ -1,8 +1,9 @@
 """Quantised exports of a trained DEQ classifier keep its solver in float, and the
 ``export/README.md`` snippets run as written on it.
 
-The trained model is the fixture of ``test_export_solver.py``; these tests live in their
-own file so that the test workers run them alongside that file's.
+The trained model is the fixture of ``test_export_solver.py``, trained once per test run
+for both files; these tests live in their own file so that the test workers run them
+alongside that file's.
 """
 
 import numpy as np

@@ -17,6 +17,8 @@ from keras_mmfusion.equilibrium import fixed_point_solve
 from keras_mmfusion.metrics import report_solver_stats
 from keras_mmfusion.training import build_before_tracing
 
+from helpers import trained_once
+
 SOLVERS = ["anderson", "broyden", "fixed_point"]
 FORMATS = ["saved_model", "tflite", "onnx"]
 WIDTHS = (6, 10, 8)
@@ -105,22 +107,33 @@ def test_solver_iterates_alike_in_every_runtime_on_a_known_fixed_point(solver, t
         np.testing.assert_allclose(got["z"], z, atol=1e-5)
 
 
-@pytest.fixture(scope="module")
-def trained_deq():
-    """A DEQ classifier as users build it, trained briefly: ``{solver: model}`` and test inputs.
-
-    One model is trained (Anderson, the default); the Broyden and plain-iteration models
-    carry its weights with the solver swapped.
-    """
+def deq_data():
     x, y = mmf.make_synthetic(1000, num_modalities=3, widths=list(WIDTHS), noise=0.3, seed=7)
     x = [a * 4.0 + 2.0 for a in x]  # offsets and scales for the standardisation to remove
-    train = ([a[:800] for a in x], y[:800])
+    return ([a[:800] for a in x], y[:800]), [a[800:808] for a in x]
+
+
+def train_deq():
+    train, _ = deq_data()
     keras.utils.set_random_seed(0)
     model = mmf.models.build_classifier(mmf.models.make_fusion("deq", 8), WIDTHS, 2, encoder_units=8,
                                         head_units=8, standardize_with=train[0])
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
     build_before_tracing(model, *train)
     model.fit(*train, epochs=8, batch_size=64, verbose=0)
+    return model
+
+
+@pytest.fixture(scope="module")
+def trained_deq(tmp_path_factory):
+    """A DEQ classifier as users build it, trained briefly, saved and reloaded:
+    ``{solver: model}`` and test inputs.
+
+    One model is trained (Anderson, the default), once per test run for this module and
+    ``test_export_quantized.py``; the Broyden and plain-iteration models carry its
+    weights with the solver swapped.
+    """
+    model = trained_once(tmp_path_factory, "export_solver_deq", train_deq)
     models = {"anderson": model}
     for solver in SOLVERS[1:]:
         config = model.get_config()
@@ -129,7 +142,7 @@ def trained_deq():
                 layer["config"]["solver"] = solver
         models[solver] = keras.Model.from_config(config)
         models[solver].set_weights(model.get_weights())
-    return models, [a[800:808] for a in x]
+    return models, deq_data()[1]
 
 
 @pytest.fixture(scope="module")
