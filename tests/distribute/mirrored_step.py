@@ -1,6 +1,8 @@
 """One training step and one prediction, on one device and under MirroredStrategy over two
-logical CPUs; prints a JSON report. Run as a script: the logical devices must be set up
-before TensorFlow initialises."""
+logical CPUs, for each kind named on the command line; prints a JSON report keyed by kind.
+Run as a script: the logical devices must be set up before TensorFlow initialises. All
+kinds share one strategy: a second MirroredStrategy in one process reuses the first one's
+collective instance keys, and its all-reduces then fail on a shape mismatch."""
 
 import json
 import os
@@ -17,16 +19,14 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_mmfusion as mmf  # noqa: E402
+from keras_mmfusion.training import build_before_tracing  # noqa: E402
 
 WIDTHS = [6, 10, 8]
-# "<fusion>" or "<fusion>-masked": the classifier then takes a modality_mask input, fed
-# with modalities absent (NaN placeholders).
-KIND, _, MASKED = sys.argv[1].partition("-")
 
 
-def build():
+def build(kind, masked):
     keras.utils.set_random_seed(0)
-    if KIND == "deq":
+    if kind == "deq":
         # The Jacobian penalty's Hutchinson probes are random draws of the local batch's
         # shape, so each replica draws different ones than one device would: the penalty
         # is left out of the comparison of weights.
@@ -34,15 +34,15 @@ def build():
     else:
         # DynMM with its routing-cost term (make_fusion's cost_weight=0.05): an add_loss
         # term whose gradient a replica loses if the forward pass synchronises replicas.
-        fusion = mmf.models.make_fusion(KIND, 8, num_modalities=len(WIDTHS))
-    model = mmf.models.build_classifier(fusion, WIDTHS, 2, encoder_units=8, head_units=8,
-                                        modality_mask=bool(MASKED))
+        fusion = mmf.models.make_fusion(kind, 8, num_modalities=len(WIDTHS))
+    model = mmf.models.build_classifier(fusion, WIDTHS, 2, encoder_units=8, head_units=8, modality_mask=masked)
     model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
     return model
 
 
-def run(model, x, y):
-    if MASKED:
+def run(model, x, y, masked):
+    build_before_tracing(model, x, y)  # one trace of the single-device step; nothing under a strategy
+    if masked:
         # Keras's fit and evaluate average the first distributed batch over the replicas
         # to build the model, which fails on a boolean input; train_on_batch does not.
         logs = {k: float(v) for k, v in model.train_on_batch(x, y, return_dict=True).items()}
@@ -59,14 +59,26 @@ def run(model, x, y):
     return report
 
 
-x, y = mmf.make_synthetic(64, num_modalities=3, widths=WIDTHS, noise=0.5, seed=0)
-if MASKED:
-    rng = np.random.default_rng(0)
-    mask = rng.random((64, 3)) < 0.6
-    mask[np.arange(64), rng.integers(0, 3, 64)] = True
-    x = [np.where(mask[:, i : i + 1], a, np.nan).astype("float32") for i, a in enumerate(x)] + [mask]
-single = run(build(), x, y)
-with tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]).scope():
-    mirrored = build()
-distributed = run(mirrored, x, y)
-print(json.dumps({"single": single, "mirrored": distributed}))
+def compare(kind, masked, strategy):
+    """``{"single": report, "mirrored": report}`` for ``kind``; with ``masked`` the classifier
+    takes a modality_mask input, fed with modalities absent (NaN placeholders)."""
+    x, y = mmf.make_synthetic(64, num_modalities=3, widths=WIDTHS, noise=0.5, seed=0)
+    if masked:
+        rng = np.random.default_rng(0)
+        mask = rng.random((64, 3)) < 0.6
+        mask[np.arange(64), rng.integers(0, 3, 64)] = True
+        x = [np.where(mask[:, i : i + 1], a, np.nan).astype("float32") for i, a in enumerate(x)] + [mask]
+    single = run(build(kind, masked), x, y, masked)
+    with strategy.scope():
+        mirrored = build(kind, masked)
+    return {"single": single, "mirrored": run(mirrored, x, y, masked)}
+
+
+# Each argument: "<fusion>" or "<fusion>-masked".
+strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+reports = {}
+for name in sys.argv[1:]:
+    kind, _, masked = name.partition("-")
+    reports[name] = compare(kind, bool(masked), strategy)
+    keras.backend.clear_session()
+print(json.dumps(reports))
