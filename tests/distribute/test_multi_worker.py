@@ -7,7 +7,6 @@ import socket
 import subprocess
 import sys
 
-import pytest
 
 EXAMPLE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "examples", "distributed.py")
 
