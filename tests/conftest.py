@@ -19,3 +19,23 @@ def _reset_keras_state():
     keras.utils.set_random_seed(0)
     yield
     keras.config.set_dtype_policy("float32")
+
+
+# The longest test files, longest first (each 65-245 s in a full run on the 2-core CI
+# machine). ``--dist loadfile`` hands out whole files in collection order (setup.cfg
+# turns off xdist's reordering by test count), so the long ones start first and no
+# worker is left running one of them alone at the end.
+LONGEST_FIRST = (
+    "test_export.py", "layers/test_deq_fusion.py", "layers/test_basic.py", "test_export_solver.py",
+    "test_mixed_precision.py", "test_cli.py", "test_export_quantized.py", "distribute/test_mirrored.py",
+    "test_examples.py", "test_benchmarks.py", "distribute/test_multi_worker.py", "test_models.py",
+)
+
+
+def pytest_collection_modifyitems(config, items):
+    tests = os.path.dirname(os.path.abspath(__file__))
+    rank = {os.path.join(tests, name): i for i, name in enumerate(LONGEST_FIRST)}
+    missing = [path for path in rank if not os.path.isfile(path)]
+    if missing:
+        raise pytest.UsageError(f"tests/conftest.py LONGEST_FIRST names files that do not exist: {missing}")
+    items.sort(key=lambda item: rank.get(str(item.path), len(rank)))
