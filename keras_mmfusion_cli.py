@@ -162,7 +162,7 @@ def _load_data(spec, header=False):
 
 
 def _load_model(path):
-    _check_model_file(path)
+    """The model of a ``.keras`` file that :func:`_check_model_file` accepted."""
     import keras
 
     try:
