@@ -250,8 +250,8 @@ def test_train_defaults_are_the_readme_recipe():
     assert chosen == {k: getattr(RECIPE, k) for k in chosen}
     assert (RECIPE.dropout, RECIPE.modality_weight, RECIPE.epochs, RECIPE.patience) == (0.5, 1.0, 200, 30)
     readme = open(os.path.join(os.path.dirname(__file__), "..", "README.md")).read()
-    assert ("uses the same encoder width (32), dropout 0.5, Adam 1e-3, batch 32, at most 200 epochs and\n"
-            "patience 30") in readme
+    assert (f"uses the same encoder width ({RECIPE.units}), dropout 0.5, Adam 1e-3, batch 32, at most 200 "
+            "epochs and\npatience 30") in readme
     assert "each view's encoder as well (`modality_weight=1`)" in readme
 
 
