@@ -1,6 +1,7 @@
 """ROSMAP (Alzheimer's disease vs control, 3 omics views): an honest comparison.
 
-    python examples/rosmap.py [--seeds 5] [--methods deq reference dmf concat single] [--out runs/rosmap]
+    python examples/rosmap.py [--seeds 5] [--methods deq reference reference_narrow dmf concat single]
+                              [--out runs/rosmap]
 
 Also reachable as ``mmfusion train --data rosmap`` for a single model.
 
@@ -17,7 +18,8 @@ single omics view (chosen by mean validation loss, not by test score), all with
 (``build_reference_classifier``: feature gates, confidence heads, DEQ fusion) with that
 paper's ROSMAP recipe, ``REFERENCE_RECIPE``: inputs min-max scaled with the training
 part, width 300, full-batch Adam 1e-4 with coupled weight decay, x0.2 after epoch 500,
-clipped gradients, all 1000 epochs run and the epoch of lowest validation loss kept.
+clipped gradients, all 1000 epochs run and the epoch of lowest validation loss kept;
+``reference_narrow`` is the same with a 64-wide DEQ state, ``REFERENCE_NARROW_RECIPE``.
 The data are MOGONET's preprocessed release (Wang et al., Nature Communications 2021),
 read from ``$MMFUSION_ROSMAP`` or downloaded once into the Keras cache (see
 ``keras_mmfusion.datasets.mogonet_folder``).
@@ -32,7 +34,7 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 from keras_mmfusion.training import (  # noqa: E402
-    RECIPE, REFERENCE_RECIPE, Settings, load_splits, run_trial, select_views, summarise,
+    RECIPE, REFERENCE_NARROW_RECIPE, REFERENCE_RECIPE, Settings, load_splits, run_trial, select_views, summarise,
 )
 
 PUBLISHED = {"MOGONET (published)": {"accuracy": 0.815, "f1_binary": 0.821, "auc": 0.874}}
@@ -58,20 +60,23 @@ def main():
                              f"{REFERENCE_RECIPE.epochs})")
     parser.add_argument("--refit", action="store_true",
                         help="retrain on the whole training split for the epochs chosen on validation")
-    parser.add_argument("--methods", nargs="+", choices=["deq", "reference", "dmf", "concat", "single"],
-                        default=["deq", "reference", "dmf", "concat", "single"],
+    methods = ["deq", "reference", "reference_narrow", "dmf", "concat", "single"]
+    parser.add_argument("--methods", nargs="+", choices=methods, default=methods,
                         help="methods to run ('single': the best single view); default: all")
     parser.add_argument("--out", default="runs/rosmap")
     args = parser.parse_args()
     def settings_of(name):
-        recipe = REFERENCE_RECIPE if name == "reference" else SETTINGS
+        recipe = {"reference": REFERENCE_RECIPE, "reference_narrow": REFERENCE_NARROW_RECIPE}.get(name, SETTINGS)
         return Settings(**{**vars(recipe), "epochs": args.epochs or recipe.epochs, "refit": args.refit})
+
+    def model_of(name):
+        return "reference" if name.startswith("reference") else name
 
     splits = load_splits("rosmap")
     seeds = list(range(args.seeds))
     results = {}
     for name in [m for m in args.methods if m != "single"]:
-        runs = [run_trial(splits, name, seed, settings_of(name))[2] for seed in seeds]
+        runs = [run_trial(splits, model_of(name), seed, settings_of(name))[2] for seed in seeds]
         results[name] = {"runs": runs, "summary": summarise(runs)}
         print(f"{name}: accuracy {results[name]['summary']['accuracy'][0]:.3f}", flush=True)
     if "single" in args.methods:

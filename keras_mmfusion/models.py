@@ -289,7 +289,9 @@ def build_reference_classifier(
     Args:
         input_widths: the width of every modality (at least two).
         num_classes: the number of classes.
-        units: the width of the encoders and of every DEQ state.
+        units: the width of the encoders, and of every DEQ state unless
+            ``fusion_options`` sets ``units`` (``DEQFusion`` then projects each
+            encoding to that width).
         dropout: dropout after each encoder.
         gate_weight: the weight of each gate's sparsity loss.
         confidence_weight: the weight of each confidence head's loss.
@@ -317,6 +319,6 @@ def build_reference_classifier(
         if dropout:
             h = keras.layers.Dropout(dropout, name=f"encoder_dropout_{i}")(h)
         encoded.append(ConfidenceHead(num_classes, confidence_weight, name=f"confidence_{i}")(h))
-    fused = DEQFusion(units=units, name="deq_fusion", **(fusion_options or {}))(encoded)
+    fused = DEQFusion(**{"units": units, **(fusion_options or {})}, name="deq_fusion")(encoded)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(fused)
     return ReferenceClassifier(inputs, outputs, name="reference_classifier")

@@ -81,6 +81,15 @@ def test_saves_in_safe_mode_and_exports_probabilities_only(trained, data, tmp_pa
         assert export.verify_export(model, path, xs)["probabilities"]["max_abs"] <= 1e-4
 
 
+def test_fusion_options_can_set_a_narrower_deq_state_than_the_encoders(data):
+    x, _ = data
+    model = mmf.models.build_reference_classifier(WIDTHS, 2, units=8, fusion_options={"units": 4})
+    layer = model.get_layer("deq_fusion")
+    assert layer.units == 4 and model.get_layer("encoder_0").units == 8
+    assert [p.units for p in layer.projections] == [4, 4, 4]
+    assert model.predict([a[:5] for a in x], verbose=0).shape == (5, 2)
+
+
 def test_layers_shapes_and_configs_round_trip():
     gate = FeatureGate(sparsity_weight=0.5, name="g")
     assert tuple(gate(np.ones((3, 5), "float32")).shape) == (3, 5)

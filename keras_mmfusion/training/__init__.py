@@ -9,6 +9,7 @@ split at the end. The library itself (layers, models, export) does not depend on
 from keras_mmfusion.training.fitting import build_before_tracing, compile_classifier, fit_classifier
 from keras_mmfusion.training.protocol import (
     RECIPE,
+    REFERENCE_NARROW_RECIPE,
     REFERENCE_RECIPE,
     Settings,
     Splits,
@@ -24,6 +25,7 @@ from keras_mmfusion.training.scores import classification_metrics, headline_metr
 
 __all__ = [
     "RECIPE",
+    "REFERENCE_NARROW_RECIPE",
     "REFERENCE_RECIPE",
     "Settings",
     "Splits",
