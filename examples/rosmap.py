@@ -44,11 +44,11 @@ PUBLISHED = {"MOGONET (published)": {"accuracy": 0.815, "f1_binary": 0.821, "auc
 # the encoders' inputs dominated by their offsets); standardised inputs overfit within
 # 5-10 epochs, and dropout 0.5 gave the lowest validation loss of the settings tried.
 # A softmax head on every modality's encoder, trained alongside the fusion with weight 1,
-# lowered concat fusion's mean validation loss at width 32 from 0.537 to 0.470 and left DEQ fusion's
-# level (0.580 without, 0.577 with), so every fusion method trains with one. The width (of
-# the encoders, the fusion layer and the head's hidden layer) is the one of 4, 8, 16 and 32
-# with the lowest validation loss averaged over DEQ fusion, DenseFusion and concat fusion:
-# 8 (0.492, against 0.527 for 16 and 0.554 for 32; see benchmarks/RESULTS.md).
+# lowered concat fusion's mean validation loss at width 32 from 0.537 to 0.470 and left
+# DEQ fusion's level (0.580 without, 0.577 with), so every fusion method trains with one.
+# The width (of the encoders, the fusion layer and the head's hidden layer) is the one of
+# 4, 8, 16 and 32 with the lowest validation loss averaged over DEQ fusion, DenseFusion and
+# concat fusion: 8 (0.492, against 0.527 for 16 and 0.554 for 32; see benchmarks/RESULTS.md).
 SETTINGS = RECIPE
 
 

@@ -41,7 +41,9 @@ def build(kind, masked):
 
 
 def run(model, x, y, masked):
-    build_before_tracing(model, x, y)  # one trace of the single-device step; nothing under a strategy
+    # The single-device step is then traced once; for the mirrored model this does nothing,
+    # as Keras builds it itself under the strategy.
+    build_before_tracing(model, x, y)
     if masked:
         # Keras's fit and evaluate average the first distributed batch over the replicas
         # to build the model, which fails on a boolean input; train_on_batch does not.
