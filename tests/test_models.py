@@ -84,6 +84,7 @@ def test_refit_retrains_on_the_whole_training_split_for_the_chosen_epochs(refit)
     model, history, metrics = run_trial(splits, "concat", 0, settings)
     best_epoch = int(np.argmin(history["val_loss"])) + 1
     assert metrics["best_epoch"] == best_epoch
+    assert "converged_last_10" not in metrics  # no equilibrium layer, no convergence figures
     mean = np.asarray(model.get_layer("standardize_0").mean).ravel()
     if refit:
         # Standardised with, and trained on, all 100 training samples for best_epoch epochs.
@@ -174,5 +175,9 @@ def test_the_reference_recipe_runs_through_the_protocol_with_its_training_detail
     np.testing.assert_allclose(np.asarray(model.get_layer("min_max_0").mean).ravel(), train[0][keep].min(0), rtol=1e-5)
     deq = model.get_layer("deq_fusion")
     assert (deq.num_groups, deq.stop_mode, deq.max_iter) == (4, "abs", 30)
+    # The converged fraction of the training solves, over the last 10 (here all 4) epochs.
+    converged = np.asarray(history["deq_converged"])
+    assert metrics["converged_last_10"] == pytest.approx(converged.mean())
+    assert metrics["converged_last_10_lowest"] == pytest.approx(converged.min())
     assert model.get_layer("feature_gate_0").sparsity_weight == REFERENCE_RECIPE.model_options["gate_weight"]
     assert model.get_layer("confidence_1").loss_weight == REFERENCE_RECIPE.model_options["confidence_weight"]
