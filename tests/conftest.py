@@ -9,7 +9,10 @@ import tensorflow as tf  # noqa: E402
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # The test workers (setup.cfg: three) share the machine's cores: one intra-op thread
-    # each, so that the workers' thread pools do not spin-wait for the same cores.
+    # each, so that the workers' thread pools do not spin-wait for the same cores. The
+    # environment variable carries the setting to the scripts that tests run as
+    # subprocesses (examples, the CLI, the distributed-training scripts).
+    os.environ["TF_NUM_INTRAOP_THREADS"] = "1"
     tf.config.threading.set_intra_op_parallelism_threads(1)
 
 
