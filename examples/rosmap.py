@@ -1,7 +1,7 @@
 """ROSMAP (Alzheimer's disease vs control, 3 omics views): an honest comparison.
 
     python examples/rosmap.py [--seeds 5] [--methods deq reference reference_narrow dmf concat single]
-                              [--out runs/rosmap]
+                              [--out runs/rosmap] [--progress-every 100]
 
 Also reachable as ``mmfusion train --data rosmap`` for a single model.
 
@@ -22,6 +22,8 @@ clipped gradients, all 1000 epochs run and the epoch of lowest validation loss k
 ``reference_narrow`` is the same with a 64-wide DEQ state and 60 solver steps,
 ``REFERENCE_NARROW_RECIPE``. For every DEQ method the script also prints the fraction of
 training samples whose solve converged over the last 10 epochs of each seed's run.
+While it runs, it prints a line every 100 epochs of each run (``--progress-every``) and
+one when a run ends, with its kept epoch, its validation loss and its test scores.
 The data are MOGONET's preprocessed release (Wang et al., Nature Communications 2021),
 read from ``$MMFUSION_ROSMAP`` or downloaded once into the Keras cache (see
 ``keras_mmfusion.datasets.mogonet_folder``).
@@ -33,6 +35,7 @@ import os
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 
+import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_mmfusion.training import (  # noqa: E402
@@ -54,6 +57,30 @@ PUBLISHED = {"MOGONET (published)": {"accuracy": 0.815, "f1_binary": 0.821, "auc
 SETTINGS = RECIPE
 
 
+def progress(name, seed, seeds, epochs, every):
+    """A callback that prints a line every ``every`` epochs of one run: the training and
+    validation losses and, for a DEQ model, the fraction of training samples whose solve
+    converged in that epoch. The reference classifier runs 1000 full-batch epochs, several
+    minutes a seed, and the lines show how far it is."""
+
+    def report(epoch, logs):
+        if every <= 0 or (epoch + 1) % every:
+            return
+        converged = [logs[k] for k in logs if k.endswith("converged") and not k.startswith("val_")]
+        solves = f", training solves converged {converged[0]:.3f}" if converged else ""
+        print(f"  {name}, seed {seed + 1} of {seeds}: epoch {epoch + 1} of {epochs}, loss {logs['loss']:.4f}, "
+              f"validation loss {logs['val_loss']:.4f}{solves}", flush=True)
+
+    return keras.callbacks.LambdaCallback(on_epoch_end=report)
+
+
+def seed_line(name, seed, seeds, metrics):
+    """One line per finished run: the kept epoch, its validation loss and the test scores."""
+    return (f"{name}, seed {seed + 1} of {seeds}: kept epoch {metrics['best_epoch']} of {metrics['epochs_run']} "
+            f"(validation loss {metrics['best_validation']:.4f}), test accuracy {100 * metrics['accuracy']:.1f}, "
+            f"AUC {100 * metrics['auc']:.1f}; {metrics['epoch_seconds']:.2f} s an epoch")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", type=int, default=5)
@@ -66,6 +93,8 @@ def main():
     parser.add_argument("--methods", nargs="+", choices=methods, default=methods,
                         help="methods to run ('single': the best single view); default: all")
     parser.add_argument("--out", default="runs/rosmap")
+    parser.add_argument("--progress-every", type=int, default=100, metavar="N",
+                        help="print a line every N epochs of each run (0: only when a run ends)")
     args = parser.parse_args()
     def settings_of(name):
         recipe = {"reference": REFERENCE_RECIPE, "reference_narrow": REFERENCE_NARROW_RECIPE}.get(name, SETTINGS)
@@ -76,17 +105,23 @@ def main():
 
     splits = load_splits("rosmap")
     seeds = list(range(args.seeds))
+
+    def trial(name, model, data, seed):
+        settings = settings_of(name)
+        watch = progress(name, seed, len(seeds), settings.epochs, args.progress_every)
+        metrics = run_trial(data, model, seed, settings, callbacks=[watch])[2]
+        print(seed_line(name, seed, len(seeds), metrics), flush=True)
+        return metrics
+
     results = {}
     for name in [m for m in args.methods if m != "single"]:
-        runs = [run_trial(splits, model_of(name), seed, settings_of(name))[2] for seed in seeds]
+        runs = [trial(name, model_of(name), splits, seed) for seed in seeds]
         results[name] = {"runs": runs, "summary": summarise(runs)}
-        print(f"{name}: accuracy {results[name]['summary']['accuracy'][0]:.3f}", flush=True)
     if "single" in args.methods:
         views = {}
         for view in range(len(splits.widths)):
-            runs = [run_trial(select_views(splits, [view]), "single", seed, settings_of("single"))[2]
-                    for seed in seeds]
-            views[view] = runs
+            views[view] = [trial(f"view {view + 1}", "single", select_views(splits, [view]), seed)
+                           for seed in seeds]
         best = min(views, key=lambda v: np.mean([r["best_validation"] for r in views[v]]))
         results[f"single view {best + 1}"] = {"runs": views[best], "summary": summarise(views[best]),
                                               "chosen_by": "lowest mean validation loss"}

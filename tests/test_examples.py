@@ -62,3 +62,29 @@ def test_quickstart_trains_a_converged_model_and_exports_it_in_three_runtimes_th
     for key in ("solver", "max_iter", "tol", "jacobian_weight", "num_groups", "backward"):
         assert config[key] == defaults[key], key
 
+
+
+def test_rosmap_example_reports_progress_during_and_after_each_run(capsys):
+    import keras_mmfusion as mmf
+    from keras_mmfusion.training import fit_classifier
+
+    sys.path.insert(0, EXAMPLES)
+    try:
+        import rosmap
+    finally:
+        sys.path.remove(EXAMPLES)
+    x, y = mmf.make_synthetic(96, num_modalities=2, widths=[5, 7], seed=0)
+    model = mmf.models.build_classifier(mmf.DEQFusion(8), [5, 7], 2, encoder_units=8, head_units=8)
+    train, val = ([a[:64] for a in x], y[:64]), ([a[64:] for a in x], y[64:])
+    # Modality heads rename the logs (ClassifierLogs); the lines read the classifier's names.
+    history, _ = fit_classifier(model, train, 4, val, modality_weight=1.0,
+                                callbacks=[rosmap.progress("deq", 0, 5, 4, every=2)])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split(":")[0] for line in lines] == ["  deq, seed 1 of 5"] * 2
+    for line, epoch in zip(lines, (2, 4)):
+        assert (f"epoch {epoch} of 4, loss {history['loss'][epoch - 1]:.4f}, validation loss "
+                f"{history['val_loss'][epoch - 1]:.4f}, training solves converged "
+                f"{history['deq_converged'][epoch - 1]:.3f}") in line
+    metrics = dict(best_epoch=3, epochs_run=4, best_validation=0.5, accuracy=0.8123, auc=0.9, epoch_seconds=0.25)
+    assert rosmap.seed_line("deq", 1, 5, metrics) == (
+        "deq, seed 2 of 5: kept epoch 3 of 4 (validation loss 0.5000), test accuracy 81.2, AUC 90.0; 0.25 s an epoch")
