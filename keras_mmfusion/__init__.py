@@ -27,6 +27,7 @@ from keras_mmfusion.layers import (
     PropagateNonFinite,
     SumFusion,
     TensorFusion,
+    WeightNormalizedDense,
     ZeroAbsent,
 )
 from keras_mmfusion.callbacks import RoutedObjective, TemperatureSchedule
@@ -51,6 +52,7 @@ __all__ = [
     "ModalityDropout",
     "SumFusion",
     "TensorFusion",
+    "WeightNormalizedDense",
     "ZeroAbsent",
     "RoutingMetric",
     "SolverStatsMetric",

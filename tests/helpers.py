@@ -89,3 +89,19 @@ def trained_once(tmp_path_factory, name, train):
             train().save(written)
             os.replace(written, path)
     return keras.saving.load_model(path, safe_mode=True)
+
+
+def assert_weight_gradients_match_finite_differences(value, weights, grads, rng, h, rtol, atol=0.0):
+    """For every weight, the gradient ``grads[i]`` of the scalar ``value()`` along a random
+    direction against a central difference of step ``h``; a ``None`` gradient counts as 0."""
+    for weight, grad in zip(weights, grads):
+        start = weight.numpy()
+        direction = rng.normal(size=start.shape)
+        weight.assign(start + h * direction)
+        up = float(value())
+        weight.assign(start - h * direction)
+        down = float(value())
+        weight.assign(start)
+        numeric = (up - down) / (2 * h)
+        analytic = 0.0 if grad is None else float(np.sum(np.asarray(grad) * direction))
+        assert abs(analytic - numeric) <= rtol * abs(numeric) + atol, (weight.path, analytic, numeric)

@@ -17,6 +17,7 @@ from keras_mmfusion.layers.modality_dropout import ModalityDropout
 from keras_mmfusion.layers.modality_mask import ZeroAbsent
 from keras_mmfusion.layers.non_finite import PropagateNonFinite
 from keras_mmfusion.layers.normalization import ExactGroupNormalization
+from keras_mmfusion.layers.weight_normalization import WeightNormalizedDense
 
 __all__ = [
     "ConcatFusion",
@@ -33,6 +34,7 @@ __all__ = [
     "PropagateNonFinite",
     "SumFusion",
     "TensorFusion",
+    "WeightNormalizedDense",
     "ZeroAbsent",
     "training_labels",
 ]

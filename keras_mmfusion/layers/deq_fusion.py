@@ -11,19 +11,25 @@ from keras_mmfusion.equilibrium.solvers import available_solvers
 from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
 from keras_mmfusion.layers.modality_mask import masked_inputs
 from keras_mmfusion.layers.normalization import ExactGroupNormalization
+from keras_mmfusion.layers.weight_normalization import WeightNormalizedDense
 from keras_mmfusion.metrics import SolverStatsMetric, recording_statistics, report_solver_stats
 from keras_mmfusion._checks import check_fraction, check_int, check_non_negative
+
+
+# The Dense layers of the update, by ``DEQFusion``'s ``kernel_normalization``.
+_DENSE = {None: keras.layers.Dense, "weight": WeightNormalizedDense}
 
 
 class _ModalityBlock(keras.layers.Layer):
     """One modality's update: ``GN3(relu(GN2(W2 relu(GN1(W1 z)) + x) + z))``."""
 
-    def __init__(self, units, groups, kernel_initializer, **kwargs):
+    def __init__(self, units, groups, kernel_initializer, kernel_normalization, **kwargs):
         super().__init__(**kwargs)
         dense = dict(kernel_initializer=kernel_initializer, dtype=self.dtype_policy)
         norm = dict(groups=groups, epsilon=1e-5, dtype=self.dtype_policy)
-        self.dense1 = keras.layers.Dense(units, name="dense1", **dense)
-        self.dense2 = keras.layers.Dense(units, name="dense2", **dense)
+        Dense = _DENSE[kernel_normalization]
+        self.dense1 = Dense(units, name="dense1", **dense)
+        self.dense2 = Dense(units, name="dense2", **dense)
         self.norm1 = ExactGroupNormalization(name="norm1", **norm)
         self.norm2 = ExactGroupNormalization(name="norm2", **norm)
         self.norm3 = ExactGroupNormalization(name="norm3", **norm)
@@ -46,11 +52,12 @@ class _PurifyCombineBlock(keras.layers.Layer):
     state is normalised rather than clipped at zero.
     """
 
-    def __init__(self, units, groups, kernel_initializer, **kwargs):
+    def __init__(self, units, groups, kernel_initializer, kernel_normalization, **kwargs):
         super().__init__(**kwargs)
         dense = dict(kernel_initializer=kernel_initializer, dtype=self.dtype_policy)
-        self.gate = keras.layers.Dense(units, name="gate", **dense)
-        self.combine = keras.layers.Dense(units, name="combine", **dense)
+        Dense = _DENSE[kernel_normalization]
+        self.gate = Dense(units, name="gate", **dense)
+        self.combine = Dense(units, name="combine", **dense)
         self.norm = ExactGroupNormalization(
             groups=groups, epsilon=1e-5, name="norm", dtype=self.dtype_policy
         )
@@ -138,6 +145,15 @@ class DEQFusion(keras.layers.Layer):
             after 100 steps was 5e-2 with Glorot kernels, and 8e-7 to 5e-5 within 60
             steps with the small kernels. The input projections always use Glorot
             uniform.
+        kernel_normalization: ``None`` (the default) or ``"weight"``: the update's
+            Dense layers become :class:`~keras_mmfusion.layers.WeightNormalizedDense`
+            (each kernel column ``scale * v / ||v||``, Salimans & Kingma 2016, which
+            TorchDEQ applies to equilibrium updates by default). The input projections
+            stay plain. On the cross-modal XOR task of
+            ``benchmarks/deq_trainability.py`` it converged more training solves than
+            the plain kernels when the Jacobian penalty was off, but fewer than the
+            penalty, and with the penalty on it changed neither the accuracy nor the
+            convergence (``benchmarks/RESULTS.md``), so it is off by default.
         seed: seed of the Jacobian probes.
         **kwargs: base ``Layer`` arguments (``name``, ``dtype``, ...).
 
@@ -174,6 +190,7 @@ class DEQFusion(keras.layers.Layer):
         phantom_damping=0.5,
         solver_options=None,
         kernel_initializer=None,
+        kernel_normalization=None,
         seed=None,
         **kwargs,
     ):
@@ -188,6 +205,10 @@ class DEQFusion(keras.layers.Layer):
         check_int("jacobian_probes", jacobian_probes)
         check_fraction("jacobian_frequency", jacobian_frequency)
         check_int("num_groups", num_groups)
+        if kernel_normalization not in _DENSE:
+            raise ValueError(
+                f"kernel_normalization must be one of {sorted(_DENSE, key=str)}, got {kernel_normalization!r}."
+            )
         if solver_options is not None and not isinstance(solver_options, dict):
             raise ValueError(f"solver_options must be a dict or None, got {solver_options!r}.")
         self.units = units
@@ -208,6 +229,7 @@ class DEQFusion(keras.layers.Layer):
         if kernel_initializer is None:
             kernel_initializer = keras.initializers.RandomNormal(stddev=0.01)
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
+        self.kernel_normalization = kernel_normalization
         self.seed = seed
         self.stats_metric = SolverStatsMetric(prefix="deq", name=f"{self.name}_solver_stats", layer=self)
         self._seed_generator = keras.random.SeedGenerator(seed) if jacobian_weight > 0 else None
@@ -248,6 +270,7 @@ class DEQFusion(keras.layers.Layer):
             units=units,
             groups=self.num_groups,
             kernel_initializer=self.kernel_initializer,
+            kernel_normalization=self.kernel_normalization,
             dtype=self.dtype_policy,
         )
         self.modality_blocks = [
@@ -390,6 +413,7 @@ class DEQFusion(keras.layers.Layer):
             phantom_damping=self.phantom_damping,
             solver_options=dict(self.solver_options),
             kernel_initializer=keras.initializers.serialize(self.kernel_initializer),
+            kernel_normalization=self.kernel_normalization,
             seed=self.seed,
         )
         return config

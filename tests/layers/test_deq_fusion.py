@@ -7,8 +7,8 @@ from keras_mmfusion.equilibrium import hutchinson_jacobian_norm
 from keras_mmfusion.layers import DEQFusion
 from keras_mmfusion.training import build_before_tracing
 
-from helpers import (BAD_FUSION_INPUTS, fit_and_score, fit_save_reload, fusion_classifier, linear_classifier,
-                     random_inputs, synthetic_split)
+from helpers import (BAD_FUSION_INPUTS, assert_weight_gradients_match_finite_differences, fit_and_score,
+                     fit_save_reload, fusion_classifier, linear_classifier, random_inputs, synthetic_split)
 
 
 def test_output_shape_projection_and_last_stats():
@@ -50,6 +50,7 @@ def test_get_config_round_trips():
         phantom_steps=4,
         phantom_damping=0.7,
         solver_options={"memory": 6},
+        kernel_normalization="weight",
         seed=11,
         name="fuse",
     )
@@ -57,7 +58,7 @@ def test_get_config_round_trips():
     clone = DEQFusion.from_config(config)
     assert clone.get_config() == config
     for key, value in dict(units=12, solver="broyden", max_iter=7, backward="phantom", num_groups=3,
-                           jacobian_frequency=0.25).items():
+                           jacobian_frequency=0.25, kernel_normalization="weight").items():
         assert config[key] == value
 
 
@@ -153,9 +154,13 @@ def test_layer_implicit_gradients_match_unrolled_in_float64():
     assert float(tf.norm(grads["implicit"][0])) > 1e-3  # not a comparison of zeros
 
 
-def test_layer_gradients_match_finite_differences_along_random_directions():
+@pytest.mark.parametrize("kernel_normalization", [None, "weight"])
+def test_layer_gradients_match_finite_differences_along_random_directions(kernel_normalization):
     inputs = [tf.constant(x) for x in random_inputs(batch=3, widths=(8, 8), dtype="float64")]
-    layer = contractive_layer(inputs, seed=5, units=8, max_iter=150, tol=1e-13)
+    layer = contractive_layer(inputs, seed=5, units=8, max_iter=150, tol=1e-13,
+                              kernel_normalization=kernel_normalization)
+    if kernel_normalization:  # the implicit gradient reaches the lengths and the directions
+        assert sum(w.path.endswith("scale") for w in layer.trainable_weights) == 6
     params = inputs + [tf.constant(w.numpy()) for w in layer.trainable_weights]
     grads = traced_gradients(layer, inputs)
     output = tf.function(lambda xs: weighted_output(layer, xs))
@@ -178,12 +183,15 @@ def test_layer_gradients_match_finite_differences_along_random_directions():
         assert abs(analytic - numeric) <= 1e-4 * abs(numeric), (analytic, numeric)
 
 
-def test_jacobian_penalty_gradient_matches_finite_differences_for_every_weight():
+@pytest.mark.parametrize("kernel_normalization", [None, "weight"])
+def test_jacobian_penalty_gradient_matches_finite_differences_for_every_weight(kernel_normalization):
     # The penalty differentiates a vector-Jacobian product of the update, so its
-    # gradient needs exact second derivatives of every op in it, GroupNorm included.
+    # gradient needs exact second derivatives of every op in it, GroupNorm and the
+    # kernels' weight normalisation included.
     rng = np.random.default_rng(7)
     inputs = [tf.constant(x) for x in random_inputs(batch=3, widths=(8, 12), dtype="float64")]
-    layer = DEQFusion(units=8, num_groups=2, dtype="float64", kernel_initializer="glorot_uniform")
+    layer = DEQFusion(units=8, num_groups=2, dtype="float64", kernel_initializer="glorot_uniform",
+                      kernel_normalization=kernel_normalization)
     layer(inputs)
     for weight in layer.trainable_weights:  # off the initial values, where GroupNorm gains are all 1
         weight.assign(weight.numpy() + 0.3 * rng.normal(size=weight.shape))
@@ -198,19 +206,9 @@ def test_jacobian_penalty_gradient_matches_finite_differences_for_every_weight()
         value = penalty()
     assert value.dtype == tf.float64
     grads = tape.gradient(value, layer.trainable_weights)
-    h = 1e-5
-    for weight, grad in zip(layer.trainable_weights, grads):
-        start = weight.numpy()
-        direction = rng.normal(size=start.shape)
-        weight.assign(start + h * direction)
-        up = float(penalty())
-        weight.assign(start - h * direction)
-        down = float(penalty())
-        weight.assign(start)
-        numeric = (up - down) / (2 * h)
-        # The fused state's last GroupNorm shift adds a constant: no gradient, exactly.
-        analytic = 0.0 if grad is None else float(tf.reduce_sum(grad * direction))
-        assert abs(analytic - numeric) <= 1e-5 * abs(numeric) + 1e-9, (weight.path, analytic, numeric)
+    # The fused state's last GroupNorm shift adds a constant: no gradient, exactly.
+    assert_weight_gradients_match_finite_differences(penalty, layer.trainable_weights, grads, rng, h=1e-5,
+                                                     rtol=1e-5, atol=1e-9)
 
 
 def test_float64_layer_keeps_its_jacobian_penalty_in_float64():
@@ -396,6 +394,7 @@ def test_built_layer_rejects_inputs_of_another_shape():
         (dict(num_groups=0), "num_groups"),
         (dict(jacobian_frequency=0.0), r"jacobian_frequency must be in \(0, 1\]"),
         (dict(jacobian_frequency=1.5), "jacobian_frequency"),
+        (dict(kernel_normalization="spectral"), r"kernel_normalization must be one of \[None, 'weight'\]"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, message):
