@@ -67,6 +67,9 @@ def build_parser():
                             "labels_tr.csv, labels_te.csv) or one .csv/.npy file per modality plus labels.csv")
     train.add_argument("--header", action="store_true", help=HEADER_HELP)
     train.add_argument("--fusion", default="deq", choices=recipe["fusions"], help="fusion method (default: deq)")
+    train.add_argument("--fusion-options", default="{}", metavar="JSON",
+                       help="keyword arguments of the fusion layer as a JSON object, e.g. "
+                            "'{\"jacobian_weight\": 20, \"max_iter\": 60}' for deq (default: none)")
     train.add_argument("--epochs", type=int, default=defaults.epochs, help="maximum epochs (default: %(default)s)")
     train.add_argument("--patience", type=int, default=defaults.patience,
                        help="early-stopping patience in epochs; 0 runs every epoch (default: %(default)s)")
@@ -262,6 +265,13 @@ def _check_train_arguments(args):
     for option in ("dropout", "modality_dropout"):
         if not 0 <= getattr(args, option) < 1:
             raise CommandError(f"--{option.replace('_', '-')} must be in [0, 1), got {getattr(args, option)}")
+    try:
+        options = json.loads(args.fusion_options)
+    except json.JSONDecodeError as error:
+        raise CommandError(f"--fusion-options is not valid JSON ({error}): {args.fusion_options}") from None
+    if not isinstance(options, dict):
+        raise CommandError(f"--fusion-options must be a JSON object of keyword arguments, got {args.fusion_options}")
+    args.fusion_options = options
     _check_data(args.data)
 
 
@@ -274,7 +284,8 @@ def cmd_train(args):
     settings = Settings(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight,
                         modality_dropout=args.modality_dropout, lr=args.lr,
                         batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, monitor=args.monitor,
-                        jit_compile=args.jit, standardize=not args.no_standardize, refit=args.refit)
+                        jit_compile=args.jit, standardize=not args.no_standardize, refit=args.refit,
+                        fusion_options=args.fusion_options)
     print(f"data: {splits.name}, {len(splits.widths)} modalities of widths {splits.widths}, "
           f"{len(splits.train[1])} train / {len(splits.test[1])} test samples, {splits.num_classes} classes")
     if args.seeds == 1:

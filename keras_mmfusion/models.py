@@ -69,7 +69,10 @@ def make_fusion(name, units, num_modalities=None, **kwargs):
         raise ValueError(f"Unknown fusion {name!r}; expected one of {fusion_names()}.")
     if name == "dynmm":
         kwargs["num_modalities"] = num_modalities
-    return FUSIONS[name](units, name=f"{name}_fusion", **kwargs)
+    try:
+        return FUSIONS[name](units, name=f"{name}_fusion", **kwargs)
+    except TypeError as error:  # e.g. an argument that make_fusion itself sets for this fusion
+        raise ValueError(f"make_fusion({name!r}) with {sorted(kwargs)}: {error}") from None
 
 
 SCALINGS = ("standardize", "min_max")

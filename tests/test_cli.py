@@ -3,6 +3,7 @@ import os
 import re
 import subprocess
 import sys
+import zipfile
 
 import keras
 import numpy as np
@@ -26,7 +27,8 @@ def own_lines(stderr):
 @pytest.fixture(scope="module")
 def trained_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("run")
-    code = cli.main(["train", "--data", "synthetic", "--fusion", "deq", "--epochs", "1", "--out", str(out), "--quiet"])
+    code = cli.main(["train", "--data", "synthetic", "--fusion", "deq", "--fusion-options", '{"max_iter": 40}',
+                     "--epochs", "1", "--out", str(out), "--quiet"])
     assert code == 0
     return out
 
@@ -38,6 +40,11 @@ def test_train_writes_model_history_metrics_and_plots(trained_run):
     assert len(history["loss"]) == 1 and "val_loss" in history and "deq_steps" in history
     metrics = json.loads((trained_run / "metrics.json").read_text())
     assert 0 <= metrics["accuracy"] <= 1 and metrics["fusion"] == "deq" and metrics["epochs_run"] == 1
+    # --fusion-options reaches the layer: in the recorded settings and the saved model's config.
+    assert metrics["settings"]["fusion_options"] == {"max_iter": 40}
+    with zipfile.ZipFile(trained_run / "model.keras") as archive:
+        layers = json.loads(archive.read("config.json"))["config"]["layers"]
+    assert [layer["config"]["max_iter"] for layer in layers if layer["class_name"] == "DEQFusion"] == [40]
     trace = next(iter(metrics["solver_residual_trace"].values()))
     assert len(trace) >= 2 and trace[-1] < trace[0]
     for png in ("training_curves.png", "solver_residuals.png"):
@@ -140,6 +147,8 @@ ARGUMENT_ERRORS = [
     (["train", "--fusion", "nope"], "argument --fusion: invalid choice: 'nope'"),
     (["train", "--data", "/nonexistent/folder"], "/nonexistent/folder: data folder not found"),
     (["train", "--seeds", "0"], "--seeds must be at least 1, got 0"),
+    (["train", "--fusion-options", "{max_iter: 40}"], "--fusion-options is not valid JSON"),
+    (["train", "--fusion-options", "[40]"], "--fusion-options must be a JSON object of keyword arguments, got [40]"),
     (["train", "--batch-size", "0"], "--batch-size must be at least 1, got 0"),
     (["train", "--patience", "-1"], "--patience must be >= 0 (0: no early stopping), got -1"),
     (["train", "--lr", "0"], "--lr must be > 0, got 0.0"),
@@ -291,3 +300,10 @@ def test_modality_dropout_trains_a_masked_model_that_evaluates_and_exports(tmp_p
     assert "verified on" in capsys.readouterr().out
     assert cli.main([*args[:-1], "1.5", "--out", str(tmp_path / "bad")]) == 2
     assert "--modality-dropout must be in [0, 1), got 1.5" in capsys.readouterr().err
+
+
+def test_an_unknown_fusion_option_is_named_in_one_line(tmp_path, capsys):
+    argv = ["train", "--fusion", "deq", "--fusion-options", '{"max_iters": 40}', "--epochs", "1", "--out", str(tmp_path)]
+    assert cli.main(argv) == 2
+    lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert lines == ["mmfusion: error: Unrecognized keyword arguments passed to DEQFusion: {'max_iters': 40}"], lines

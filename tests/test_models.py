@@ -58,6 +58,13 @@ def test_unknown_scaling_is_refused():
                          scaling="robust")
 
 
+def test_make_fusion_names_the_fusion_and_the_arguments_it_cannot_take():
+    with pytest.raises(ValueError, match=r"make_fusion\('concat'\) with \['activation'\]: .*multiple values"):
+        mmf.models.make_fusion("concat", 8, activation="tanh")
+    with pytest.raises(ValueError, match=r"Unrecognized keyword arguments passed to DEQFusion: \{'max_iters': 4\}"):
+        mmf.models.make_fusion("deq", 8, max_iters=4)
+
+
 def test_standardization_needs_one_array_per_modality():
     with pytest.raises(ValueError, match="one per modality"):
         build_classifier(keras.layers.Concatenate(), [6, 4], 2, standardize_with=[np.zeros((3, 6))])
