@@ -252,7 +252,8 @@ def _train_one(args, splits, settings, seed, out):
 
 
 def _check_train_arguments(args):
-    """The number and range checks of ``train``'s options, before TensorFlow is imported."""
+    """The number and range checks of ``train``'s options, and ``--fusion-options`` parsed
+    into a dict, before TensorFlow is imported."""
     for option in ("seeds", "epochs", "units", "batch_size"):
         if getattr(args, option) < 1:
             raise CommandError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")

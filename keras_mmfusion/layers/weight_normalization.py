@@ -18,12 +18,13 @@ class WeightNormalizedDense(keras.layers.Dense):
     see ``DEQFusion(kernel_normalization="weight")``.
 
     The norms are computed in float32 under a mixed precision policy (float64 for
-    float64 layers); the ops are elementwise arithmetic, a sum and ``rsqrt``, which have
-    TFLite builtins and ONNX counterparts and compile under XLA.
+    float64 layers); the ops are elementwise arithmetic, a sum and a square root, which
+    have TFLite builtins and ONNX counterparts and compile under XLA. A kernel column of
+    zeros has no direction: its output is NaN.
 
     Args:
         units, activation, use_bias, and the initializers, regularizers and constraints:
-            as for ``keras.layers.Dense`` (the kernel's apply to the direction ``v``).
+            as for ``keras.layers.Dense``; those of the kernel apply to the direction ``v``.
         **kwargs: base ``Layer`` arguments.
 
     Input shape:
