@@ -63,7 +63,6 @@ def test_quickstart_trains_a_converged_model_and_exports_it_in_three_runtimes_th
         assert config[key] == defaults[key], key
 
 
-
 def test_rosmap_example_reports_progress_during_and_after_each_run(capsys):
     import keras_mmfusion as mmf
     from keras_mmfusion.training import fit_classifier
