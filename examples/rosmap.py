@@ -39,7 +39,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_mmfusion.training import (  # noqa: E402
-    RECIPE, REFERENCE_NARROW_RECIPE, REFERENCE_RECIPE, Settings, load_splits, run_trial, select_views, summarise,
+    RECIPE, REFERENCE_NARROW_RECIPE, REFERENCE_RECIPE, Settings, converged_keys, load_splits, run_trial, select_views,
+    summarise,
 )
 
 PUBLISHED = {"MOGONET (published)": {"accuracy": 0.815, "f1_binary": 0.821, "auc": 0.874}}
@@ -66,7 +67,7 @@ def progress(name, seed, seeds, epochs, every):
     def report(epoch, logs):
         if every <= 0 or (epoch + 1) % every:
             return
-        converged = [logs[k] for k in logs if k.endswith("converged") and not k.startswith("val_")]
+        converged = [logs[k] for k in converged_keys(logs)]
         solves = f", training solves converged {converged[0]:.3f}" if converged else ""
         print(f"  {name}, seed {seed + 1} of {seeds}: epoch {epoch + 1} of {epochs}, loss {logs['loss']:.4f}, "
               f"validation loss {logs['val_loss']:.4f}{solves}", flush=True)

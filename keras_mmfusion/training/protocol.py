@@ -260,10 +260,16 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
         epoch_seconds=float(np.median(timer.times)),
         params=int(model.count_params()),
     )
-    converged = [history[k][-10:] for k in history if k.endswith("converged") and not k.startswith("val_")]
+    converged = [history[k][-10:] for k in converged_keys(history)]
     if converged:
         metrics.update(converged_last_10=float(np.mean(converged)), converged_last_10_lowest=float(np.min(converged)))
     return model, history, metrics
+
+
+def converged_keys(logs):
+    """The keys of ``logs`` (or a history) that hold the converged fraction of training
+    solves: ``deq_converged``, or ``<layer name>_deq_converged`` per layer, not ``val_``."""
+    return [k for k in logs if k.endswith("converged") and not k.startswith("val_")]
 
 
 def summarise(runs, keys=("accuracy", "f1_binary", "auc")):
