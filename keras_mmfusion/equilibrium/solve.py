@@ -15,6 +15,10 @@ backward modes:
 - ``"unrolled"``: ordinary autodiff through ``max_iter`` plain iterations of ``f``
   from ``z0``, with no early exit: the weight-tied network the equilibrium model is the
   limit of. Memory grows with ``max_iter``; it serves as an ablation and a reference.
+
+A warm-up (the pretraining of Bai et al.'s DEQ models) replaces the solve, while a
+boolean tensor says so, by ``warmup_depth`` plain iterations of ``f`` from ``z0``,
+differentiated by autodiff: the model trains as a shallow weight-tied network first.
 """
 
 import tensorflow as tf
@@ -64,6 +68,8 @@ def fixed_point_solve(
     solver_options=None,
     jacobian_probes=None,
     jacobian_active=None,
+    warmup=None,
+    warmup_depth=5,
 ):
     """Solve ``z = f(z, x)`` and make the solution differentiable.
 
@@ -94,14 +100,24 @@ def fixed_point_solve(
         jacobian_active: optional boolean scalar tensor. When it is false the estimate
             is not computed (no vector-Jacobian products) and ``stats.jacobian`` is 0,
             so a caller can apply the penalty on a fraction of training steps.
+        warmup: optional boolean scalar tensor. When it is true, ``z`` is the iterate
+            after ``warmup_depth`` plain iterations of ``f`` from ``z0``, differentiated
+            by autodiff, instead of the solution; the penalty, if any, is taken there.
+        warmup_depth: the number of those iterations.
 
     Returns:
         ``(z, stats)``: the solution in ``z0``'s dtype and a ``SolverStats`` of the
         forward solve. For ``"unrolled"`` the solution is the last iterate and ``steps``
-        is ``max_iter``.
+        is ``max_iter``; so it is for a warm-up, with ``warmup_depth`` steps.
     """
     check_solver_arguments(max_iter, tol, stop_mode)
     check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping)
+    check_int("warmup_depth", warmup_depth)
+    if warmup is not None and backward == "unrolled":
+        raise ValueError(
+            "A warm-up needs backward='implicit' or 'phantom': backward='unrolled' already "
+            "trains the weight-tied network by autodiff."
+        )
     z0 = tf.stop_gradient(as_flat_state(z0))
     options = dict(solver_options or {})
     solve = get_solver(solver)
@@ -117,53 +133,65 @@ def fixed_point_solve(
         )
         return z, stats._replace(jacobian=penalty)
 
-    if backward == "unrolled":
-        return with_penalty(*_unrolled(f, x, z0, max_iter, tol, stop_mode))
+    def equilibrium():
+        if backward == "unrolled":
+            return with_penalty(*_unrolled(f, x, z0, max_iter, tol, stop_mode))
 
-    def forward(fn):
-        return solve(fn, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **options)
+        def forward(fn):
+            return solve(fn, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **options)
 
-    if backward == "phantom":
-        z, stats = _solve_with_gradient(f, x, forward, _no_gradient)
-        z = tf.stop_gradient(z)
-        z_star = z
-        for _ in range(phantom_steps):
-            z = (1.0 - phantom_damping) * z + phantom_damping * f(z, x)
-        return z, with_penalty(z_star, stats)[1]
+        if backward == "phantom":
+            z, stats = _solve_with_gradient(f, x, forward, _no_gradient)
+            z = tf.stop_gradient(z)
+            z_star = z
+            for _ in range(phantom_steps):
+                z = (1.0 - phantom_damping) * z + phantom_damping * f(z, x)
+            return z, with_penalty(z_star, stats)[1]
 
-    def adjoint_solve(fn, v):
-        return solve(
-            fn,
-            tf.zeros_like(v),
-            max_iter=backward_max_iter or max_iter,
-            tol=backward_tol or tol,
-            stop_mode=stop_mode,
-            **options,
-        )
+        def adjoint_solve(fn, v):
+            return solve(
+                fn,
+                tf.zeros_like(v),
+                max_iter=backward_max_iter or max_iter,
+                tol=backward_tol or tol,
+                stop_mode=stop_mode,
+                **options,
+            )
 
-    if probes is not None:
-        return _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes, jacobian_active)
+        if probes is not None or warmup is not None:
+            # Inside tf.cond, a custom gradient that evaluates f reads the variables
+            # from the gradient graph, which cond_v2's gradient cannot resolve; this
+            # form evaluates f in the forward pass and its gradient reads no variable.
+            return _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes, jacobian_active)
 
-    def implicit_gradient(z_star, xs, fz_of, dz, variables):
-        with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
-            tape.watch(z_star)
-            tape.watch(xs)
-            tape.watch(variables)
-            fz = fz_of(z_star, xs)
+        def implicit_gradient(z_star, xs, fz_of, dz, variables):
+            with tf.GradientTape(persistent=True, watch_accessed_variables=False) as tape:
+                tape.watch(z_star)
+                tape.watch(xs)
+                tape.watch(variables)
+                fz = fz_of(z_star, xs)
 
-        def adjoint_map(g):
-            return tape.gradient(fz, z_star, output_gradients=g) + dz
+            def adjoint_map(g):
+                return tape.gradient(fz, z_star, output_gradients=g) + dz
 
-        g, _ = adjoint_solve(adjoint_map, dz)
-        grads = tape.gradient(
-            fz,
-            list(xs) + variables,
-            output_gradients=g,
-            unconnected_gradients=tf.UnconnectedGradients.ZERO,
-        )
-        return grads[: len(xs)], grads[len(xs) :]
+            g, _ = adjoint_solve(adjoint_map, dz)
+            grads = tape.gradient(
+                fz,
+                list(xs) + variables,
+                output_gradients=g,
+                unconnected_gradients=tf.UnconnectedGradients.ZERO,
+            )
+            return grads[: len(xs)], grads[len(xs) :]
 
-    return _solve_with_gradient(f, x, forward, implicit_gradient)
+        return _solve_with_gradient(f, x, forward, implicit_gradient)
+
+    if warmup is None:
+        return equilibrium()
+
+    def shallow():
+        return with_penalty(*_shallow(f, x, z0, warmup_depth, max_iter, tol, stop_mode))
+
+    return _cond(warmup, shallow, equilibrium)
 
 
 def _when_active(active, penalty, z):
@@ -173,8 +201,10 @@ def _when_active(active, penalty, z):
     return tf.cond(tf.convert_to_tensor(active), penalty, lambda: tf.zeros([], z.dtype))
 
 
-def _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes, active=None):
+def _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes=None, active=None):
     """The implicit backward pass and the Jacobian penalty from one evaluation of ``f`` at ``z*``.
+
+    Without ``probes`` there is no penalty (``stats.jacobian`` is ``None``).
 
     ``fz = f(z*, x)`` is evaluated in the forward pass, recorded by any outer tape and
     by an inner tape that watches ``z*``. The penalty's vector-Jacobian products
@@ -194,7 +224,9 @@ def _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes, active=No
     def vjp(v):
         return tape.gradient(f_at_solution, z_star, output_gradients=tf.cast(v, f_at_solution.dtype))
 
-    penalty = _when_active(active, lambda: jacobian_norm_from_vjp(vjp, z_star, probes), z_star)
+    penalty = None
+    if probes is not None:
+        penalty = _when_active(active, lambda: jacobian_norm_from_vjp(vjp, z_star, probes), z_star)
 
     @tf.custom_gradient
     def solution(fz):
@@ -205,6 +237,26 @@ def _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes, active=No
         return tf.identity(z_star), grad
 
     return solution(f_at_solution), stats._replace(jacobian=penalty)
+
+
+def _cond(condition, true_fn, false_fn):
+    """``tf.cond`` over two ``(z, SolverStats)`` functions whose ``jacobian`` may be ``None``.
+
+    The statistics other than ``jacobian`` leave the branches under ``stop_gradient``:
+    cond_v2 differentiates a branch's graph with respect to every output, and those of
+    the solver loop have no gradient (XLA's ``DynamicUpdateSlice`` has none defined).
+    """
+
+    def flat(fn):
+        def run():
+            z, stats = fn()
+            fields = [tf.stop_gradient(t) for t in stats[:-1]] + [() if stats.jacobian is None else stats.jacobian]
+            return (z,) + tuple(fields)
+
+        return run
+
+    z, *fields = tf.cond(tf.convert_to_tensor(condition), flat(true_fn), flat(false_fn))
+    return z, SolverStats(*[None if isinstance(t, tuple) else t for t in fields])
 
 
 def _no_gradient(z_star, xs, fz_of, dz, variables):
@@ -264,12 +316,31 @@ def _unrolled(f, x, z0, max_iter, tol, stop_mode):
         (tf.constant(0), z0, trace0),
         maximum_iterations=max_iter,
     )
-    res = tf.stop_gradient(residual_norm(z, f(z, x), stop_mode))
-    res = tf.cast(res, trace.dtype)
-    stats = SolverStats(
-        steps=tf.constant(max_iter),
+    return z, _unrolled_stats(f, x, z, max_iter, trace, tol, stop_mode)
+
+
+def _shallow(f, x, z0, depth, trace_length, tol, stop_mode):
+    """``depth`` plain iterations of ``f`` from ``z0`` in Python, differentiated by autodiff.
+
+    No ``tf.while_loop``: cond_v2 would return the loop's variable handles from its
+    branch for the gradient, which XLA cannot compile. The trace keeps the first
+    ``trace_length`` residuals, zero-padded.
+    """
+    dtype = tf.float64 if z0.dtype == tf.float64 else tf.float32
+    z, trace = z0, []
+    for _ in range(depth):
+        fz = f(z, x)
+        trace.append(tf.cast(tf.reduce_mean(residual_norm(z, fz, stop_mode)), dtype))
+        z = fz
+    trace = tf.pad(tf.stack(trace[:trace_length]), [[0, max(trace_length - depth, 0)]])
+    return z, _unrolled_stats(f, x, z, depth, trace, tol, stop_mode)
+
+
+def _unrolled_stats(f, x, z, steps, trace, tol, stop_mode):
+    res = tf.cast(tf.stop_gradient(residual_norm(z, f(z, x), stop_mode)), trace.dtype)
+    return SolverStats(
+        steps=tf.constant(steps),
         residual=res,
         converged=res <= tf.cast(tol, res.dtype),
-        trace=trace,
+        trace=tf.stop_gradient(trace),
     )
-    return z, stats

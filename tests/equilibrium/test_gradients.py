@@ -262,3 +262,64 @@ def test_penalty_switched_by_a_tensor_is_zero_when_off_and_exact_when_on(backwar
     for a, b, c in zip(on_gradient, always_gradient, off_gradient):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10)
         assert c is None or not np.any(c.numpy()), c
+
+
+def shallow_network(f, x, depth):
+    z = tf.zeros((BATCH, DIM), tf.float64)
+    for _ in range(depth):
+        z = f(z, x)
+    return z
+
+
+@pytest.mark.parametrize("backward, mode", [("implicit", "tf_function"), ("phantom", "xla")])
+def test_warmup_switched_by_a_tensor_trains_the_shallow_network_then_the_equilibrium(backward, mode):
+    f, x, variables, loss = make_problem(seed=8)
+    probes = tf.constant(np.random.default_rng(5).normal(size=(1, BATCH, DIM)))
+    options = dict(IMPLICIT, backward=backward, jacobian_probes=probes)
+
+    def step(warmup):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            z, stats = fixed_point_solve(f, x, tf.zeros((BATCH, DIM), tf.float64), warmup=warmup, warmup_depth=3,
+                                         **options)
+            total = loss(z) + 2.0 * stats.jacobian
+        return total, tape.gradient(total, [x, *variables]), stats.steps, stats.trace
+
+    switched = tf.function(step, input_signature=[tf.TensorSpec((), tf.bool)], jit_compile=(mode == "xla"))
+
+    with tf.GradientTape() as tape:
+        tape.watch(x)
+        z = shallow_network(f, x, 3)
+        penalty = hutchinson_jacobian_norm(lambda s: f(s, x), tf.stop_gradient(z), probes=probes)
+        expected = loss(z) + 2.0 * penalty
+    expected_gradients = tape.gradient(expected, [x, *variables])
+    total, grads, steps, trace = switched(tf.constant(True))
+    np.testing.assert_allclose(float(total), float(expected), rtol=1e-12)
+    for name, a, b in zip(["x", "W", "U", "b"], grads, expected_gradients):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-10, err_msg=name)
+    assert int(steps) == 3 and trace.shape == (IMPLICIT["max_iter"],)
+    assert np.all(trace.numpy()[:3] > 0) and np.all(trace.numpy()[3:] == 0)
+
+    total, grads, steps, _ = switched(tf.constant(False))
+    reference_total, reference_gradients, reference_steps, _ = tf.function(lambda: step(None))()
+    assert int(steps) == int(reference_steps) > 3
+    np.testing.assert_allclose(float(total), float(reference_total), rtol=1e-12)
+    for name, a, b in zip(["x", "W", "U", "b"], grads, reference_gradients):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-8, err_msg=name)
+
+
+def test_warmup_without_the_penalty_and_its_argument_checks():
+    f, x, variables, loss = make_problem(seed=9)
+    with tf.GradientTape() as tape:
+        value = solution_loss(f, x, loss, warmup=tf.constant(False), **IMPLICIT)
+    exact = gradients(f, x, variables, loss, **IMPLICIT)[1:]
+    for a, b in zip(tape.gradient(value, variables), exact):
+        assert rel_err(a, b) < 1e-10
+    z, stats = fixed_point_solve(f, x, tf.zeros((BATCH, DIM), tf.float64), warmup=True, warmup_depth=60)
+    np.testing.assert_allclose(z.numpy(), shallow_network(f, x, 60).numpy(), rtol=1e-14)
+    assert stats.jacobian is None and stats.trace.shape == (50,) and int(stats.steps) == 60
+    z0 = tf.zeros((BATCH, DIM), tf.float64)
+    with pytest.raises(ValueError, match="warmup_depth must be an integer >= 1"):
+        fixed_point_solve(f, x, z0, warmup=True, warmup_depth=0)
+    with pytest.raises(ValueError, match="A warm-up needs backward='implicit' or 'phantom'"):
+        fixed_point_solve(f, x, z0, warmup=True, backward="unrolled")

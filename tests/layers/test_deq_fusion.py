@@ -8,7 +8,7 @@ from keras_mmfusion.layers import DEQFusion
 from keras_mmfusion.training import build_before_tracing
 
 from helpers import (BAD_FUSION_INPUTS, assert_weight_gradients_match_finite_differences, fit_and_score,
-                     fit_save_reload, fusion_classifier, linear_classifier, random_inputs, synthetic_split)
+                     fusion_classifier, linear_classifier, random_inputs, synthetic_split)
 
 
 def test_output_shape_projection_and_last_stats():
@@ -49,6 +49,8 @@ def test_get_config_round_trips():
         num_groups=3,
         phantom_steps=4,
         phantom_damping=0.7,
+        warmup_steps=30,
+        warmup_depth=3,
         solver_options={"memory": 6},
         kernel_normalization="weight",
         seed=11,
@@ -58,7 +60,8 @@ def test_get_config_round_trips():
     clone = DEQFusion.from_config(config)
     assert clone.get_config() == config
     for key, value in dict(units=12, solver="broyden", max_iter=7, backward="phantom", num_groups=3,
-                           jacobian_frequency=0.25, kernel_normalization="weight").items():
+                           jacobian_frequency=0.25, kernel_normalization="weight", warmup_steps=30,
+                           warmup_depth=3).items():
         assert config[key] == value
 
 
@@ -288,14 +291,29 @@ def test_eager_fit_takes_the_graph_fits_steps(synthetic):
     assert eager["loss"][1] < eager["loss"][0]
 
 
-def test_keras_save_and_load_in_safe_mode(tmp_path):
-    widths = (8, 12, 8)
-    model = fusion_classifier(DEQFusion(units=16, max_iter=8, jacobian_weight=0.1), widths)
-    x = random_inputs(batch=16, widths=widths)
-    loaded = fit_save_reload(model, x, tmp_path / "deq.keras")
-    np.testing.assert_array_equal(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
-    layer = [l for l in loaded.layers if isinstance(l, DEQFusion)][0]
-    assert layer.get_config()["jacobian_weight"] == 0.1
+def test_keras_save_and_load_in_safe_mode_with_a_warmup_that_counts_training_calls(tmp_path):
+    widths = (8, 12)
+    x = random_inputs(batch=64, widths=widths)
+    y = np.arange(64) % 2
+    layer = DEQFusion(units=8, max_iter=15, jacobian_weight=0.1, warmup_steps=5, warmup_depth=2)
+    model = fusion_classifier(layer, widths)
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    steps = []
+    record = keras.callbacks.LambdaCallback(
+        on_train_batch_end=lambda batch, logs: steps.append(int(layer.last_stats["steps"]))
+    )
+    model.fit(x, y, batch_size=16, epochs=2, shuffle=False, verbose=0, callbacks=[record])
+    # Eight training calls: five of two plain iterations, then solves.
+    assert steps[:5] == [2] * 5 and all(s > 2 for s in steps[5:]), steps
+    predictions = model.predict(x, verbose=0)
+    assert int(layer.training_calls.numpy()) == 8
+    model.save(tmp_path / "deq.keras")
+    loaded = keras.saving.load_model(tmp_path / "deq.keras", safe_mode=True)
+    np.testing.assert_array_equal(loaded.predict(x, verbose=0), predictions)
+    reloaded = [l for l in loaded.layers if isinstance(l, DEQFusion)][0]
+    assert reloaded.get_config()["jacobian_weight"] == 0.1
+    # The count decides the warm-up, so a reloaded model trains on without one.
+    assert int(reloaded.training_calls.numpy()) == 8
 
 
 def test_sequential_subclass_and_subclassed_model():
@@ -395,6 +413,9 @@ def test_built_layer_rejects_inputs_of_another_shape():
         (dict(jacobian_frequency=0.0), r"jacobian_frequency must be in \(0, 1\]"),
         (dict(jacobian_frequency=1.5), "jacobian_frequency"),
         (dict(kernel_normalization="spectral"), r"kernel_normalization must be one of \[None, 'weight'\]"),
+        (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
+        (dict(warmup_depth=0), "warmup_depth must be an integer >= 1"),
+        (dict(warmup_steps=5, backward="unrolled"), "warmup_steps > 0 needs backward='implicit' or 'phantom'"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, message):
