@@ -146,7 +146,8 @@ class DEQFusion(keras.layers.Layer):
             Jacobian penalty is taken there. It needs ``backward="implicit"`` or
             ``"phantom"``. The default, 0, never warms up: on the cross-modal XOR task
             it changed neither the accuracy nor the convergence, and on ROSMAP it
-            raised the standard classifier's validation loss
+            raised the standard classifier's validation loss and did not keep the
+            reference classifier's late training solves converged
             (``benchmarks/RESULTS.md``).
         warmup_depth: the number of iterations of a warm-up call.
         solver_options: extra keyword arguments for the solver, e.g.
