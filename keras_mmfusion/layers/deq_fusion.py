@@ -143,8 +143,11 @@ class DEQFusion(keras.layers.Layer):
             optimizer applies its update (mixed precision's loss scaling skips those
             that overflow). During the warm-up the logged ``deq_steps`` is
             ``warmup_depth``, the residual is that of the last iterate and the
-            Jacobian penalty is taken there. It needs ``backward="implicit"`` or
-            ``"phantom"``. The default, 0, never warms up: on the cross-modal XOR task
+            Jacobian penalty is taken there. The training step holds both the
+            warm-up and the solve, so it takes longer to trace and compile (about
+            three times as long for a small model on a CPU, ``benchmarks/RESULTS.md``).
+            It needs ``backward="implicit"`` or ``"phantom"``. The default, 0, never
+            warms up: on the cross-modal XOR task
             it changed neither the accuracy nor the convergence, and on ROSMAP it
             raised the standard classifier's validation loss and did not keep the
             reference classifier's late training solves converged
