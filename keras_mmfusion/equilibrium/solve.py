@@ -50,6 +50,17 @@ def check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_
     check_fraction("phantom_damping", phantom_damping)
 
 
+def check_warmup_arguments(warming_up, warmup_depth, backward):
+    """Raise a ``ValueError`` naming the warm-up argument that is out of range, or the
+    backward mode a warm-up cannot have."""
+    check_int("warmup_depth", warmup_depth)
+    if warming_up and backward == "unrolled":
+        raise ValueError(
+            "A warm-up (warmup_steps > 0) needs backward='implicit' or 'phantom': "
+            "backward='unrolled' already trains the weight-tied network by autodiff."
+        )
+
+
 @tf.autograph.experimental.do_not_convert
 def fixed_point_solve(
     f,
@@ -112,12 +123,7 @@ def fixed_point_solve(
     """
     check_solver_arguments(max_iter, tol, stop_mode)
     check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping)
-    check_int("warmup_depth", warmup_depth)
-    if warmup is not None and backward == "unrolled":
-        raise ValueError(
-            "A warm-up needs backward='implicit' or 'phantom': backward='unrolled' already "
-            "trains the weight-tied network by autodiff."
-        )
+    check_warmup_arguments(warmup is not None, warmup_depth, backward)
     z0 = tf.stop_gradient(as_flat_state(z0))
     options = dict(solver_options or {})
     solve = get_solver(solver)

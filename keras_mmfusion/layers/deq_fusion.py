@@ -6,7 +6,7 @@ import keras
 from keras import ops
 
 from keras_mmfusion.equilibrium.iteration import check_solver_arguments, internal_dtype, resolvable_tol
-from keras_mmfusion.equilibrium.solve import check_backward_arguments, fixed_point_solve
+from keras_mmfusion.equilibrium.solve import check_backward_arguments, check_warmup_arguments, fixed_point_solve
 from keras_mmfusion.equilibrium.solvers import available_solvers
 from keras_mmfusion.layers.modality_inputs import check_modalities, modality_widths
 from keras_mmfusion.layers.modality_mask import masked_inputs
@@ -228,12 +228,7 @@ class DEQFusion(keras.layers.Layer):
         check_fraction("jacobian_frequency", jacobian_frequency)
         check_int("num_groups", num_groups)
         check_int("warmup_steps", warmup_steps, minimum=0)
-        check_int("warmup_depth", warmup_depth)
-        if warmup_steps and backward == "unrolled":
-            raise ValueError(
-                "warmup_steps > 0 needs backward='implicit' or 'phantom': backward='unrolled' "
-                "already trains the weight-tied network by autodiff."
-            )
+        check_warmup_arguments(warmup_steps > 0, warmup_depth, backward)
         if kernel_normalization not in _DENSE:
             raise ValueError(
                 f"kernel_normalization must be one of {sorted(_DENSE, key=str)}, got {kernel_normalization!r}."

@@ -321,5 +321,5 @@ def test_warmup_without_the_penalty_and_its_argument_checks():
     z0 = tf.zeros((BATCH, DIM), tf.float64)
     with pytest.raises(ValueError, match="warmup_depth must be an integer >= 1"):
         fixed_point_solve(f, x, z0, warmup=True, warmup_depth=0)
-    with pytest.raises(ValueError, match="A warm-up needs backward='implicit' or 'phantom'"):
+    with pytest.raises(ValueError, match=r"A warm-up \(warmup_steps > 0\) needs backward='implicit' or 'phantom'"):
         fixed_point_solve(f, x, z0, warmup=True, backward="unrolled")

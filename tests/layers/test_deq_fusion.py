@@ -417,7 +417,7 @@ def test_built_layer_rejects_inputs_of_another_shape():
         (dict(kernel_normalization="spectral"), r"kernel_normalization must be one of \[None, 'weight'\]"),
         (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
         (dict(warmup_depth=0), "warmup_depth must be an integer >= 1"),
-        (dict(warmup_steps=5, backward="unrolled"), "warmup_steps > 0 needs backward='implicit' or 'phantom'"),
+        (dict(warmup_steps=5, backward="unrolled"), r"warm-up \(warmup_steps > 0\) needs backward='implicit'"),
     ],
 )
 def test_bad_constructor_arguments(kwargs, message):
