@@ -147,11 +147,10 @@ class DEQFusion(keras.layers.Layer):
             warm-up and the solve, so it takes longer to trace and compile (about
             three times as long for a small model on a CPU, ``benchmarks/RESULTS.md``).
             It needs ``backward="implicit"`` or ``"phantom"``. The default, 0, never
-            warms up: on the cross-modal XOR task
-            it changed neither the accuracy nor the convergence, and on ROSMAP it
-            raised the standard classifier's validation loss and did not keep the
-            reference classifier's late training solves converged
-            (``benchmarks/RESULTS.md``).
+            warms up: on the cross-modal XOR task it changed neither the accuracy nor
+            the convergence, and on ROSMAP it raised the standard classifier's
+            validation loss and did not keep the reference classifier's late training
+            solves converged (``benchmarks/RESULTS.md``).
         warmup_depth: the number of iterations of a warm-up call.
         solver_options: extra keyword arguments for the solver, e.g.
             ``{"memory": 5, "ridge": 1e-4}`` for Anderson.
