@@ -67,6 +67,10 @@ def train_in_a_custom_loop(model, strategy, data, epochs, global_batch):
     def step(x, y):
         return strategy.reduce("SUM", strategy.run(replica_step, args=(x, y)), axis=None)
 
+    # The optimizer's variables are created here, in the strategy's scope: created inside
+    # the first call of ``step`` instead, they make TensorFlow trace the step twice.
+    with strategy.scope():
+        model.optimizer.build(model.trainable_variables)
     fusion = next(layer for layer in model.layers if layer.name.endswith("fusion"))
     history = {}
     for epoch in range(epochs):

@@ -35,7 +35,7 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 import keras_mmfusion as mmf  # noqa: E402
-from keras_mmfusion.training import fit_classifier  # noqa: E402
+from keras_mmfusion.training import build_before_tracing, fit_classifier  # noqa: E402
 
 WIDTH, MODALITIES, CLASSES = 32, 3, 2
 # Stage 1 keeps each expert's best epoch by validation accuracy.
@@ -111,6 +111,7 @@ def train_gate(cheap, expensive, inputs, train, val, cost_weight, epochs):
     keep_best = keras.callbacks.EarlyStopping(objective.name, mode="min", patience=2 * epochs,
                                               restore_best_weights=True)
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy", metrics=["accuracy"])
+    build_before_tracing(model, *train)  # one trace of the training step, not two
     model.fit(*train, validation_data=val, epochs=2 * epochs, batch_size=64, verbose=2,
               callbacks=[schedule, objective, keep_best])
     return model, layer
