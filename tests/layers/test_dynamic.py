@@ -165,6 +165,7 @@ def test_temperature_schedule_anneals_exponentially():
     x, y = routing_task()
     model, layer = routed_model(0.0)
     model.compile("adam", "sparse_categorical_crossentropy")
+    build_before_tracing(model, x, y)
     schedule = mmf.TemperatureSchedule(start=4.0, end=0.25, epochs=5)
     history = model.fit(x, y, epochs=5, batch_size=200, verbose=0, callbacks=[schedule])
     expected = [4.0 * (0.25 / 4.0) ** (e / 4) for e in range(5)]
@@ -177,6 +178,7 @@ def test_routed_objective_selects_the_epoch_by_validation_loss_plus_cost():
     vx, vy = routing_task(2)
     model, layer = routed_model(0.5)
     model.compile(keras.optimizers.Adam(1e-2), "sparse_categorical_crossentropy")
+    build_before_tracing(model, x, y)
     objective = mmf.RoutedObjective(0.5)
     keep = keras.callbacks.EarlyStopping(objective.name, mode="min", patience=10, restore_best_weights=True)
     history = model.fit(x, y, validation_data=(vx, vy), epochs=6, batch_size=64, verbose=0,

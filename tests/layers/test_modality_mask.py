@@ -8,6 +8,7 @@ import keras
 import keras_mmfusion as mmf
 from keras_mmfusion.layers import (ConcatFusion, DEQFusion, DenseFusion, DynamicFusion, GatedFusion,
                                    LowRankTensorFusion, ModalityDropout, SumFusion, TensorFusion, ZeroAbsent)
+from keras_mmfusion.training import build_before_tracing
 
 from helpers import random_inputs
 
@@ -238,7 +239,9 @@ def test_classifier_with_modality_dropout_trains_saves_and_reloads_in_safe_mode(
     assert [t.name for t in model.inputs][-1] == "modality_mask"
     mask = np.tile(MASK, (40, 1))
     model.compile("adam", "sparse_categorical_crossentropy")
-    history = model.fit(absent_replaced(x, mask, np.nan) + [mask], y, epochs=2, batch_size=32, verbose=0)
+    fed = absent_replaced(x, mask, np.nan) + [mask]
+    build_before_tracing(model, fed, y)
+    history = model.fit(fed, y, epochs=2, batch_size=32, verbose=0)
     assert np.all(np.isfinite(history.history["loss"]))
     probabilities = model.predict(absent_replaced(x, mask, np.nan) + [mask], verbose=0)
     assert np.all(np.isfinite(probabilities))

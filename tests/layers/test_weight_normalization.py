@@ -6,6 +6,7 @@ import tensorflow as tf
 import keras_mmfusion as mmf
 from keras_mmfusion import export
 from keras_mmfusion.layers import WeightNormalizedDense
+from keras_mmfusion.training import build_before_tracing
 
 from helpers import assert_weight_gradients_match_finite_differences
 
@@ -72,6 +73,7 @@ def test_a_trained_weight_normalised_deq_classifier_exports_to_tflite_and_onnx(t
     fusion = mmf.DEQFusion(8, kernel_normalization="weight", name="deq_fusion")
     model = mmf.models.build_classifier(fusion, [6, 10], 2, encoder_units=8, head_units=8)
     model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    build_before_tracing(model, x, y)
     model.fit(x, y, batch_size=64, epochs=2, verbose=0)
     scales = [w for w in fusion.trainable_weights if w.path.endswith("scale")]
     assert len(scales) == 6 and all(np.any(w.numpy() != np.linalg.norm(k.numpy(), axis=0))
