@@ -1,17 +1,18 @@
-"""GPU readiness check: XLA training of the DEQ, DynMM and DMF classifiers, in one script.
+"""GPU readiness check: XLA training of the DEQ, DynMM, DMF and reference classifiers, in one script.
 
     python benchmarks/gpu_check.py [--steps 30] [--out benchmarks/results/gpu_check.json]
 
 It runs on whatever accelerator TensorFlow finds, and on the CPU when there is none,
 where it says so: CI keeps it working, and on a GPU machine it is the one command to
-run. For each of the DEQ, DynMM and DMF classifiers (synthetic data, 3 modalities):
+run. For each of the DEQ, DynMM and DMF classifiers and the reference classifier
+(``build_reference_classifier``, without dropout; synthetic data, 3 modalities):
 
 - trains ``--steps`` steps with ``jit_compile=True`` and without, and compares the
   losses (finite, and the XLA and graph runs close after the same steps). The DEQ
   layer's Jacobian penalty draws its probes from TensorFlow's stateless random ops,
-  whose streams differ between XLA and TensorFlow's own kernels, so the DEQ
-  comparison is repeated with the penalty off, where the two runs compute the same
-  function and must agree to float32 rounding;
+  whose streams differ between XLA and TensorFlow's own kernels, so for the DEQ and
+  reference classifiers the comparison is repeated with the penalty off, where the two
+  runs compute the same function and must agree to float32 rounding;
 - checks that the XLA training step is one compiled program: ``jit_compile=True``
   fails rather than fall back to TensorFlow ops, and the step's HLO is read to
   confirm that the solver loop is an XLA ``while`` and that no op sends data to or
@@ -50,6 +51,10 @@ def data(batch, steps):
 def build(kind, widths, **fusion_options):
     import keras_mmfusion as mmf
 
+    if kind == "reference":
+        # No dropout: XLA and TensorFlow's kernels draw different masks, as they draw
+        # different probes.
+        return mmf.models.build_reference_classifier(widths, 2, units=32, dropout=0.0, fusion_options=fusion_options)
     fusion = mmf.models.make_fusion(kind, 32, num_modalities=len(widths), **fusion_options)
     return mmf.models.build_classifier(fusion, widths, 2, encoder_units=32, head_units=32)
 
@@ -96,14 +101,15 @@ def check_model(kind, x, y, batch, time_deq_graph=True):
     row["xla_loss_first_last"] = [xla_losses[0], xla_losses[-1]]
     row["xla_step_ms"] = 1e3 * xla_seconds
     losses = list(xla_losses)
-    if kind != "deq" or time_deq_graph:
+    solves = kind in ("deq", "reference")
+    if not solves or time_deq_graph:
         _, graph_losses, graph_seconds, _ = train(kind, x, y, batch, jit_compile=False)
         losses += graph_losses
         row["graph_loss_first_last"] = [graph_losses[0], graph_losses[-1]]
         row["max_loss_difference"] = float(np.max(np.abs(np.array(xla_losses) - np.array(graph_losses))))
         row["graph_step_ms"] = 1e3 * graph_seconds
         row["xla_speedup"] = graph_seconds / xla_seconds
-    if kind == "deq":
+    if solves:
         _, xla_plain, _, _ = train(kind, x, y, batch, jit_compile=True, jacobian_weight=0.0)
         _, graph_plain, _, _ = train(kind, x, y, batch, jit_compile=False, jacobian_weight=0.0)
         losses += xla_plain + graph_plain
@@ -112,7 +118,7 @@ def check_model(kind, x, y, batch, time_deq_graph=True):
     hlo = compiled_hlo(xla_model, [a[:batch] for a in x], y[:batch])
     row["hlo_while_loops"] = len(re.findall(r"\bwhile\(", hlo))
     row["hlo_host_transfers"] = len(HOST_TRANSFER.findall(hlo))
-    row["one_xla_program"] = row["hlo_host_transfers"] == 0 and (kind != "deq" or row["hlo_while_loops"] > 0)
+    row["one_xla_program"] = row["hlo_host_transfers"] == 0 and (not solves or row["hlo_while_loops"] > 0)
     keras.backend.clear_session()
     return row
 
@@ -148,7 +154,7 @@ def main():
     report.add_option(parser)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--models", nargs="+", default=["deq", "dynmm", "dmf"])
+    parser.add_argument("--models", nargs="+", default=["deq", "dynmm", "dmf", "reference"])
     parser.add_argument("--out", default="benchmarks/results/gpu_check.json")
     args = parser.parse_args()
 

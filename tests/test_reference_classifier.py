@@ -90,6 +90,27 @@ def test_fusion_options_can_set_a_narrower_deq_state_than_the_encoders(data):
     assert model.predict([a[:5] for a in x], verbose=0).shape == (5, 2)
 
 
+def test_trains_under_mixed_float16_with_float32_probabilities(data):
+    # The gates and the confidence heads (with the labels handed to them) computing in
+    # float16 under loss scaling, the DEQ solver state in float32. benchmarks/gpu_check.py
+    # trains this classifier under XLA.
+    x, y = data
+    keras.config.set_dtype_policy("mixed_float16")
+    keras.utils.set_random_seed(0)
+    model = mmf.models.build_reference_classifier(WIDTHS, 2, units=8, standardize_with=x)
+    model.compile(keras.optimizers.Adam(3e-3), "sparse_categorical_crossentropy")
+    build_before_tracing(model, x, y)
+    history = model.fit(x, y, epochs=3, batch_size=100, verbose=0).history
+    for key in ("loss", "feature_gate_0_sparsity", "confidence_0_loss", "deq_residual"):
+        assert np.all(np.isfinite(history[key])), (key, history[key])
+    assert history["loss"][-1] < history["loss"][0], history["loss"]
+    assert history["deq_converged"][-1] > 0.9, history["deq_converged"]
+    assert model.get_layer("confidence_0").compute_dtype == "float16"
+    assert model.get_layer("deq_fusion").last_stats["residual"].dtype == "float32"
+    probabilities = model.predict([a[:8] for a in x], verbose=0)
+    assert probabilities.dtype == np.float32 and np.allclose(probabilities.sum(-1), 1.0, atol=1e-5)
+
+
 def test_layers_shapes_and_configs_round_trip():
     gate = FeatureGate(sparsity_weight=0.5, name="g")
     assert tuple(gate(np.ones((3, 5), "float32")).shape) == (3, 5)

@@ -26,6 +26,14 @@ WIDTHS = [6, 10, 8]
 
 def build(kind, masked):
     keras.utils.set_random_seed(0)
+    if kind == "reference":
+        # Gates, confidence heads (which read each replica's labels) and DEQ fusion, with
+        # their add_loss terms. No dropout: each replica would draw its masks for its own
+        # share of the batch, and no Jacobian penalty, for the same reason (below).
+        model = mmf.models.build_reference_classifier(WIDTHS, 2, units=8, dropout=0.0,
+                                                      fusion_options={"jacobian_weight": 0.0})
+        model.compile(keras.optimizers.SGD(0.1), "sparse_categorical_crossentropy")
+        return model
     if kind == "deq":
         # The Jacobian penalty's Hutchinson probes are random draws of the local batch's
         # shape, so each replica draws different ones than one device would: the penalty
