@@ -10,9 +10,12 @@ run. For each of the DEQ, DynMM and DMF classifiers and the reference classifier
 - trains ``--steps`` steps with ``jit_compile=True`` and without, and compares the
   losses (finite, and the XLA and graph runs close after the same steps). The DEQ
   layer's Jacobian penalty draws its probes from TensorFlow's stateless random ops,
-  whose streams differ between XLA and TensorFlow's own kernels, so for the DEQ and
-  reference classifiers the comparison is repeated with the penalty off, where the two
-  runs compute the same function and must agree to float32 rounding;
+  whose streams differ between XLA and TensorFlow's own kernels, so for the DEQ
+  classifier the comparison is repeated with the penalty off, where the two runs compute
+  the same function and must agree to float32 rounding. Not for the reference
+  classifier: at its initial weights most of its solves stop at ``max_iter`` unconverged
+  (95% of the first batch's samples after the default 50 steps), where the last iterate
+  depends on float rounding, which XLA's fused kernels do differently;
 - checks that the XLA training step is one compiled program: ``jit_compile=True``
   fails rather than fall back to TensorFlow ops, and the step's HLO is read to
   confirm that the solver loop is an XLA ``while`` and that no op sends data to or
@@ -101,15 +104,14 @@ def check_model(kind, x, y, batch, time_deq_graph=True):
     row["xla_loss_first_last"] = [xla_losses[0], xla_losses[-1]]
     row["xla_step_ms"] = 1e3 * xla_seconds
     losses = list(xla_losses)
-    solves = kind in ("deq", "reference")
-    if not solves or time_deq_graph:
+    if kind != "deq" or time_deq_graph:
         _, graph_losses, graph_seconds, _ = train(kind, x, y, batch, jit_compile=False)
         losses += graph_losses
         row["graph_loss_first_last"] = [graph_losses[0], graph_losses[-1]]
         row["max_loss_difference"] = float(np.max(np.abs(np.array(xla_losses) - np.array(graph_losses))))
         row["graph_step_ms"] = 1e3 * graph_seconds
         row["xla_speedup"] = graph_seconds / xla_seconds
-    if solves:
+    if kind == "deq":
         _, xla_plain, _, _ = train(kind, x, y, batch, jit_compile=True, jacobian_weight=0.0)
         _, graph_plain, _, _ = train(kind, x, y, batch, jit_compile=False, jacobian_weight=0.0)
         losses += xla_plain + graph_plain
@@ -118,6 +120,7 @@ def check_model(kind, x, y, batch, time_deq_graph=True):
     hlo = compiled_hlo(xla_model, [a[:batch] for a in x], y[:batch])
     row["hlo_while_loops"] = len(re.findall(r"\bwhile\(", hlo))
     row["hlo_host_transfers"] = len(HOST_TRANSFER.findall(hlo))
+    solves = kind in ("deq", "reference")
     row["one_xla_program"] = row["hlo_host_transfers"] == 0 and (not solves or row["hlo_while_loops"] > 0)
     keras.backend.clear_session()
     return row
@@ -173,11 +176,11 @@ def main():
         models[kind] = check_model(kind, x, y, args.batch)
     mixed = check_mixed_precision(x, y, args.batch)
 
-    print(f"\n{'model':<7} {'XLA ms':>8} {'graph ms':>9} {'speedup':>8} {'loss diff':>10} {'no penalty':>11} "
+    print(f"\n{'model':<9} {'XLA ms':>8} {'graph ms':>9} {'speedup':>8} {'loss diff':>10} {'no penalty':>11} "
           f"{'finite':>7} {'while':>6} {'host io':>8} {'one program':>12}")
     for kind, row in models.items():
         plain = row.get("max_loss_difference_without_penalty")
-        print(f"{kind:<7} {row['xla_step_ms']:>8.2f} {row['graph_step_ms']:>9.2f} {row['xla_speedup']:>7.2f}x "
+        print(f"{kind:<9} {row['xla_step_ms']:>8.2f} {row['graph_step_ms']:>9.2f} {row['xla_speedup']:>7.2f}x "
               f"{row['max_loss_difference']:>10.2e} {'' if plain is None else f'{plain:.2e}':>11} "
               f"{str(row['losses_finite']):>7} {row['hlo_while_loops']:>6} "
               f"{row['hlo_host_transfers']:>8} {str(row['one_xla_program']):>12}")
