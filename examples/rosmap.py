@@ -21,7 +21,8 @@ part, width 300, full-batch Adam 1e-4 with coupled weight decay, x0.2 after epoc
 clipped gradients, all 1000 epochs run and the epoch of lowest validation loss kept;
 ``reference_narrow`` is the same with a 64-wide DEQ state and 60 solver steps,
 ``REFERENCE_NARROW_RECIPE``. For every DEQ method the script also prints the fraction of
-training samples whose solve converged over the last 10 epochs of each seed's run.
+training samples whose solve converged over the last 10 epochs of each seed's run, and
+the same of the adjoint solves of their gradients.
 While it runs, it prints a line every 100 epochs of each run (``--progress-every``) and
 one when a run ends, with its kept epoch, its validation loss and its test scores.
 The data are MOGONET's preprocessed release (Wang et al., Nature Communications 2021),
@@ -61,7 +62,7 @@ SETTINGS = RECIPE
 def progress(name, seed, seeds, epochs, every):
     """A callback that prints a line every ``every`` epochs of one run: the training and
     validation losses and, for a DEQ model, the fraction of training samples whose solve
-    converged in that epoch. The reference classifier runs 1000 full-batch epochs, several
+    converged in that epoch, and of those whose adjoint solve did. The reference classifier runs 1000 full-batch epochs, several
     minutes a seed, and the lines show how far it is."""
 
     def report(epoch, logs):
@@ -69,6 +70,8 @@ def progress(name, seed, seeds, epochs, every):
             return
         converged = [logs[k] for k in converged_keys(logs)]
         solves = f", training solves converged {converged[0]:.3f}" if converged else ""
+        adjoint = [logs[k] for k in converged_keys(logs, backward=True)]
+        solves += f", adjoint solves {adjoint[0]:.3f}" if adjoint else ""
         print(f"  {name}, seed {seed + 1} of {seeds}: epoch {epoch + 1} of {epochs}, loss {logs['loss']:.4f}, "
               f"validation loss {logs['val_loss']:.4f}{solves}", flush=True)
 
@@ -142,6 +145,11 @@ def main():
             mean = [r["converged_last_10"] for r in entry["runs"]]
             lowest = min(r["converged_last_10_lowest"] for r in entry["runs"])
             print(f"{name}: training solves converged over the last 10 epochs, per seed "
+                  + ", ".join(f"{m:.3f}" for m in mean) + f"; lowest epoch {lowest:.3f}")
+        if "backward_converged_last_10" in entry["runs"][0]:
+            mean = [r["backward_converged_last_10"] for r in entry["runs"]]
+            lowest = min(r["backward_converged_last_10_lowest"] for r in entry["runs"])
+            print(f"{name}: adjoint solves converged over the last 10 epochs, per seed "
                   + ", ".join(f"{m:.3f}" for m in mean) + f"; lowest epoch {lowest:.3f}")
     os.makedirs(args.out, exist_ok=True)
     with open(os.path.join(args.out, "results.json"), "w") as f:

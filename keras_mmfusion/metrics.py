@@ -119,6 +119,14 @@ class SolverStatsMetric(_LayerStatistic):
     The values of the most recent call are kept across resets and read with
     :meth:`last`.
 
+    With ``backward=True`` the metric also records the adjoint solves of implicit
+    gradients (:meth:`update_backward_state`), and ``result()`` adds
+    ``"<prefix>_backward_steps"``, ``"<prefix>_backward_residual"`` (the same means of
+    the adjoint solves) and ``"<prefix>_backward_converged"``, the fraction of samples
+    whose adjoint solve met its tolerance. A call with no gradient (evaluation,
+    prediction) records no adjoint solve: its logs show 0 steps, a residual of 0 and
+    a converged fraction of 1.
+
     Under a ``tf.distribute`` strategy every replica records its own solves in its own
     slot, without synchronising the replicas (which would break Keras's ``add_loss``
     bookkeeping, see :func:`gather_replicas`); the slots are combined when read. The
@@ -136,10 +144,12 @@ class SolverStatsMetric(_LayerStatistic):
         layer: the layer whose solves are recorded; with another layer of its class in
             the same model, the names are prefixed with its name (see
             :func:`logged_prefix`).
+        backward: whether to record and log the adjoint solves too.
     """
 
-    def __init__(self, prefix="deq", name=None, dtype="float32", layer=None):
+    def __init__(self, prefix="deq", name=None, dtype="float32", layer=None, backward=False):
         super().__init__(prefix, layer=layer, name=name or f"{prefix}_solver_stats", dtype=dtype)
+        self.backward = backward
         self._replicas = tf.distribute.get_strategy().num_replicas_in_sync
         # Per-replica slots, summed over replicas when read: each replica adds to its own.
         self._steps_sum = self._slots("steps_sum")
@@ -150,6 +160,14 @@ class SolverStatsMetric(_LayerStatistic):
         self._last_converged = self._slots("last_converged")
         self._converged_sum = self._slots("converged_sum", shape=())
         self._sample_count = self._slots("sample_count", shape=())
+        if backward:
+            self._adjoint = {
+                name: self._slots(f"backward_{name}", shape=() if name in ("unconverged_sum", "sample_count") else None)
+                for name in (
+                    "steps_sum", "residual_sum", "count", "unconverged_sum", "sample_count",
+                    "last_steps", "last_residual", "last_converged",
+                )
+            }
 
     def _slots(self, name, shape=None):
         shape = (self._replicas,) if shape is None else shape
@@ -157,45 +175,83 @@ class SolverStatsMetric(_LayerStatistic):
 
     def update_state(self, stats):
         """Record one solve; ``stats`` is a ``SolverStats``."""
+        converged = ops.cast(stats.converged, self.dtype)
+        self._record(stats, self._steps_sum, self._residual_sum, self._count, self._last_steps,
+                     self._last_residual, self._last_converged)
+        self._converged_sum.assign_add(ops.sum(converged))
+        self._sample_count.assign_add(ops.cast(ops.shape(converged)[0], self.dtype))
+
+    def update_backward_state(self, stats):
+        """Record one adjoint solve; ``stats`` is its ``SolverStats``."""
+        adjoint = self._adjoint
+        self._record(stats, adjoint["steps_sum"], adjoint["residual_sum"], adjoint["count"], adjoint["last_steps"],
+                     adjoint["last_residual"], adjoint["last_converged"])
+        unconverged = 1.0 - ops.cast(stats.converged, self.dtype)
+        adjoint["unconverged_sum"].assign_add(ops.sum(unconverged))
+        adjoint["sample_count"].assign_add(ops.cast(ops.shape(unconverged)[0], self.dtype))
+
+    def _record(self, stats, steps_sum, residual_sum, count, last_steps, last_residual, last_converged):
         slot = ops.cast(_replica_slot(self._replicas), self.dtype)
         steps = ops.cast(stats.steps, self.dtype)
         residual = ops.cast(ops.max(stats.residual), self.dtype)
-        converged = ops.cast(ops.all(stats.converged), self.dtype)
-        self._steps_sum.assign_add(slot * steps)
-        self._residual_sum.assign_add(slot * residual)
-        self._count.assign_add(slot)
-        self._converged_sum.assign_add(ops.sum(ops.cast(stats.converged, self.dtype)))
-        self._sample_count.assign_add(ops.cast(ops.shape(stats.converged)[0], self.dtype))
+        steps_sum.assign_add(slot * steps)
+        residual_sum.assign_add(slot * residual)
+        count.assign_add(slot)
         # Each replica owns its copy of these; written as the slot row, they sum to the
         # vector of every replica's last values when read.
-        self._last_steps.assign(slot * steps)
-        self._last_residual.assign(slot * residual)
-        self._last_converged.assign(slot * converged)
+        last_steps.assign(slot * steps)
+        last_residual.assign(slot * residual)
+        last_converged.assign(slot * ops.cast(ops.all(stats.converged), self.dtype))
 
     def result(self):
         prefix = self.key_prefix
-        return {
+        out = {
             f"{prefix}_steps": ops.max(ops.divide_no_nan(self._steps_sum, self._count)),
             f"{prefix}_residual": ops.max(ops.divide_no_nan(self._residual_sum, self._count)),
             f"{prefix}_converged": ops.divide_no_nan(self._converged_sum, self._sample_count),
         }
+        if self.backward:
+            adjoint = self._adjoint
+            out.update({
+                f"{prefix}_backward_steps": ops.max(ops.divide_no_nan(adjoint["steps_sum"], adjoint["count"])),
+                f"{prefix}_backward_residual": ops.max(ops.divide_no_nan(adjoint["residual_sum"], adjoint["count"])),
+                f"{prefix}_backward_converged": 1.0
+                - ops.divide_no_nan(adjoint["unconverged_sum"], adjoint["sample_count"]),
+            })
+        return out
 
     def reset_state(self):
-        for variable in (self._steps_sum, self._residual_sum, self._count, self._converged_sum, self._sample_count):
+        running = [self._steps_sum, self._residual_sum, self._count, self._converged_sum, self._sample_count]
+        if self.backward:
+            running += [self._adjoint[k] for k in ("steps_sum", "residual_sum", "count", "unconverged_sum",
+                                                   "sample_count")]
+        for variable in running:
             variable.assign(ops.zeros(variable.shape, self.dtype))
 
     def last(self):
-        """``{"steps", "residual", "converged"}`` of the most recent call."""
-        # tf.convert_to_tensor reads a distributed variable as its aggregation says.
-        read = lambda variable: tf.convert_to_tensor(variable.value)  # noqa: E731
-        return {
-            "steps": tf.cast(tf.reduce_max(read(self._last_steps)), "int32"),
-            "residual": tf.reduce_max(read(self._last_residual)),
-            "converged": tf.reduce_min(read(self._last_converged)) == 1,
-        }
+        """``{"steps", "residual", "converged"}`` of the most recent call, and with
+        ``backward=True`` ``{"backward_steps", "backward_residual",
+        "backward_converged"}`` of the most recent adjoint solve."""
+        out = _last_values(self._last_steps, self._last_residual, self._last_converged)
+        if self.backward:
+            adjoint = self._adjoint
+            last = _last_values(adjoint["last_steps"], adjoint["last_residual"], adjoint["last_converged"])
+            out.update({f"backward_{k}": v for k, v in last.items()})
+        return out
 
     def get_config(self):
-        return {"prefix": self.prefix, "name": self.name, "dtype": self.dtype}
+        return {"prefix": self.prefix, "name": self.name, "dtype": self.dtype, "backward": self.backward}
+
+
+def _last_values(steps, residual, converged):
+    """The most recent ``steps``, ``residual`` and ``converged`` from per-replica slot variables."""
+    # tf.convert_to_tensor reads a distributed variable as its aggregation says.
+    read = lambda variable: tf.convert_to_tensor(variable.value)  # noqa: E731
+    return {
+        "steps": tf.cast(tf.reduce_max(read(steps)), "int32"),
+        "residual": tf.reduce_max(read(residual)),
+        "converged": tf.reduce_min(read(converged)) == 1,
+    }
 
 
 @keras.saving.register_keras_serializable(package="keras_mmfusion")

@@ -46,6 +46,12 @@ def test_the_tolerance_is_raised_to_what_the_compute_dtype_resolves():
     with pytest.warns(UserWarning, match=r"tol=0.0001 is below what its bfloat16 update resolves; .* 0.062"):
         assert layer.effective_tol == pytest.approx(8 * 2**-7)
     assert mmf.DEQFusion(8, tol=1e-4).effective_tol == 1e-4
+    # The adjoint's relative stop is raised the same way; an absolute one is not.
+    assert layer.effective_backward_tol == pytest.approx(8 * 2**-7)
+    layer = mmf.DEQFusion(8, tol=1e-3, stop_mode="abs", backward_tol=1e-5, dtype="mixed_float16")
+    assert layer.effective_tol == 1e-3 and layer.effective_backward_tol == pytest.approx(8 * 2**-10)
+    layer = mmf.DEQFusion(8, backward_tol=1e-5, backward_stop_mode="abs", dtype="mixed_float16")
+    assert layer.effective_backward_tol == 1e-5
 
 
 def check_float32_outputs(model, fusion, policy, inputs):

@@ -186,5 +186,8 @@ def test_the_reference_recipe_runs_through_the_protocol_with_its_training_detail
     converged = np.asarray(history["deq_converged"])
     assert metrics["converged_last_10"] == pytest.approx(converged.mean())
     assert metrics["converged_last_10_lowest"] == pytest.approx(converged.min())
+    adjoint = np.asarray(history["deq_backward_converged"])
+    assert metrics["backward_converged_last_10"] == pytest.approx(adjoint.mean())
+    assert metrics["backward_converged_last_10_lowest"] == pytest.approx(adjoint.min())
     assert model.get_layer("feature_gate_0").sparsity_weight == REFERENCE_RECIPE.model_options["gate_weight"]
     assert model.get_layer("confidence_1").loss_weight == REFERENCE_RECIPE.model_options["confidence_weight"]

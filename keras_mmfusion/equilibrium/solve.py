@@ -6,10 +6,11 @@ backward modes:
 
 - ``"implicit"``: the implicit function theorem (Bai et al., "Deep Equilibrium
   Models", 2019). With ``z* = f(z*, x)`` and upstream gradient ``v = dL/dz*``, solve
-  the adjoint fixed point ``g = J_f(z*)^T g + v`` with the forward solver family, then
-  one vector-Jacobian product ``g^T df/d(x, theta)`` gives every input and parameter
-  gradient. ``f`` is evaluated once at ``z*`` for the backward pass; with
-  ``jacobian_probes``, that same evaluation also gives the Jacobian penalty.
+  the adjoint fixed point ``g = J_f(z*)^T g + v`` with the forward solver family (see
+  :func:`solve_adjoint` for its start and its stopping rule), then one vector-Jacobian
+  product ``g^T df/d(x, theta)`` gives every input and parameter gradient. ``f`` is
+  evaluated once at ``z*`` for the backward pass; with ``jacobian_probes``, that same
+  evaluation also gives the Jacobian penalty.
 - ``"phantom"``: ``k`` damped steps ``z <- (1 - lam) z + lam f(z, x)`` from ``z*``,
   differentiated by ordinary autodiff (Geng et al., "On Training Implicit Models", 2021).
 - ``"unrolled"``: ordinary autodiff through ``max_iter`` plain iterations of ``f``
@@ -26,9 +27,11 @@ import tensorflow as tf
 from keras_mmfusion._internals import stop_recording
 
 from keras_mmfusion.equilibrium.iteration import (
+    STOP_MODES,
     SolverStats,
     as_flat_state,
     check_solver_arguments,
+    internal_dtype,
     residual_norm,
 )
 from keras_mmfusion.equilibrium.jacobian import check_probes, hutchinson_jacobian_norm, jacobian_norm_from_vjp
@@ -38,10 +41,14 @@ from keras_mmfusion._checks import check_fraction, check_int
 BACKWARD_MODES = ("implicit", "phantom", "unrolled")
 
 
-def check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping):
+def check_backward_arguments(
+    backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping, backward_stop_mode="rel"
+):
     """Raise a ``ValueError`` naming the backward-pass argument that is out of range."""
     if backward not in BACKWARD_MODES:
         raise ValueError(f"backward must be one of {BACKWARD_MODES}, got {backward!r}.")
+    if backward_stop_mode not in STOP_MODES:
+        raise ValueError(f"backward_stop_mode must be one of {STOP_MODES}, got {backward_stop_mode!r}.")
     if backward_max_iter is not None:
         check_int("backward_max_iter", backward_max_iter)
     if backward_tol is not None and not (isinstance(backward_tol, (int, float)) and backward_tol > 0):
@@ -74,6 +81,8 @@ def fixed_point_solve(
     backward="implicit",
     backward_max_iter=None,
     backward_tol=None,
+    backward_stop_mode="rel",
+    backward_callback=None,
     phantom_steps=5,
     phantom_damping=0.5,
     solver_options=None,
@@ -99,6 +108,15 @@ def fixed_point_solve(
         backward: ``"implicit"``, ``"phantom"`` or ``"unrolled"`` (see the module doc).
         backward_max_iter: iterations of the adjoint solve; defaults to ``max_iter``.
         backward_tol: tolerance of the adjoint solve; defaults to ``tol``.
+        backward_stop_mode: the adjoint solve's own stopping rule, whatever
+            ``stop_mode`` is: ``"rel"`` stops a sample once
+            ``||g - J^T g - v|| <= backward_tol * ||v||``, so the gradient is linear in
+            the loss at every scale; ``"abs"`` once ``||g - J^T g - v|| <= backward_tol``.
+            See :func:`solve_adjoint`.
+        backward_callback: optional ``callback(stats)``, called with the adjoint
+            solve's ``SolverStats`` (residuals in ``backward_stop_mode``) each time an
+            implicit gradient is taken, e.g. to record them in a variable. In a
+            ``tf.function`` it is called while the gradient is traced.
         phantom_steps: the number of unrolled steps ``k`` of the phantom gradient.
         phantom_damping: the damping ``lam`` of the phantom steps, in ``(0, 1]``.
         solver_options: keyword arguments for the solver, e.g. ``{"memory": 5}``.
@@ -122,13 +140,17 @@ def fixed_point_solve(
         is ``max_iter``; so it is for a warm-up, with ``warmup_depth`` steps.
     """
     check_solver_arguments(max_iter, tol, stop_mode)
-    check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping)
+    check_backward_arguments(
+        backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping, backward_stop_mode
+    )
     check_warmup_arguments(warmup is not None, warmup_depth, backward)
     z0 = tf.stop_gradient(as_flat_state(z0))
     options = dict(solver_options or {})
     solve = get_solver(solver)
 
     probes = None if jacobian_probes is None else check_probes(jacobian_probes, z0)
+    # During a warm-up the equilibrium's solves are skipped (see the end of this function).
+    skip = None if warmup is None else tf.convert_to_tensor(warmup)
 
     def with_penalty(z, stats):
         # The phantom and unrolled modes evaluate f at z for the penalty on its own.
@@ -144,7 +166,12 @@ def fixed_point_solve(
             return with_penalty(*_unrolled(f, x, z0, max_iter, tol, stop_mode))
 
         def forward(fn):
-            return solve(fn, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **options)
+            return _unless(
+                skip,
+                lambda: solve(fn, z0, max_iter=max_iter, tol=tol, stop_mode=stop_mode, **options),
+                z0,
+                max_iter,
+            )
 
         if backward == "phantom":
             z, stats = _solve_with_gradient(f, x, forward, _no_gradient)
@@ -154,20 +181,27 @@ def fixed_point_solve(
                 z = (1.0 - phantom_damping) * z + phantom_damping * f(z, x)
             return z, with_penalty(z_star, stats)[1]
 
-        def adjoint_solve(fn, v):
-            return solve(
-                fn,
+        def adjoint_solve(vjp, v):
+            adjoint_max_iter = backward_max_iter or max_iter
+            g, stats = _unless(
+                skip,
+                lambda: solve_adjoint(
+                    solve,
+                    vjp,
+                    v,
+                    max_iter=adjoint_max_iter,
+                    tol=backward_tol or tol,
+                    stop_mode=backward_stop_mode,
+                    **options,
+                ),
                 tf.zeros_like(v),
-                max_iter=backward_max_iter or max_iter,
-                tol=backward_tol or tol,
-                stop_mode=stop_mode,
-                **options,
+                adjoint_max_iter,
             )
+            if backward_callback is not None:
+                backward_callback(stats)
+            return g
 
-        if probes is not None or warmup is not None:
-            # Inside tf.cond, a custom gradient that evaluates f reads the variables
-            # from the gradient graph, which cond_v2's gradient cannot resolve; this
-            # form evaluates f in the forward pass and its gradient reads no variable.
+        if probes is not None:
             return _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes, jacobian_active)
 
         def implicit_gradient(z_star, xs, fz_of, dz, variables):
@@ -177,10 +211,10 @@ def fixed_point_solve(
                 tape.watch(variables)
                 fz = fz_of(z_star, xs)
 
-            def adjoint_map(g):
-                return tape.gradient(fz, z_star, output_gradients=g) + dz
+            def vjp(g):
+                return tape.gradient(fz, z_star, output_gradients=tf.cast(g, fz.dtype))
 
-            g, _ = adjoint_solve(adjoint_map, dz)
+            g = adjoint_solve(vjp, dz)
             grads = tape.gradient(
                 fz,
                 list(xs) + variables,
@@ -194,10 +228,106 @@ def fixed_point_solve(
     if warmup is None:
         return equilibrium()
 
+    # The warm-up's autodiff through plain iterations runs in a tf.cond. The
+    # equilibrium's custom gradient stays outside any tf.cond, with its solves skipped
+    # by conds of their own: cond_v2's gradient cannot take a custom gradient that
+    # reads variables (f's weights, or a backward_callback's), and it would return the
+    # solver loop's variable handles from its branch, which XLA cannot compile. The
+    # equilibrium's penalty is evaluated (at z0) during a warm-up too and discarded:
+    # gating it by another differentiated tf.cond crashes XLA's CPU runtime.
     def shallow():
         return with_penalty(*_shallow(f, x, z0, warmup_depth, max_iter, tol, stop_mode))
 
-    return _cond(warmup, shallow, equilibrium)
+    def idle():
+        stats = _skipped_stats(z0, max_iter)
+        return tf.zeros_like(z0), stats if probes is None else stats._replace(jacobian=tf.zeros([], z0.dtype))
+
+    warm = _cond(skip, shallow, idle)
+    solved = equilibrium()
+    return tuple(
+        tf.nest.map_structure(lambda a, b: a if a is None else tf.where(skip, a, b), warm_part, solved_part)
+        for warm_part, solved_part in zip(warm, solved)
+    )
+
+
+def solve_adjoint(solve, vjp, v, *, max_iter, tol, stop_mode="rel", **options):
+    """Solve the adjoint fixed point ``g = J^T g + v`` of an implicit gradient.
+
+    ``vjp(g)`` returns ``J^T g`` for a ``(batch, dim)`` ``g``; ``v`` is the upstream
+    gradient ``dL/dz*``, one row per sample. The solve starts at ``g = v``, the first
+    term of the Neumann series ``sum_k (J^T)^k v``, so a zero ``g`` is never returned
+    for a nonzero ``v``, and a zero ``v`` gives ``g = 0`` at once.
+
+    With ``stop_mode="rel"`` a sample stops once ``||g - J^T g - v|| <= tol * ||v||``.
+    The map is linear, so each sample's system is solved for ``g / ||v||`` with the
+    unit right-hand side ``v / ||v||`` and an absolute stop: the iterates, the
+    solvers' choices and the answer do not depend on the loss's scale, and a small
+    upstream gradient loses no precision. With ``stop_mode="abs"`` the system is
+    solved as it is and a sample stops once ``||g - J^T g - v|| <= tol``.
+
+    Args:
+        solve: a solve function with the registry's signature.
+        vjp: the linear map ``g -> J^T g``.
+        v: ``(batch, dim)``, the right-hand side.
+        max_iter, tol: the adjoint solve's budget and tolerance.
+        stop_mode: ``"rel"`` (relative to ``||v||``) or ``"abs"``.
+        **options: the solver's keyword arguments.
+
+    Returns:
+        ``(g, stats)``: ``g`` in ``v``'s dtype, and the solve's ``SolverStats``, whose
+        residuals are relative to ``||v||`` for ``"rel"``.
+    """
+    if stop_mode not in STOP_MODES:
+        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}.")
+    dtype = internal_dtype(v.dtype)
+    rhs = tf.cast(v, dtype)
+    if stop_mode == "rel":
+        size = _row_norm(rhs)
+        scale = tf.expand_dims(tf.where(size > 0, size, tf.ones_like(size)), -1)
+        rhs = rhs / scale
+    h, stats = solve(
+        lambda h: tf.cast(vjp(h), dtype) + rhs, rhs, max_iter=max_iter, tol=tol, stop_mode="abs", **options
+    )
+    if stop_mode == "rel":
+        h = h * scale
+    return tf.cast(h, v.dtype), stats
+
+
+def _row_norm(x):
+    """``(batch,)``: each row's Euclidean norm, scaled by its largest entry first so that
+    no square underflows (an upstream gradient of 1e-25 in float32 has a norm, not 0)."""
+    largest = tf.reduce_max(tf.abs(x), axis=-1, keepdims=True)
+    safe = tf.where(largest > 0, largest, tf.ones_like(largest))
+    return tf.squeeze(largest, -1) * tf.sqrt(tf.reduce_sum(tf.square(x / safe), axis=-1))
+
+
+def _skipped_stats(z, length):
+    """The ``SolverStats`` of a solve that did not run: 0 steps, every sample converged."""
+    dtype = internal_dtype(z.dtype)
+    batch = tf.shape(z)[:1]
+    return SolverStats(
+        steps=tf.constant(0),
+        residual=tf.zeros(batch, dtype),
+        converged=tf.ones(batch, tf.bool),
+        trace=tf.zeros([length], dtype),
+    )
+
+
+def _unless(skip, run, placeholder, length):
+    """``run()``, a ``(z, SolverStats)`` solve, or with a boolean tensor ``skip``, that
+    solve only where ``skip`` is false; else ``placeholder`` and :func:`_skipped_stats`."""
+    if skip is None:
+        return run()
+
+    def skipped():
+        return (placeholder,) + tuple(_skipped_stats(placeholder, length)[:4])
+
+    def solved():
+        z, stats = run()
+        return (z,) + tuple(stats[:4])
+
+    z, *fields = tf.cond(skip, skipped, solved)
+    return z, SolverStats(*fields)
 
 
 def _when_active(active, penalty, z):
@@ -237,8 +367,7 @@ def _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes=None, acti
     @tf.custom_gradient
     def solution(fz):
         def grad(dz):
-            g, _ = adjoint_solve(lambda g: vjp(g) + dz, dz)
-            return g
+            return adjoint_solve(vjp, dz)
 
         return tf.identity(z_star), grad
 

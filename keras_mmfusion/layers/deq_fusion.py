@@ -96,8 +96,10 @@ class DEQFusion(keras.layers.Layer):
     The solve runs in a bounded ``tf.while_loop``; gradients come from the backward
     mode chosen (implicit differentiation by default), so training memory does not
     grow with the number of solver iterations. Solver statistics are logged by
-    ``model.fit``/``evaluate`` as ``deq_steps`` and ``deq_residual`` and are readable
-    after any call from :attr:`last_stats`.
+    ``model.fit``/``evaluate`` as ``deq_steps``, ``deq_residual`` and
+    ``deq_converged`` and are readable after any call from :attr:`last_stats`; with
+    ``backward="implicit"`` those of the adjoint solve are logged as
+    ``deq_backward_steps``, ``deq_backward_residual`` and ``deq_backward_converged``.
 
     Args:
         units: width of every state. Inputs whose width differs are projected to it
@@ -113,7 +115,15 @@ class DEQFusion(keras.layers.Layer):
             :func:`keras_mmfusion.equilibrium.fixed_point_solve`.
         backward_max_iter: iterations of the implicit adjoint solve (default
             ``max_iter``).
-        backward_tol: tolerance of the adjoint solve (default ``tol``).
+        backward_tol: tolerance of the adjoint solve (default ``tol``). Under a mixed
+            precision policy a relative tolerance is raised as ``tol`` is.
+        backward_stop_mode: the adjoint solve's stopping rule, independent of
+            ``stop_mode``: ``"rel"`` (the default) stops a sample once its adjoint
+            residual is at most ``backward_tol`` times its upstream gradient's norm,
+            so the gradient scales with the loss however small it is; ``"abs"`` stops
+            on the residual itself. Either way the adjoint solve starts from the
+            upstream gradient, never from zero (see
+            :func:`keras_mmfusion.equilibrium.solve.solve_adjoint`).
         jacobian_weight: weight of the Hutchinson estimate of ``||J_f(z*)||_F^2 / dim``,
             added with ``add_loss`` in training calls only. 0 disables it. The default,
             50, keeps the trained update a contraction, so training solves converge and
@@ -201,6 +211,7 @@ class DEQFusion(keras.layers.Layer):
         backward="implicit",
         backward_max_iter=None,
         backward_tol=None,
+        backward_stop_mode="rel",
         jacobian_weight=50.0,
         jacobian_probes=1,
         jacobian_frequency=1.0,
@@ -221,7 +232,9 @@ class DEQFusion(keras.layers.Layer):
         if solver not in available_solvers():
             raise ValueError(f"solver must be one of {available_solvers()}, got {solver!r}.")
         check_solver_arguments(max_iter, tol, stop_mode)
-        check_backward_arguments(backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping)
+        check_backward_arguments(
+            backward, backward_max_iter, backward_tol, phantom_steps, phantom_damping, backward_stop_mode
+        )
         check_non_negative("jacobian_weight", jacobian_weight)
         check_int("jacobian_probes", jacobian_probes)
         check_fraction("jacobian_frequency", jacobian_frequency)
@@ -242,6 +255,7 @@ class DEQFusion(keras.layers.Layer):
         self.backward = backward
         self.backward_max_iter = backward_max_iter
         self.backward_tol = backward_tol
+        self.backward_stop_mode = backward_stop_mode
         self.jacobian_weight = jacobian_weight
         self.jacobian_probes = jacobian_probes
         self.jacobian_frequency = jacobian_frequency
@@ -256,7 +270,9 @@ class DEQFusion(keras.layers.Layer):
         self.kernel_initializer = keras.initializers.get(kernel_initializer)
         self.kernel_normalization = kernel_normalization
         self.seed = seed
-        self.stats_metric = SolverStatsMetric(prefix="deq", name=f"{self.name}_solver_stats", layer=self)
+        self.stats_metric = SolverStatsMetric(
+            prefix="deq", name=f"{self.name}_solver_stats", layer=self, backward=backward == "implicit"
+        )
         self._seed_generator = keras.random.SeedGenerator(seed) if jacobian_weight > 0 else None
 
     def build(self, input_shape):
@@ -356,7 +372,9 @@ class DEQFusion(keras.layers.Layer):
             stop_mode=self.stop_mode,
             backward=self.backward,
             backward_max_iter=self.backward_max_iter,
-            backward_tol=self.backward_tol,
+            backward_tol=self.effective_backward_tol,
+            backward_stop_mode=self.backward_stop_mode,
+            backward_callback=self._record_backward,
             phantom_steps=self.phantom_steps,
             phantom_damping=self.phantom_damping,
             solver_options=self.solver_options,
@@ -381,6 +399,18 @@ class DEQFusion(keras.layers.Layer):
                 stacklevel=2,
             )
         return tol
+
+    @property
+    def effective_backward_tol(self):
+        """The adjoint solves' tolerance: ``backward_tol``, or ``tol`` when it is
+        ``None``, raised under mixed precision as :attr:`effective_tol` is when
+        ``backward_stop_mode`` is ``"rel"``."""
+        tol = self.tol if self.backward_tol is None else self.backward_tol
+        return resolvable_tol(tol, self.backward_stop_mode, self.compute_dtype)
+
+    def _record_backward(self, stats):
+        if recording_statistics():
+            self.stats_metric.update_backward_state(stats)
 
     def solve(self, inputs, modality_mask=None):
         """The forward solve on ``inputs``: ``(z_fuse*, stats)``.
@@ -427,7 +457,11 @@ class DEQFusion(keras.layers.Layer):
 
         ``steps`` counts evaluations of the update, ``residual`` is the largest
         per-sample residual in the batch and ``converged`` says whether every sample
-        met ``tol``. Values are zero before the first call.
+        met ``tol``. With ``backward="implicit"``, ``backward_steps``,
+        ``backward_residual`` and ``backward_converged`` say the same of the last
+        adjoint solve (its residual in ``backward_stop_mode``, relative to each
+        sample's upstream gradient by default). Values are zero before the first call
+        (before the first gradient for the adjoint's).
         """
         return self.stats_metric.last()
 
@@ -447,6 +481,7 @@ class DEQFusion(keras.layers.Layer):
             backward=self.backward,
             backward_max_iter=self.backward_max_iter,
             backward_tol=self.backward_tol,
+            backward_stop_mode=self.backward_stop_mode,
             jacobian_weight=self.jacobian_weight,
             jacobian_probes=self.jacobian_probes,
             jacobian_frequency=self.jacobian_frequency,

@@ -230,9 +230,8 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
     Returns:
         ``(model, history, metrics)`` with test ``accuracy``, ``f1``, ``auc``, the
         best validation value, the epochs run and the median seconds per epoch; for a DEQ
-        model also ``converged_last_10`` and ``converged_last_10_lowest``, the mean and the
-        lowest per-epoch fraction of training samples whose solve converged over the last 10
-        epochs of the run on the validation split.
+        model also the converged fractions of its training solves over the last 10 epochs
+        of the run on the validation split (see :func:`converged_last_10`).
     """
     keras.utils.set_random_seed(seed)
     keep, held = stratified_split(splits.train[1], settings.validation_fraction, seed)
@@ -260,16 +259,31 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
         epoch_seconds=float(np.median(timer.times)),
         params=int(model.count_params()),
     )
-    converged = [history[k][-10:] for k in converged_keys(history)]
-    if converged:
-        metrics.update(converged_last_10=float(np.mean(converged)), converged_last_10_lowest=float(np.min(converged)))
+    metrics.update(converged_last_10(history))
     return model, history, metrics
 
 
-def converged_keys(logs):
+def converged_last_10(history):
+    """For a DEQ model's training history, ``converged_last_10`` and
+    ``converged_last_10_lowest``, the mean and the lowest per-epoch fraction of training
+    samples whose forward solve converged over the last 10 epochs, and
+    ``backward_converged_last_10`` and ``backward_converged_last_10_lowest``, the same
+    of the adjoint solves; ``{}`` for a model without solves."""
+    out = {}
+    for prefix, backward in (("", False), ("backward_", True)):
+        converged = [history[k][-10:] for k in converged_keys(history, backward)]
+        if converged:
+            out[f"{prefix}converged_last_10"] = float(np.mean(converged))
+            out[f"{prefix}converged_last_10_lowest"] = float(np.min(converged))
+    return out
+
+
+def converged_keys(logs, backward=False):
     """The keys of ``logs`` (or a history) that hold the converged fraction of training
-    solves: ``deq_converged``, or ``<layer name>_deq_converged`` per layer, not ``val_``."""
-    return [k for k in logs if k.endswith("converged") and not k.startswith("val_")]
+    solves: ``deq_converged``, or ``<layer name>_deq_converged`` per layer, not ``val_``;
+    with ``backward=True`` those of the adjoint solves, ``deq_backward_converged``."""
+    return [k for k in logs if k.endswith("converged") and not k.startswith("val_")
+            and k.endswith("backward_converged") == backward]
 
 
 def summarise(runs, keys=("accuracy", "f1_binary", "auc")):

@@ -48,7 +48,10 @@ def test_one_mirrored_step_equals_the_single_device_step(kind, reports):
         # relatively: a sum or a mean over the 2 replicas would be off by about 6e-6.
         assert 0 < mirrored["last_stats"]["steps"] < 30
         assert mirrored["last_stats"] == pytest.approx(single["last_stats"], rel=0, abs=1e-6)
-        for key in ("deq_steps", "deq_residual", "deq_converged"):
+        # So it is for the adjoint solves of the implicit gradient, each sample's own too.
+        assert mirrored["last_stats"]["backward_steps"] > 0
+        for key in ("deq_steps", "deq_residual", "deq_converged", "deq_backward_steps", "deq_backward_residual",
+                    "deq_backward_converged"):
             assert mirrored["logs"][key] == pytest.approx(single["logs"][key], rel=0, abs=1e-6), key
     if kind == "dynmm":
         assert len(mirrored["last_routing"]) == 64

@@ -18,7 +18,8 @@ def test_output_shape_projection_and_last_stats():
     # Widths 8 differ from units 16 and are projected; width 12 too.
     assert all(p is not None for p in layer.projections)
     stats = layer.last_stats
-    assert set(stats) == {"steps", "residual", "converged"}
+    assert set(stats) == {"steps", "residual", "converged", "backward_steps", "backward_residual",
+                          "backward_converged"}
     assert 1 <= int(stats["steps"]) <= 30
     assert np.isfinite(float(stats["residual"]))
     assert bool(stats["converged"]) == (float(stats["residual"]) <= layer.tol)
@@ -43,6 +44,7 @@ def test_get_config_round_trips():
         backward="phantom",
         backward_max_iter=9,
         backward_tol=1e-5,
+        backward_stop_mode="abs",
         jacobian_weight=0.5,
         jacobian_probes=2,
         jacobian_frequency=0.25,
@@ -61,8 +63,71 @@ def test_get_config_round_trips():
     assert clone.get_config() == config
     for key, value in dict(units=12, solver="broyden", max_iter=7, backward="phantom", num_groups=3,
                            jacobian_frequency=0.25, kernel_normalization="weight", warmup_steps=30,
-                           warmup_depth=3).items():
+                           warmup_depth=3, backward_stop_mode="abs").items():
         assert config[key] == value
+    # A config written without backward_stop_mode (an older .keras file) loads with the
+    # adjoint's relative stop.
+    del config["backward_stop_mode"]
+    assert DEQFusion.from_config(config).backward_stop_mode == "rel"
+
+
+def test_gradients_scale_with_the_loss_under_the_reference_recipes_solver_settings():
+    # The recipe's forward solve stops on an absolute residual of 1e-3; a loss scaled by
+    # 1e-4 gives every sample an upstream gradient far below that. Its adjoint solves
+    # stop relative to their own right-hand side, so the gradient scales with the loss.
+    from keras_mmfusion.training import REFERENCE_RECIPE
+
+    options = REFERENCE_RECIPE.fusion_options
+    assert options["stop_mode"] == "abs" and options["tol"] == 1e-3
+    keras.utils.set_random_seed(3)
+    inputs = [tf.constant(x) for x in random_inputs(batch=16, widths=(12, 12, 12), seed=3)]
+    layer = DEQFusion(units=16, **options)
+    layer(inputs)
+    kernel = layer.modality_blocks[0].dense1.kernel
+    weights = tf.constant(np.random.default_rng(3).normal(size=(16, 16)), "float32")
+
+    @tf.function
+    def scaled_gradients(scale):
+        with tf.GradientTape() as tape:
+            tape.watch(inputs)
+            # Keras's mean over the batch: each sample's upstream gradient is scale / 16.
+            loss = scale * tf.reduce_mean(tf.reduce_sum(layer(inputs) * weights, axis=-1))
+        return [g / scale for g in tape.gradient(loss, inputs + [kernel])]
+
+    at_one, small = scaled_gradients(tf.constant(1.0)), scaled_gradients(tf.constant(1e-4))
+    assert all(bool(tf.reduce_all(tf.reduce_any(g != 0, axis=-1))) for g in small[:3])
+    for name, a, b in zip(["x0", "x1", "x2", "kernel"], at_one, small):
+        assert float(tf.norm(a - b) / tf.norm(a)) <= 10 * options["tol"], name
+
+
+def test_last_stats_and_fit_logs_report_the_adjoint_solve(capsys):
+    inputs = [tf.constant(x) for x in random_inputs(batch=8, widths=(8, 8))]
+    # Not the plain sum of the output: GroupNorm makes it constant, and J^T v = 0.
+    weights = tf.constant(np.random.default_rng(0).normal(size=(8, 8)), "float32")
+    for capped in (True, False):
+        kwargs = dict(backward_max_iter=2, backward_tol=1e-10) if capped else {}
+        layer = DEQFusion(units=8, max_iter=30, jacobian_weight=0.0, **kwargs)
+        with tf.GradientTape() as tape:
+            loss = tf.reduce_sum(layer(inputs) * weights)
+        tape.gradient(loss, layer.trainable_weights)
+        stats = layer.last_stats
+        residual = float(stats["backward_residual"])
+        if capped:
+            assert int(stats["backward_steps"]) == 2 and not bool(stats["backward_converged"])
+            assert 1e-10 < residual < 1
+        else:
+            assert 2 < int(stats["backward_steps"]) <= 30 and bool(stats["backward_converged"])
+            assert residual <= layer.tol
+    # In fit, the adjoint's statistics are logged, and an unconverged one is in the progress bar.
+    widths, (x, y), _ = synthetic_split(train=64, test=0)
+    model = fusion_classifier(DEQFusion(max_iter=30, backward_max_iter=2, backward_tol=1e-10), widths)
+    model.compile(keras.optimizers.Adam(1e-3), "sparse_categorical_crossentropy")
+    build_before_tracing(model, x, y)
+    history = model.fit(x, y, epochs=1, batch_size=32, verbose=2).history
+    assert history["deq_backward_steps"] == [2.0]
+    assert history["deq_backward_converged"] == [0.0]
+    assert history["deq_backward_residual"][0] > 1e-10
+    assert "deq_backward_converged: 0.0000" in capsys.readouterr().out
 
 
 def numpy_group_norm(x, norm, groups):
@@ -262,7 +327,8 @@ def test_fit_beats_linear_model_and_logs_solver_stats(synthetic, linear_accuracy
     # 15 epochs: this seed's test accuracy is past 0.9 from the 9th epoch on (0.96 at
     # the 15th), and the linear model's stays below 0.62.
     history = model.fit(x, y, epochs=15, batch_size=64, verbose=0)
-    assert {"deq_steps", "deq_residual", "deq_converged"} <= set(history.history)
+    assert {"deq_steps", "deq_residual", "deq_converged", "deq_backward_steps", "deq_backward_residual",
+            "deq_backward_converged"} <= set(history.history)
     assert all(1 <= s <= 50 for s in history.history["deq_steps"])
     # The defaults keep training at an equilibrium: the solves of (almost) every
     # training sample meet the tolerance, to the end of training.
