@@ -25,6 +25,7 @@ differentiated by autodiff: the model trains as a shallow weight-tied network fi
 import tensorflow as tf
 
 from keras_mmfusion._internals import stop_recording
+from keras_mmfusion.graph_context import in_xla_context
 
 from keras_mmfusion.equilibrium.iteration import (
     STOP_MODES,
@@ -331,10 +332,19 @@ def _unless(skip, run, placeholder, length):
 
 
 def _when_active(active, penalty, z):
-    """``penalty()``, or with a boolean tensor ``active``, ``penalty()`` only where it is true (else 0)."""
+    """``penalty()``, or with a boolean tensor ``active``, ``penalty()`` only where it is true (else 0).
+
+    Under XLA the penalty is computed on every call and multiplied by ``active``: XLA's
+    CPU runtime corrupts its heap and aborts the process when it runs the gradient of a
+    ``tf.cond`` whose branch takes these vector-Jacobian products, so there the skipped
+    calls save nothing.
+    """
     if active is None:
         return penalty()
-    return tf.cond(tf.convert_to_tensor(active), penalty, lambda: tf.zeros([], z.dtype))
+    active = tf.convert_to_tensor(active)
+    if in_xla_context():
+        return penalty() * tf.cast(active, z.dtype)
+    return tf.cond(active, penalty, lambda: tf.zeros([], z.dtype))
 
 
 def _implicit_sharing_evaluation(f, x, forward, adjoint_solve, probes=None, active=None):

@@ -136,7 +136,8 @@ class DEQFusion(keras.layers.Layer):
         jacobian_frequency: the probability, in ``(0, 1]``, that a training call
             computes the penalty (Bai et al. 2021's ``jac_loss_freq``); on the other
             calls it is 0 and its vector-Jacobian products are skipped, which saves
-            their cost. The default, 1, applies it on every call.
+            their cost (not under XLA, which computes them and zeroes the penalty).
+            The default, 1, applies it on every call.
         num_groups: GroupNorm groups; ``units`` must be divisible by it. The default, 1,
             normalises each state as a whole, which keeps the relative sizes of all its
             features; the reference code uses 4 groups, which learnt the cross-modal XOR

@@ -427,19 +427,30 @@ def test_jacobian_penalty_is_added_in_training_only():
     assert DEQFusion().jacobian_weight > 0  # on by default: it keeps training at an equilibrium
 
 
-def test_jacobian_frequency_applies_the_penalty_on_that_share_of_training_calls():
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_jacobian_frequency_applies_the_penalty_on_that_share_of_training_calls(jit_compile):
     x = random_inputs(batch=4, widths=(8, 8))
     layer = DEQFusion(units=8, max_iter=5, jacobian_weight=2.0, jacobian_frequency=0.3, seed=1)
 
-    @tf.function
-    def call(inputs):
-        layer(inputs, training=True)
-        return layer.losses[0]
+    @tf.function(jit_compile=jit_compile)
+    def step(inputs):
+        # The penalty and its gradient, as a training step takes them.
+        with tf.GradientTape() as tape:
+            layer(inputs, training=True)
+            penalty = layer.losses[0]
+        return penalty, tape.gradient(penalty, layer.trainable_weights)
 
-    penalties = np.array([float(call(x)) for _ in range(60)])
+    layer(x)
+    kernel = layer.modality_blocks[0].dense1.kernel
+    index = [w.path for w in layer.trainable_weights].index(kernel.path)
+    steps = [step(x) for _ in range(60)]
+    penalties = np.array([float(p) for p, _ in steps])
     # Binomial(60, 0.3): mean 18, standard deviation 3.5.
     assert 8 <= np.count_nonzero(penalties) <= 28, penalties
     assert np.all(penalties[penalties != 0] > 0)
+    # The penalty's gradient reaches the update's kernels on exactly the calls that apply it.
+    kernel_grads = np.array([float(tf.norm(grads[index])) for _, grads in steps])
+    np.testing.assert_array_equal(kernel_grads > 0, penalties > 0)
 
 
 def test_mixed_precision_runs_with_float32_solver_state():
