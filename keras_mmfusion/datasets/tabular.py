@@ -188,12 +188,15 @@ def load_modalities(modality_files, labels_file, num_classes=None, header=False)
     return inputs, labels
 
 
-def check_splits(train, test, names=("train", "test")):
+def check_splits(train, test, names=("train", "test"), modality_names=None):
     """Check before training that two splits describe the same problem.
 
     Args:
         train, test: ``(inputs, labels)`` pairs.
-        names: how the messages name the two splits (e.g. the labels files).
+        names: how the messages name the two splits' labels (e.g. the labels files).
+        modality_names: optional ``(train name, test name)`` of each modality (e.g. its
+            two files), for the message about a modality whose widths differ; by
+            default ``names``.
 
     Returns:
         The number of classes.
@@ -207,7 +210,8 @@ def check_splits(train, test, names=("train", "test")):
         raise DataError(f"{names[0]} has {len(train[0])} modalities but {names[1]} has {len(test[0])}.")
     for i, (a, b) in enumerate(zip(train[0], test[0])):
         if a.shape[1] != b.shape[1]:
-            raise DataError(f"modality {i}: {names[0]} has {a.shape[1]} features but {names[1]} has {b.shape[1]}.")
+            train_name, test_name = names if modality_names is None else modality_names[i]
+            raise DataError(f"modality {i}: {train_name} has {a.shape[1]} features but {test_name} has {b.shape[1]}.")
     return check_classes([train[1], test[1]], names)
 
 

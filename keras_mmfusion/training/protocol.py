@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from keras_mmfusion.datasets import load_modalities, load_multiomics, make_synthetic, mogonet_folder, stratified_split
+from keras_mmfusion.datasets.multiomics import find_views
 from keras_mmfusion.datasets.tabular import DataError, check_classes, check_splits
 from keras_mmfusion.models import build_classifier, build_reference_classifier, make_fusion
 from keras_mmfusion.training.fitting import fit_classifier
@@ -147,7 +148,8 @@ def load_splits(spec, seed=0, header=False):
     if os.path.isfile(os.path.join(folder, "labels_tr.csv")):
         train = load_multiomics(folder, "train", header=header)
         test = load_multiomics(folder, "test", header=header)
-        num_classes = check_splits(train, test, ("labels_tr.csv", "labels_te.csv"))
+        files = [(f"{v}_tr.csv", f"{v}_te.csv") for v in find_views(folder)]
+        num_classes = check_splits(train, test, ("labels_tr.csv", "labels_te.csv"), files)
         return Splits(train, test, num_classes, name)
     files = sorted(os.listdir(folder))
     labels = [f for f in files if f in ("labels.csv", "labels.npy")]

@@ -143,7 +143,7 @@ def test_splits_are_checked_against_each_other_before_training(tmp_path):
     folder = mogonet_folder(tmp_path)
     assert load_splits(str(folder)).num_classes == 2
     write_csv(folder / "2_te.csv", np.zeros((4, 3)))
-    with pytest.raises(DataError, match="modality 1: labels_tr.csv has 2 features but labels_te.csv has 3"):
+    with pytest.raises(DataError, match="modality 1: 2_tr.csv has 2 features but 2_te.csv has 3"):
         load_splits(str(folder))
     write_csv(folder / "2_te.csv", np.zeros((4, 2)))
     write_csv(folder / "labels_te.csv", [[0], [0], [0], [2]])
