@@ -5,7 +5,9 @@
     mmfusion export --model runs/deq/model.keras --format tflite --quantize float16
     mmfusion bench deq [-- benchmark arguments]
 
-Errors are reported as one line on stderr with exit status 2.
+Errors are reported as one line on stderr with exit status 2. TensorFlow's C++ start-up
+lines (oneDNN, CUDA drivers, absl) are not shown unless ``--verbose`` is given or
+``TF_CPP_MIN_LOG_LEVEL`` is set (see :func:`quiet_tensorflow_import`).
 
 This module sits beside the ``keras_mmfusion`` package, not inside it. Importing the
 package imports Keras and TensorFlow (about 3 s), and it has to: that import registers
@@ -16,11 +18,16 @@ it needs. The training defaults shown in ``--help`` are read from the package's
 """
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import threading
 
 BENCHMARKS = {
     "deq": "deq_bench.py",
@@ -52,13 +59,50 @@ class _Parser(argparse.ArgumentParser):
         raise CommandError(f"{self.prog}: {message}")
 
 
+def quiet_tensorflow_import(verbose=False):
+    """Import TensorFlow without the C++ log lines its shared libraries print as they load.
+
+    Those lines (absl's "All log messages before absl::InitializeLog()", CUDA drivers not
+    found, oneDNN) are written straight to file descriptor 2 before TensorFlow reads
+    ``TF_CPP_MIN_LOG_LEVEL``, so the variable alone does not hide them. Here descriptor 2
+    points to the null device for the import only, while Python's ``sys.stderr`` keeps
+    the real one: Python warnings, the package's own included, stay visible. Later C++
+    logging below fatal errors is off (``TF_CPP_MIN_LOG_LEVEL=3``).
+
+    Nothing is silenced with ``verbose=True``, when the user has set
+    ``TF_CPP_MIN_LOG_LEVEL`` (their choice stands), or when TensorFlow is already imported.
+    """
+    if verbose or "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+        import tensorflow  # noqa: F401
+
+        return
+    os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    sys.stderr.flush()
+    real = os.dup(2)
+    # Kept open for the life of the process: a logging handler made during the import
+    # may hold this stream.
+    python_stderr, sys.stderr = sys.stderr, open(real, "w", buffering=1, closefd=False)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 2)
+    try:
+        import tensorflow  # noqa: F401
+    finally:
+        sys.stderr.flush()
+        os.dup2(real, 2)
+        os.close(null)
+        sys.stderr = python_stderr
+
+
 def build_parser():
     recipe = _recipe()
     defaults = argparse.Namespace(**recipe["settings"])
     parser = _Parser(prog="mmfusion", description="Train, evaluate, export and benchmark multimodal fusion models.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--verbose", action="store_true",
+                        help="also show TensorFlow's C++ log lines (start-up, devices, XLA)")
 
-    train = sub.add_parser("train", help="train a fusion classifier", description=(
+    train = sub.add_parser("train", parents=[common], help="train a fusion classifier", description=(
         "Train a classifier (per-modality encoders, a fusion layer, an MLP head). 20% of the training "
         "split (stratified) is held out for validation; the epoch with the best validation value is "
         "kept; the test split is evaluated once at the end."))
@@ -99,10 +143,14 @@ def build_parser():
     train.add_argument("--no-standardize", action="store_true",
                        help="feed the raw features (default: standardise each feature with the mean and "
                             "variance of the training part; the statistics are saved in the model)")
-    train.add_argument("--out", default="runs/train", help="output folder (default: runs/train)")
+    train.add_argument("--out", default="runs/train",
+                       help="output folder (default: runs/train); it must not hold a run already, unless "
+                            "--overwrite is given. The run is written beside it and moved into place when it "
+                            "ends, so an interrupted run leaves no half-written folder")
+    train.add_argument("--overwrite", action="store_true", help="replace the run that --out holds")
     train.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    evaluate = sub.add_parser("evaluate", help="evaluate a saved model on a test split")
+    evaluate = sub.add_parser("evaluate", parents=[common], help="evaluate a saved model on a test split")
     evaluate.add_argument("--model", required=True, help="a .keras file written by 'mmfusion train'")
     evaluate.add_argument("--data", default=None,
                           help="as for 'train'; its test split is used (default: the data 'mmfusion train' "
@@ -110,7 +158,8 @@ def build_parser():
     evaluate.add_argument("--header", action="store_true", help=HEADER_HELP + " (default: as recorded with the model)")
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
-    export = sub.add_parser("export", help="export a saved model to SavedModel, TFLite or ONNX")
+    export = sub.add_parser("export", parents=[common],
+                            help="export a saved model to SavedModel, TFLite or ONNX")
     export.add_argument("--model", required=True, help="a .keras file")
     export.add_argument("--format", required=True, choices=["saved_model", "tflite", "onnx"])
     export.add_argument("--quantize", choices=["float16", "dynamic", "int8"], help="TFLite quantization")
@@ -153,6 +202,61 @@ def _check_model_file(path):
 
     if not zipfile.is_zipfile(path):
         raise CommandError(f"{path} is not a valid .keras archive (a .keras file is a zip archive written by model.save)")
+
+
+# The files by which a folder is recognised as holding an 'mmfusion train' run.
+RUN_FILES = ("metrics.json", "summary.json", "model.keras", "history.json")
+
+
+def _check_out(out, overwrite):
+    """Refuse an ``--out`` that holds files, before TensorFlow is imported: a run unless
+    ``--overwrite`` is given, anything else always (it is not this command's to delete)."""
+    if not os.path.exists(out):
+        return
+    if not os.path.isdir(out):
+        raise CommandError(f"--out {out} is a file, not a folder")
+    entries = sorted(os.listdir(out))
+    if not entries:
+        return
+    if not any(name in entries for name in RUN_FILES):
+        raise CommandError(f"--out {out} holds files that are not an 'mmfusion train' run ({', '.join(entries[:3])}"
+                           f"{', ...' if len(entries) > 3 else ''}); choose another folder")
+    if not overwrite:
+        raise CommandError(f"--out {out} already holds a run; pass --overwrite to replace it, or choose another folder")
+
+
+@contextlib.contextmanager
+def _staged_run(out, overwrite):
+    """A new folder beside ``out`` to write a run into, moved to ``out`` when the block
+    ends and deleted when it raises (an error, Ctrl-C, or SIGTERM: see :func:`main`).
+
+    Only a whole run ever stands at ``out``; a run killed outright (SIGKILL) leaves its
+    hidden ``.<name>.partial-*`` folder beside it, never a half-written ``out``.
+    """
+    target = os.path.abspath(out)
+    os.makedirs(os.path.dirname(target), exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.partial-", dir=os.path.dirname(target))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staging, 0o777 & ~umask)  # mkdtemp's folder is private; a run folder is not
+    try:
+        yield staging
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    if os.path.isdir(target) and os.listdir(target):
+        try:
+            _check_out(target, overwrite)
+        except CommandError as error:  # another run wrote there meanwhile: keep both
+            raise CommandError(f"{error}; this run was written to {staging}") from None
+        replaced = tempfile.mkdtemp(prefix=f".{os.path.basename(target)}.replaced-", dir=os.path.dirname(target))
+        os.rename(target, os.path.join(replaced, "run"))
+        os.rename(staging, target)
+        shutil.rmtree(replaced, ignore_errors=True)
+    else:
+        if os.path.isdir(target):
+            os.rmdir(target)
+        os.rename(staging, target)
 
 
 def _load_data(spec, header=False):
@@ -226,8 +330,8 @@ def _plot_residuals(model, inputs, path):
     return traces
 
 
-def _train_one(args, splits, settings, seed, out):
-    """One trial, written to ``out``; returns its metrics."""
+def _train_one(args, splits, settings, seed, out, shown):
+    """One trial, written to the folder ``out`` (shown to the user as ``shown``); returns its metrics."""
     from keras_mmfusion.training import headline_metrics, model_inputs, run_trial
 
     model, history, metrics = run_trial(splits, args.fusion, seed, settings, verbose=0 if args.quiet else 1)
@@ -247,7 +351,7 @@ def _train_one(args, splits, settings, seed, out):
         json.dump(metrics, f, indent=2)
     keys = headline_metrics(splits.num_classes) + ("best_epoch", "epochs_run")
     print(_table({k: metrics[k] for k in keys}))
-    print(f"wrote {out}/model.keras, history.json, metrics.json and plots")
+    print(f"wrote {shown}/model.keras, history.json, metrics.json and plots")
     return metrics
 
 
@@ -274,12 +378,13 @@ def _check_train_arguments(args):
         raise CommandError(f"--fusion-options must be a JSON object of keyword arguments, got {args.fusion_options}")
     args.fusion_options = options
     _check_data(args.data)
+    _check_out(args.out, args.overwrite)
 
 
 def cmd_train(args):
     _check_train_arguments(args)
-    from keras_mmfusion.training import headline_metrics
-    from keras_mmfusion.training import Settings, summarise
+    quiet_tensorflow_import(args.verbose)
+    from keras_mmfusion.training import Settings
 
     splits = _load_data(args.data, args.header)
     settings = Settings(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight,
@@ -289,17 +394,26 @@ def cmd_train(args):
                         fusion_options=args.fusion_options)
     print(f"data: {splits.name}, {len(splits.widths)} modalities of widths {splits.widths}, "
           f"{len(splits.train[1])} train / {len(splits.test[1])} test samples, {splits.num_classes} classes")
-    if args.seeds == 1:
-        _train_one(args, splits, settings, args.seed, args.out)
-        return
-    seeds = list(range(args.seed, args.seed + args.seeds))
-    runs = [_train_one(args, splits, settings, s, os.path.join(args.out, f"seed_{s}")) for s in seeds]
+    with _staged_run(args.out, args.overwrite) as out:
+        if args.seeds == 1:
+            _train_one(args, splits, settings, args.seed, out, args.out)
+            return
+        seeds = list(range(args.seed, args.seed + args.seeds))
+        runs = [_train_one(args, splits, settings, s, os.path.join(out, f"seed_{s}"),
+                           os.path.join(args.out, f"seed_{s}")) for s in seeds]
+        _write_summary(runs, seeds, splits, args, out)
+
+
+def _write_summary(runs, seeds, splits, args, out):
+    """Print the mean and spread of several seeds' test metrics and write ``summary.json`` into ``out``."""
+    from keras_mmfusion.training import headline_metrics, summarise
+
     keys = headline_metrics(splits.num_classes)
     summary = summarise(runs, keys)
     print(f"\ntest split, {len(seeds)} seeds ({'refit on all training data' if args.refit else 'best validation epoch'}),"
           " mean +- std")
     print(_table({k: f"{mean:.4f} +- {std:.4f}" for k, (mean, std) in summary.items()}))
-    with open(os.path.join(args.out, "summary.json"), "w") as f:
+    with open(os.path.join(out, "summary.json"), "w") as f:
         json.dump({"seeds": seeds, "refit": args.refit, "summary": summary}, f, indent=2)
     print(f"wrote {args.out}/summary.json")
 
@@ -317,6 +431,7 @@ def cmd_evaluate(args):
         raise CommandError("pass --data: the data to evaluate on (no metrics.json with a data source next to "
                            "the model)")
     _check_data(data)
+    quiet_tensorflow_import(args.verbose)
     from keras_mmfusion.training import classification_metrics, model_inputs
 
     model = _load_model(args.model)
@@ -415,6 +530,7 @@ def cmd_export(args):
     if args.quantize == "int8" and not args.data:
         raise CommandError("--quantize int8 needs calibration data: pass --data with the model's training data")
     _check_data(data)
+    quiet_tensorflow_import(args.verbose)
     from keras_mmfusion import export
 
     model = _load_model(args.model)
@@ -458,11 +574,22 @@ def cmd_bench(args):
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "bench": cmd_bench}
 
 
+def _terminate(signum, frame):
+    # SIGTERM as an exception, so that a run being written is deleted (see _staged_run).
+    sys.exit(128 + signum)
+
+
 def main(argv=None):
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
     try:
         args = build_parser().parse_args(argv)
-        return COMMANDS[args.command](args) or 0
+        previous = None
+        if args.command == "train" and threading.current_thread() is threading.main_thread():
+            previous = signal.signal(signal.SIGTERM, _terminate)
+        try:
+            return COMMANDS[args.command](args) or 0
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
     except CommandError as error:
         message = str(error)
     except Exception as error:  # data, export and argument errors from the library

@@ -26,8 +26,12 @@ import argparse
 import hashlib
 import json
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from keras_mmfusion_cli import quiet_tensorflow_import
+
+# TensorFlow's C++ start-up lines are hidden unless --verbose is given.
+quiet_tensorflow_import(verbose="--verbose" in sys.argv)
 
 
 def strategy_for(name, logical_cpus):
@@ -85,6 +89,7 @@ def train_in_a_custom_loop(model, strategy, data, epochs, global_batch):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="also show TensorFlow's C++ log lines")
     parser.add_argument("--strategy", choices=["mirrored", "multi-worker"], default="mirrored")
     parser.add_argument("--logical-cpus", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=3)

@@ -28,8 +28,12 @@ Gumbel-softmax relaxation. Half of the samples are easy.
 import argparse
 import json
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from keras_mmfusion_cli import quiet_tensorflow_import  # noqa: E402
+
+# TensorFlow's C++ start-up lines are hidden unless --verbose is given.
+quiet_tensorflow_import(verbose="--verbose" in sys.argv)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -132,6 +136,7 @@ def predict_with_routing(model, layer, inputs, batch_size=256):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="also show TensorFlow's C++ log lines")
     parser.add_argument("--expensive", choices=["mlp", "deq"], default="mlp")
     parser.add_argument("--cost-weight", type=float, default=0.2)
     parser.add_argument("--epochs", type=int, default=30)

@@ -8,8 +8,13 @@ Serving), TFLite and ONNX, checking each export against Keras.
 import argparse
 import json
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+from keras_mmfusion_cli import quiet_tensorflow_import
+
+# TensorFlow's C++ start-up lines are hidden unless --verbose is given (or the
+# TF_CPP_MIN_LOG_LEVEL variable is set).
+quiet_tensorflow_import(verbose="--verbose" in sys.argv)
 
 import keras  # noqa: E402
 
@@ -31,6 +36,7 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--out", default="runs/quickstart")
+    parser.add_argument("--verbose", action="store_true", help="also show TensorFlow's C++ log lines")
     args = parser.parse_args()
 
     widths = (16, 16, 16)
@@ -50,10 +56,10 @@ def main():
     stats = {k: v.numpy().item() for k, v in model.get_layer("deq_fusion").last_stats.items()}
     print("\nTest metrics:")
     for name, value in results.items():
-        print(f"  {name:>14}: {value:.4f}")
-    print("Solver statistics of the last forward solve:")
+        print(f"  {name:>18}: {value:.4f}")
+    print("Solver statistics of the last forward solve (evaluation) and adjoint solve (training):")
     for name, value in stats.items():
-        print(f"  {name:>14}: {value}")
+        print(f"  {name:>18}: {value}")
 
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "model.keras")
@@ -72,7 +78,7 @@ def main():
     checks = {}
     for name, artefact in exports.items():
         checks[name] = export.verify_export(model, artefact, sample)["probabilities"]
-        print(f"  {name:>14}: {checks[name]['max_rel']:.2e}  ({artefact})")
+        print(f"  {name:>18}: {checks[name]['max_rel']:.2e}  ({artefact})")
     with open(os.path.join(args.out, "metrics.json"), "w") as f:
         json.dump({"test": results, "solver": stats, "exports": checks}, f, indent=2)
 

@@ -33,8 +33,12 @@ read from ``$MMFUSION_ROSMAP`` or downloaded once into the Keras cache (see
 import argparse
 import json
 import os
+import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+from keras_mmfusion_cli import quiet_tensorflow_import  # noqa: E402
+
+# TensorFlow's C++ start-up lines are hidden unless --verbose is given.
+quiet_tensorflow_import(verbose="--verbose" in sys.argv)
 
 import keras  # noqa: E402
 import numpy as np  # noqa: E402
@@ -87,6 +91,7 @@ def seed_line(name, seed, seeds, metrics):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--verbose", action="store_true", help="also show TensorFlow's C++ log lines")
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--epochs", type=int, default=None,
                         help=f"the most epochs (default: {SETTINGS.epochs}; the reference classifier "

@@ -19,7 +19,9 @@ inputs to outputs.
 - ``verify_export`` runs the artefact in its own runtime and compares with Keras.
 """
 
+import contextlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -173,6 +175,27 @@ def _write_saved_model(model, path, diagnostics=False):
     archive.write_out(os.fspath(path), options=options, verbose=False)
 
 
+class _UnsavedGradientNotice(logging.Filter):
+    """Drops TensorFlow's warning, on loading a SavedModel, that a function holds ops
+    with unsaved custom gradients: this package saves its serving signatures without
+    them on purpose (see :func:`_write_saved_model`) and never asks for their gradient."""
+
+    def filter(self, record):
+        return not str(record.msg).startswith("Importing a function (%s) with ops with unsaved custom gradients")
+
+
+@contextlib.contextmanager
+def _loading_own_saved_model():
+    """Load a SavedModel this module wrote without the warning of :class:`_UnsavedGradientNotice`."""
+    notice = _UnsavedGradientNotice()
+    logger = logging.getLogger("absl")
+    logger.addFilter(notice)
+    try:
+        yield
+    finally:
+        logger.removeFilter(notice)
+
+
 def to_saved_model(model, base_dir, version=1, model_name=None, diagnostics=False, overwrite=False):
     """Write a SavedModel in TF Serving's layout, ``base_dir/<version>/``.
 
@@ -211,12 +234,13 @@ def to_saved_model(model, base_dir, version=1, model_name=None, diagnostics=Fals
 
 
 def _float_tflite(saved_model_dir, builtins_only):
-    converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=["serving_default"])
     ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if not builtins_only:
         ops.append(tf.lite.OpsSet.SELECT_TF_OPS)
-    converter.target_spec.supported_ops = ops
-    return converter.convert()
+    with _loading_own_saved_model():
+        converter = tf.lite.TFLiteConverter.from_saved_model(saved_model_dir, signature_keys=["serving_default"])
+        converter.target_spec.supported_ops = ops
+        return converter.convert()
 
 
 def _input_dtypes(model):
@@ -497,7 +521,8 @@ def run_export(path, feed):
     """Run an exported artefact on ``feed`` (input name -> array); returns name -> array."""
     path = os.fspath(path)
     if os.path.isdir(path):
-        loaded = tf.saved_model.load(path)
+        with _loading_own_saved_model():
+            loaded = tf.saved_model.load(path)
         fn = loaded.signatures["serving_default"]
         return {k: v.numpy() for k, v in fn(**{k: tf.constant(v) for k, v in feed.items()}).items()}
     if path.endswith(".tflite"):

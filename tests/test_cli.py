@@ -1,8 +1,10 @@
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 import zipfile
 
 import keras
@@ -307,3 +309,63 @@ def test_an_unknown_fusion_option_is_named_in_one_line(tmp_path, capsys):
     assert cli.main(argv) == 2
     lines = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
     assert lines == ["mmfusion: error: Unrecognized keyword arguments passed to DEQFusion: {'max_iters': 40}"], lines
+
+
+def tree_bytes(folder):
+    """``{relative path: bytes}`` of every file below ``folder``."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def test_train_never_overwrites_a_run_unless_told_to(tmp_path, capsys):
+    out = tmp_path / "run"
+    args = ["train", "--data", "synthetic", "--fusion", "concat", "--epochs", "1", "--out", str(out), "--quiet"]
+    assert cli.main(args) == 0
+    first = tree_bytes(out)
+    assert {"model.keras", "metrics.json"} <= set(first)
+    capsys.readouterr()
+    assert cli.main(args + ["--seed", "1"]) == 2
+    assert f"--out {out} already holds a run; pass --overwrite" in capsys.readouterr().err
+    assert tree_bytes(out) == first
+    assert cli.main(args + ["--seed", "1", "--overwrite"]) == 0
+    assert json.loads((out / "metrics.json").read_text())["seed"] == 1
+    # Written beside the target and moved into place: nothing else is left in its parent.
+    assert os.listdir(tmp_path) == ["run"]
+    # A folder holding anything but a run is never replaced.
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "todo.txt").write_text("mine")
+    assert cli.main(args[:-3] + ["--out", str(other), "--overwrite", "--quiet"]) == 2
+    assert "holds files that are not an 'mmfusion train' run (todo.txt)" in capsys.readouterr().err
+    assert tree_bytes(other) == {"todo.txt": b"mine"}
+
+
+def test_a_run_stopped_mid_fit_leaves_no_folder(tmp_path):
+    out = tmp_path / "run"
+    run = subprocess.Popen([sys.executable, "-m", "keras_mmfusion_cli", "train", "--fusion", "concat", "--epochs",
+                            "1000", "--patience", "0", "--out", str(out)],
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                           env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    try:
+        # Keras's progress bar ends each epoch's line; the third epoch has begun.
+        for line in run.stdout:
+            if line.startswith("Epoch 3/1000"):
+                break
+        assert run.poll() is None
+        assert [p.name[:13] for p in tmp_path.iterdir()] == [".run.partial-"]
+        run.send_signal(signal.SIGTERM)
+        run.wait(timeout=60)
+        assert run.returncode == 128 + signal.SIGTERM, run.stderr.read()[-3000:]
+    finally:
+        run.kill()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_the_cli_starts_without_tensorflows_log_lines(trained_run):
+    args = [sys.executable, "-m", "keras_mmfusion_cli", "evaluate", "--model", str(trained_run / "model.keras")]
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    done = subprocess.run(args, capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "accuracy" in done.stdout
+    assert done.stderr == ""
+    # The lines it hides are there with --verbose.
+    done = subprocess.run(args + ["--verbose"], capture_output=True, text=True, env=env)
+    assert done.returncode == 0 and "All log messages before absl::InitializeLog()" in done.stderr
