@@ -1,6 +1,7 @@
 """The ``mmfusion`` command: train, evaluate, export and benchmark fusion models.
 
     mmfusion train --data synthetic --fusion deq --epochs 30 --out runs/deq
+    mmfusion train --data handwritten.mat --label-base 1 --out runs/digits
     mmfusion evaluate --model runs/deq/model.keras --data synthetic [--json]
     mmfusion export --model runs/deq/model.keras --format tflite --quantize float16
     mmfusion bench deq [-- benchmark arguments]
@@ -93,6 +94,19 @@ def quiet_tensorflow_import(verbose=False):
         sys.stderr = python_stderr
 
 
+def _add_split_options(parser, recorded):
+    """The options that say how data without a test split of its own is read and split."""
+    default = " (default: as recorded with the model, else %s)" if recorded else " (default: %s)"
+    parser.add_argument("--label-base", type=int, choices=[0, 1], default=None,
+                        help="a .mat file's first class number: 1 shifts labels 1..k to 0..k-1 (labels from 1 "
+                             "are refused without it)" + (" (default: as recorded with the model)" if recorded else ""))
+    parser.add_argument("--test-fraction", type=float, default=None,
+                        help="share of the samples held out (stratified) as the test split of a .mat file or a "
+                             "folder without one" + default % "0.2")
+    parser.add_argument("--split-seed", type=int, default=None,
+                        help="seed of that test split" + default % "0")
+
+
 def build_parser():
     recipe = _recipe()
     defaults = argparse.Namespace(**recipe["settings"])
@@ -107,9 +121,12 @@ def build_parser():
         "split (stratified) is held out for validation; the epoch with the best validation value is "
         "kept; the test split is evaluated once at the end."))
     train.add_argument("--data", default="synthetic",
-                       help="'synthetic' (default), 'rosmap', or a folder: MOGONET layout (1_tr.csv, 1_te.csv, ..., "
-                            "labels_tr.csv, labels_te.csv) or one .csv/.npy file per modality plus labels.csv")
+                       help="'synthetic' (default), 'rosmap', a folder: MOGONET layout (1_tr.csv, 1_te.csv, ..., "
+                            "labels_tr.csv, labels_te.csv) or one .csv/.npy file per modality plus labels.csv, "
+                            "or a multi-view MATLAB .mat file (views in a cell array X, labels gt, Y or truth; "
+                            "needs pip install 'keras_mmfusion[mat]')")
     train.add_argument("--header", action="store_true", help=HEADER_HELP)
+    _add_split_options(train, recorded=False)
     train.add_argument("--fusion", default="deq", choices=recipe["fusions"], help="fusion method (default: deq)")
     train.add_argument("--fusion-options", default="{}", metavar="JSON",
                        help="keyword arguments of the fusion layer as a JSON object, e.g. "
@@ -156,6 +173,7 @@ def build_parser():
                           help="as for 'train'; its test split is used (default: the data 'mmfusion train' "
                                "recorded in metrics.json next to the model)")
     evaluate.add_argument("--header", action="store_true", help=HEADER_HELP + " (default: as recorded with the model)")
+    _add_split_options(evaluate, recorded=True)
     evaluate.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
     export = sub.add_parser("export", parents=[common],
@@ -167,6 +185,7 @@ def build_parser():
                         help="data (as for 'train'): its training split calibrates int8 and its test split "
                              "verifies the export; default: the data recorded in metrics.json next to the model")
     export.add_argument("--header", action="store_true", help=HEADER_HELP + " (default: as recorded with the model)")
+    _add_split_options(export, recorded=True)
     export.add_argument("--diagnostics", action="store_true",
                         help="also return each DEQ layer's solver steps, trace, residuals and converged flags")
     export.add_argument("--out", default=None, help="output path (default: next to the model)")
@@ -189,9 +208,12 @@ BUILT_IN_DATA = ("synthetic", "rosmap")
 
 
 def _check_data(spec):
-    """Refuse a ``--data`` folder that does not exist, before TensorFlow is imported."""
-    if spec not in BUILT_IN_DATA and not os.path.isdir(spec):
-        raise CommandError(f"{spec}: data folder not found (expected 'synthetic', 'rosmap' or a folder)")
+    """Refuse a ``--data`` folder or ``.mat`` file that does not exist, before TensorFlow is imported."""
+    if spec.endswith(".mat"):
+        if not os.path.isfile(spec):
+            raise CommandError(f"{spec}: file not found")
+    elif spec not in BUILT_IN_DATA and not os.path.isdir(spec):
+        raise CommandError(f"{spec}: data folder not found (expected 'synthetic', 'rosmap', a folder or a .mat file)")
 
 
 def _check_model_file(path):
@@ -259,13 +281,31 @@ def _staged_run(out, overwrite):
         os.rename(staging, target)
 
 
-def _load_data(spec, header=False):
+# How data without a test split of its own is split when no option says otherwise.
+SPLIT_DEFAULTS = {"label_base": None, "test_fraction": 0.2, "split_seed": 0}
+
+
+def _load_data(spec, options):
+    """:class:`~keras_mmfusion.training.Splits` of ``spec`` read and split as ``options``
+    (``header``, ``label_base``, ``test_fraction``, ``split_seed``) say."""
     from keras_mmfusion.training import load_splits
 
-    splits = load_splits(spec, header=header)
-    if header and spec not in BUILT_IN_DATA:
+    splits = load_splits(spec, seed=options["split_seed"], header=options["header"], label_base=options["label_base"],
+                         test_fraction=options["test_fraction"])
+    if options["header"] and spec not in BUILT_IN_DATA:
         print(f"{spec}: skipped the header row of every CSV file (--header)", file=sys.stderr)
     return splits
+
+
+def _test_rows_digest(splits):
+    """The SHA-256 of the rows that form a drawn test split (``None`` for data with its own)."""
+    if splits.test_rows is None:
+        return None
+    import hashlib
+
+    import numpy as np
+
+    return hashlib.sha256(np.asarray(splits.test_rows, np.int64).tobytes()).hexdigest()
 
 
 def _load_model(path):
@@ -342,9 +382,12 @@ def _train_one(args, splits, settings, seed, out, shown):
         json.dump(history, f, indent=2)
     _plot_history(history, os.path.join(out, "training_curves.png"))
     traces = _plot_residuals(model, model_inputs(model, splits.test[0]), os.path.join(out, "solver_residuals.png"))
-    data_source = os.path.abspath(args.data) if os.path.isdir(args.data) else args.data
+    data_source = args.data if args.data in BUILT_IN_DATA else os.path.abspath(args.data)
     metrics.update(data=splits.name, data_source=data_source, data_header=args.header, fusion=args.fusion, seed=seed,
                    settings=vars(settings))
+    if splits.test_rows is not None:
+        metrics.update(data_label_base=args.label_base, data_test_fraction=args.test_fraction,
+                       data_split_seed=args.split_seed, data_test_rows_sha256=_test_rows_digest(splits))
     if traces:
         metrics["solver_residual_trace"] = traces
     with open(os.path.join(out, "metrics.json"), "w") as f:
@@ -377,6 +420,11 @@ def _check_train_arguments(args):
     if not isinstance(options, dict):
         raise CommandError(f"--fusion-options must be a JSON object of keyword arguments, got {args.fusion_options}")
     args.fusion_options = options
+    for option, default in SPLIT_DEFAULTS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, default)
+    if not 0 < args.test_fraction < 1:
+        raise CommandError(f"--test-fraction must be in (0, 1), got {args.test_fraction}")
     _check_data(args.data)
     _check_out(args.out, args.overwrite)
 
@@ -386,14 +434,16 @@ def cmd_train(args):
     quiet_tensorflow_import(args.verbose)
     from keras_mmfusion.training import Settings
 
-    splits = _load_data(args.data, args.header)
+    splits = _load_data(args.data, dict(header=args.header, **{k: getattr(args, k) for k in SPLIT_DEFAULTS}))
     settings = Settings(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight,
                         modality_dropout=args.modality_dropout, lr=args.lr,
                         batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, monitor=args.monitor,
                         jit_compile=args.jit, standardize=not args.no_standardize, refit=args.refit,
                         fusion_options=args.fusion_options)
+    drawn = "" if splits.test_rows is None else (
+        f" (test split: {args.test_fraction:g} of each class, --split-seed {args.split_seed})")
     print(f"data: {splits.name}, {len(splits.widths)} modalities of widths {splits.widths}, "
-          f"{len(splits.train[1])} train / {len(splits.test[1])} test samples, {splits.num_classes} classes")
+          f"{len(splits.train[1])} train / {len(splits.test[1])} test samples{drawn}, {splits.num_classes} classes")
     with _staged_run(args.out, args.overwrite) as out:
         if args.seeds == 1:
             _train_one(args, splits, settings, args.seed, out, args.out)
@@ -426,7 +476,7 @@ def _table(values):
 
 def cmd_evaluate(args):
     _check_model_file(args.model)
-    data, header = _data_of(args)
+    data, options, digest = _data_of(args)
     if not data:
         raise CommandError("pass --data: the data to evaluate on (no metrics.json with a data source next to "
                            "the model)")
@@ -435,7 +485,7 @@ def cmd_evaluate(args):
     from keras_mmfusion.training import classification_metrics, model_inputs
 
     model = _load_model(args.model)
-    splits = _load_data(data, header)
+    splits = _load_recorded_data(data, options, digest)
     widths = [int(t.shape[-1]) for t in model.inputs if t.name != "modality_mask"]
     if widths != splits.widths:
         raise CommandError(f"the model expects inputs of widths {widths} but {data} has widths {splits.widths}")
@@ -454,17 +504,39 @@ EXPORT_TOLERANCES = {None: {"max_abs": 1e-3}, "float16": {"max_abs": 2e-2},
 
 
 def _data_of(args):
-    """``(data, header)``: ``--data`` and ``--header``, or what ``mmfusion train`` recorded next to
-    ``--model`` (``(None, False)`` when nothing was recorded)."""
-    if args.data:
-        return args.data, args.header
+    """``(data, options, digest)`` for ``evaluate`` and ``export``: the data and how to read
+    and split it (see :func:`_load_data`), from the options or from what ``mmfusion train``
+    recorded in ``metrics.json`` next to ``--model``, and the recorded digest of the test
+    rows it drew (``None`` when the data had a test split of its own, or when options
+    other than the recorded ones were given). ``data`` is ``None`` when neither says."""
     path = os.path.join(os.path.dirname(os.path.abspath(args.model)), "metrics.json")
     try:
         with open(path) as f:
             record = json.load(f)
     except (OSError, ValueError):
-        return None, False
-    return record.get("data_source"), args.header or bool(record.get("data_header", False))
+        record = {}
+    recorded = record.get("data_source")
+    data = args.data or recorded
+    same = data is not None and recorded is not None and (
+        data == recorded or os.path.abspath(data) == os.path.abspath(recorded))
+    options = {"header": args.header or (same and bool(record.get("data_header", False)))}
+    for option, default in SPLIT_DEFAULTS.items():
+        given = getattr(args, option)
+        options[option] = given if given is not None else record.get(f"data_{option}", default) if same else default
+    digest = record.get("data_test_rows_sha256") if same else None
+    if digest is not None and any(getattr(args, o) not in (None, record.get(f"data_{o}")) for o in SPLIT_DEFAULTS):
+        digest = None  # another split was asked for
+    return data, options, digest
+
+
+def _load_recorded_data(data, options, digest):
+    """:func:`_load_data`, refusing a drawn test split whose rows differ from the recorded ones."""
+    splits = _load_data(data, options)
+    if digest is not None and _test_rows_digest(splits) != digest:
+        raise CommandError(f"the test rows drawn from {data} (--test-fraction {options['test_fraction']:g}, "
+                           f"--split-seed {options['split_seed']}) differ from those the model was tested on, as "
+                           "recorded in metrics.json: the data changed since training")
+    return splits
 
 
 def _input_list(model, arrays):
@@ -523,7 +595,7 @@ def cmd_export(args):
         raise CommandError("--quantize applies to --format tflite only")
     if args.strip_names and args.format != "tflite":
         raise CommandError("--strip-names applies to --format tflite only")
-    data, header = _data_of(args)
+    data, options, digest = _data_of(args)
     if not data:
         raise CommandError("pass --data: the data to verify the export on (no metrics.json with a data source "
                            "next to the model)")
@@ -534,7 +606,7 @@ def cmd_export(args):
     from keras_mmfusion import export
 
     model = _load_model(args.model)
-    splits = _load_data(data, header)
+    splits = _load_recorded_data(data, options, digest)
     stem = os.path.splitext(args.model)[0]
     options = dict(overwrite=args.overwrite, diagnostics=args.diagnostics)
     if args.format == "saved_model":

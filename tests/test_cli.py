@@ -156,6 +156,8 @@ ARGUMENT_ERRORS = [
     (["train", "--lr", "0"], "--lr must be > 0, got 0.0"),
     (["train", "--dropout", "1"], "--dropout must be in [0, 1), got 1.0"),
     (["train", "--modality-dropout", "-0.1"], "--modality-dropout must be in [0, 1), got -0.1"),
+    (["train", "--test-fraction", "1"], "--test-fraction must be in (0, 1), got 1.0"),
+    (["train", "--data", "/nonexistent/views.mat"], "/nonexistent/views.mat: file not found"),
     (["evaluate", "--model", "/nonexistent/model.keras"], "model file not found: /nonexistent/model.keras"),
     (["export", "--model", "/nonexistent/model.keras", "--format", "onnx"],
      "model file not found: /nonexistent/model.keras"),
@@ -369,3 +371,45 @@ def test_the_cli_starts_without_tensorflows_log_lines(trained_run):
     # The lines it hides are there with --verbose.
     done = subprocess.run(args + ["--verbose"], capture_output=True, text=True, env=env)
     assert done.returncode == 0 and "All log messages before absl::InitializeLog()" in done.stderr
+
+
+def write_views_mat(path, labels, seed=0):
+    """A two-view .mat file as the multi-view benchmarks ship them: views in a cell array
+    X (the second stored transposed), labels Y."""
+    import scipy.io
+
+    rng = np.random.default_rng(seed)
+    views = [rng.normal(size=(len(labels), 6)) + labels[:, None], (rng.normal(size=(len(labels), 4)) + labels[:, None]).T]
+    cells = np.empty((1, 2), dtype=object)
+    cells[0, 0], cells[0, 1] = views
+    scipy.io.savemat(path, {"X": cells, "Y": labels.reshape(-1, 1).astype(float)})
+
+
+def test_a_mat_file_trains_and_evaluates_on_the_same_drawn_test_rows(tmp_path, capsys):
+    from keras_mmfusion.training import load_splits
+
+    data = tmp_path / "views.mat"
+    write_views_mat(data, np.arange(150) % 3 + 1)
+    out = tmp_path / "run"
+    args = ["train", "--data", str(data), "--fusion", "concat", "--epochs", "2", "--out", str(out), "--quiet"]
+    # Labels 1..3 are refused with the option that shifts them, never shifted silently.
+    assert cli.main(args) == 2
+    assert "labels in 'Y' are 1..3; labels are class indices from 0. Pass label_base=1 (mmfusion: --label-base 1)" in (
+        capsys.readouterr().err)
+    assert cli.main(args + ["--label-base", "1", "--test-fraction", "0.3", "--split-seed", "5"]) == 0
+    assert "105 train / 45 test samples (test split: 0.3 of each class, --split-seed 5)" in capsys.readouterr().out
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert (metrics["data_label_base"], metrics["data_test_fraction"], metrics["data_split_seed"]) == (1, 0.3, 5)
+    rows = load_splits(str(data), seed=5, label_base=1, test_fraction=0.3).test_rows
+    assert len(rows) == 45 and metrics["data_test_rows_sha256"] == cli._test_rows_digest(
+        load_splits(str(data), seed=5, label_base=1, test_fraction=0.3))
+    # Another seed draws other rows.
+    assert not np.array_equal(load_splits(str(data), seed=6, label_base=1, test_fraction=0.3).test_rows, rows)
+    # evaluate reads the data, the label base and the split from the record: the same rows.
+    assert cli.main(["evaluate", "--model", str(out / "model.keras"), "--json"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["samples"] == 45 and printed["accuracy"] == pytest.approx(metrics["accuracy"], abs=1e-6)
+    # Data changed since training draws other test rows, and evaluate says so.
+    write_views_mat(data, np.roll(np.arange(150) % 3 + 1, 1))
+    assert cli.main(["evaluate", "--model", str(out / "model.keras")]) == 2
+    assert "differ from those the model was tested on, as recorded in metrics.json" in capsys.readouterr().err

@@ -108,20 +108,35 @@ def read_matrix(path, header=False):
             raise DataError(f"{path}: expected a 2-D array, got shape {values.shape}.")
     else:
         values = _parse_csv(path, header)
-    first_row = _first_data_row(path, header)
+    return check_values(values, path, first_row=_first_data_row(path, header))
+
+
+def check_values(values, where, row_word="row", column_word="column", first_row=1):
+    """``values`` as float32, after refusing NaN, infinite values and values whose square
+    overflows float32 (the standardisation squares them).
+
+    Args:
+        values: a 2-D array.
+        where: what the message names first (a file, or a file and a variable).
+        row_word, column_word: how the message names an axis (``"row"``, ``"sample"``).
+        first_row: the number of the first row as the user counts it.
+
+    Raises:
+        DataError: naming ``where``, the row and the column of the first bad cell.
+    """
     bad = np.argwhere(~np.isfinite(values))
     if bad.size:
         row, column = bad[0]
         raise DataError(
-            f"{path}: row {row + first_row}, column {column + 1} is {values[row, column]}; "
+            f"{where}: {row_word} {row + first_row}, {column_word} {column + 1} is {values[row, column]}; "
             f"NaN and infinite values are not allowed ({len(bad)} such cells)."
         )
     huge = np.argwhere(np.abs(values) > LARGEST_VALUE)
     if huge.size:
         row, column = huge[0]
         raise DataError(
-            f"{path}: row {row + first_row}, column {column + 1} is {values[row, column]:g}; values beyond "
-            f"{LARGEST_VALUE:.3g} in magnitude overflow float32 when squared by the standardisation "
+            f"{where}: {row_word} {row + first_row}, {column_word} {column + 1} is {values[row, column]:g}; values "
+            f"beyond {LARGEST_VALUE:.3g} in magnitude overflow float32 when squared by the standardisation "
             f"({len(huge)} such cells)."
         )
     return values.astype(np.float32)

@@ -14,6 +14,7 @@ import keras
 import numpy as np
 
 from keras_mmfusion.datasets import load_modalities, load_multiomics, make_synthetic, mogonet_folder, stratified_split
+from keras_mmfusion.datasets.mat import load_mat
 from keras_mmfusion.datasets.multiomics import find_views
 from keras_mmfusion.datasets.tabular import DataError, check_classes, check_splits
 from keras_mmfusion.models import build_classifier, build_reference_classifier, make_fusion
@@ -22,12 +23,17 @@ from keras_mmfusion.training.scores import classification_metrics
 
 @dataclasses.dataclass
 class Splits:
-    """Train and test data, each a ``(list of (n, d_i) arrays, labels)`` pair."""
+    """Train and test data, each a ``(list of (n, d_i) arrays, labels)`` pair.
+
+    ``test_rows`` holds the rows of the source data that form the test split when it was
+    drawn here (data without a test split of its own), else ``None``.
+    """
 
     train: tuple
     test: tuple
     num_classes: int
     name: str
+    test_rows: np.ndarray = None
 
     @property
     def widths(self):
@@ -123,17 +129,22 @@ REFERENCE_NARROW_RECIPE = dataclasses.replace(
 )
 
 
-def load_splits(spec, seed=0, header=False):
+def load_splits(spec, seed=0, header=False, label_base=None, test_fraction=0.2):
     """Data by name or path.
 
     Args:
         spec: ``"synthetic"`` (the built-in default), ``"rosmap"`` (``$MMFUSION_ROSMAP``,
             else downloaded once; see :func:`keras_mmfusion.datasets.mogonet_folder`), a folder in the MOGONET layout (``1_tr.csv``,
-            ``1_te.csv``, ..., ``labels_tr.csv``, ``labels_te.csv``), or a folder
+            ``1_te.csv``, ..., ``labels_tr.csv``, ``labels_te.csv``), a folder
             with one ``.csv``/``.npy`` file per modality plus ``labels.csv`` or
-            ``labels.npy`` (20% of it, stratified, becomes the test split).
-        seed: the seed of the generic folder's test split.
+            ``labels.npy``, or a multi-view ``.mat`` file (see
+            :func:`keras_mmfusion.datasets.load_mat`). The last two have no test split:
+            ``test_fraction`` of every class, drawn with ``seed``, becomes it.
+        seed: the seed of that test split.
         header: whether every CSV file of a folder starts with a header row to skip.
+        label_base: for a ``.mat`` file, the number of its first class (see
+            :func:`~keras_mmfusion.datasets.load_mat`).
+        test_fraction: the share of the samples held out as the test split, in ``(0, 1)``.
 
     Returns:
         :class:`Splits`.
@@ -141,6 +152,12 @@ def load_splits(spec, seed=0, header=False):
     if spec == "synthetic":
         x, y = make_synthetic(4000, num_modalities=3, widths=32, seed=0)
         return Splits(([a[:3000] for a in x], y[:3000]), ([a[3000:] for a in x], y[3000:]), 2, "synthetic")
+    if not 0 < test_fraction < 1:
+        raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction}.")
+    if os.fspath(spec).endswith(".mat"):
+        x, y = load_mat(spec, label_base=label_base, verbose=0)
+        name = os.path.splitext(os.path.basename(spec))[0]
+        return _held_out_test(x, y, check_classes([y], [os.path.basename(spec)]), name, test_fraction, seed)
     folder = mogonet_folder("rosmap") if spec == "rosmap" else spec
     if not os.path.isdir(folder):
         raise DataError(f"{folder}: data folder not found (expected 'synthetic', 'rosmap' or a folder).")
@@ -160,9 +177,13 @@ def load_splits(spec, seed=0, header=False):
             "modality files (.csv/.npy) plus labels.csv or labels.npy."
         )
     x, y = load_modalities(modalities, os.path.join(folder, labels[0]), header=header)
-    num_classes = check_classes([y], [labels[0]])
-    keep, held = stratified_split(y, 0.2, seed)
-    return Splits(([a[keep] for a in x], y[keep]), ([a[held] for a in x], y[held]), num_classes, name)
+    return _held_out_test(x, y, check_classes([y], [labels[0]]), name, test_fraction, seed)
+
+
+def _held_out_test(x, y, num_classes, name, test_fraction, seed):
+    """:class:`Splits` of data without a test split: a stratified ``test_fraction`` is held out."""
+    keep, held = stratified_split(y, test_fraction, seed)
+    return Splits(([a[keep] for a in x], y[keep]), ([a[held] for a in x], y[held]), num_classes, name, held)
 
 
 def select_views(splits, views):
