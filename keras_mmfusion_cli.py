@@ -141,8 +141,10 @@ def build_parser():
     train.add_argument("--refit", action="store_true",
                        help="use the validation split only to choose the number of epochs, then retrain on the "
                             "whole training split for that many epochs and test that model")
-    train.add_argument("--units", type=int, default=defaults.units,
-                       help="encoder, fusion and head width (default: %(default)s)")
+    train.add_argument("--units", type=int, default=None,
+                       help="encoder, fusion and head width (default: chosen from the data: 4 per class rounded "
+                            f"up to a power of two, within [8, 128] and no wider than the widest view; "
+                            f"{defaults.units} for two classes)")
     train.add_argument("--dropout", type=float, default=defaults.dropout,
                        help="dropout after encoders and in the head (default: %(default)s)")
     train.add_argument("--modality-weight", type=float, default=defaults.modality_weight,
@@ -384,7 +386,7 @@ def _train_one(args, splits, settings, seed, out, shown):
     traces = _plot_residuals(model, model_inputs(model, splits.test[0]), os.path.join(out, "solver_residuals.png"))
     data_source = args.data if args.data in BUILT_IN_DATA else os.path.abspath(args.data)
     metrics.update(data=splits.name, data_source=data_source, data_header=args.header, fusion=args.fusion, seed=seed,
-                   settings=vars(settings))
+                   settings=vars(settings), units_chosen_by="--units" if args.units else "units_for")
     if splits.test_rows is not None:
         metrics.update(data_label_base=args.label_base, data_test_fraction=args.test_fraction,
                        data_split_seed=args.split_seed, data_test_rows_sha256=_test_rows_digest(splits))
@@ -402,7 +404,7 @@ def _check_train_arguments(args):
     """The number and range checks of ``train``'s options, and ``--fusion-options`` parsed
     into a dict, before TensorFlow is imported."""
     for option in ("seeds", "epochs", "units", "batch_size"):
-        if getattr(args, option) < 1:
+        if getattr(args, option) is not None and getattr(args, option) < 1:
             raise CommandError(f"--{option.replace('_', '-')} must be at least 1, got {getattr(args, option)}")
     if args.patience < 0:
         raise CommandError(f"--patience must be >= 0 (0: no early stopping), got {args.patience}")
@@ -432,10 +434,11 @@ def _check_train_arguments(args):
 def cmd_train(args):
     _check_train_arguments(args)
     quiet_tensorflow_import(args.verbose)
-    from keras_mmfusion.training import Settings
+    from keras_mmfusion.training import Settings, units_for
 
     splits = _load_data(args.data, dict(header=args.header, **{k: getattr(args, k) for k in SPLIT_DEFAULTS}))
-    settings = Settings(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight,
+    units = args.units or units_for(splits.num_classes, splits.widths)
+    settings = Settings(units=units, dropout=args.dropout, modality_weight=args.modality_weight,
                         modality_dropout=args.modality_dropout, lr=args.lr,
                         batch_size=args.batch_size, epochs=args.epochs, patience=args.patience, monitor=args.monitor,
                         jit_compile=args.jit, standardize=not args.no_standardize, refit=args.refit,
@@ -444,6 +447,9 @@ def cmd_train(args):
         f" (test split: {args.test_fraction:g} of each class, --split-seed {args.split_seed})")
     print(f"data: {splits.name}, {len(splits.widths)} modalities of widths {splits.widths}, "
           f"{len(splits.train[1])} train / {len(splits.test[1])} test samples{drawn}, {splits.num_classes} classes")
+    print(f"width of the encoders, fusion and head: {units}"
+          + (" (--units)" if args.units else f" (chosen from the data: {splits.num_classes} classes, widest view "
+                                              f"{max(splits.widths)}; --units sets it)"))
     with _staged_run(args.out, args.overwrite) as out:
         if args.seeds == 1:
             _train_one(args, splits, settings, args.seed, out, args.out)

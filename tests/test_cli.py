@@ -256,8 +256,12 @@ def test_train_with_several_seeds_and_refit_reports_mean_and_spread(tmp_path, ca
 def test_train_defaults_are_the_readme_recipe():
     from keras_mmfusion.training import RECIPE
 
+    from keras_mmfusion.training import units_for
+
     args = cli.build_parser().parse_args(["train"])
-    chosen = dict(units=args.units, dropout=args.dropout, modality_weight=args.modality_weight, lr=args.lr,
+    # The width comes from the data; for ROSMAP's two classes and 200-wide views, the recipe's.
+    assert args.units is None and units_for(2, [200, 200, 200]) == RECIPE.units
+    chosen = dict(dropout=args.dropout, modality_weight=args.modality_weight, lr=args.lr,
                   batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
                   standardize=not args.no_standardize)
     assert chosen == {k: getattr(RECIPE, k) for k in chosen}
@@ -373,13 +377,14 @@ def test_the_cli_starts_without_tensorflows_log_lines(trained_run):
     assert done.returncode == 0 and "All log messages before absl::InitializeLog()" in done.stderr
 
 
-def write_views_mat(path, labels, seed=0):
+def write_views_mat(path, labels, seed=0, widths=(6, 4)):
     """A two-view .mat file as the multi-view benchmarks ship them: views in a cell array
     X (the second stored transposed), labels Y."""
     import scipy.io
 
     rng = np.random.default_rng(seed)
-    views = [rng.normal(size=(len(labels), 6)) + labels[:, None], (rng.normal(size=(len(labels), 4)) + labels[:, None]).T]
+    views = [rng.normal(size=(len(labels), w)) + labels[:, None] for w in widths]
+    views[1] = views[1].T
     cells = np.empty((1, 2), dtype=object)
     cells[0, 0], cells[0, 1] = views
     scipy.io.savemat(path, {"X": cells, "Y": labels.reshape(-1, 1).astype(float)})
@@ -413,3 +418,20 @@ def test_a_mat_file_trains_and_evaluates_on_the_same_drawn_test_rows(tmp_path, c
     write_views_mat(data, np.roll(np.arange(150) % 3 + 1, 1))
     assert cli.main(["evaluate", "--model", str(out / "model.keras")]) == 2
     assert "differ from those the model was tested on, as recorded in metrics.json" in capsys.readouterr().err
+
+
+def test_train_chooses_the_width_from_the_data_and_records_it(tmp_path, capsys):
+    labels = np.arange(200) % 10
+    data = tmp_path / "ten.mat"
+    write_views_mat(data, labels, widths=(40, 30))
+    out = tmp_path / "run"
+    assert cli.main(["train", "--data", str(data), "--fusion", "concat", "--epochs", "1", "--out", str(out),
+                     "--quiet"]) == 0
+    assert "width of the encoders, fusion and head: 64 (chosen from the data: 10 classes, widest view 40" in (
+        capsys.readouterr().out)
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["units"] == 64 and metrics["units_chosen_by"] == "units_for"
+    assert cli.main(["train", "--data", str(data), "--fusion", "concat", "--epochs", "1", "--out", str(out),
+                     "--quiet", "--overwrite", "--units", "16"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["settings"]["units"] == 16 and metrics["units_chosen_by"] == "--units"

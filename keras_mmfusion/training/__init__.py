@@ -22,6 +22,7 @@ from keras_mmfusion.training.protocol import (
     run_trial,
     select_views,
     summarise,
+    units_for,
 )
 from keras_mmfusion.training.scores import classification_metrics, headline_metrics
 
@@ -45,4 +46,5 @@ __all__ = [
     "run_trial",
     "select_views",
     "summarise",
+    "units_for",
 ]

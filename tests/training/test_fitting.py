@@ -122,3 +122,16 @@ def test_the_training_step_is_traced_once(modality_weight, monkeypatch):
                                 modality_weight=modality_weight)
     assert len(history["loss"]) == 2
     assert len(traces) == 1
+
+
+def test_the_width_rule_follows_the_classes_and_the_views():
+    from keras_mmfusion.training import RECIPE, units_for
+
+    # Two classes: the ROSMAP recipe's width, which the rule keeps.
+    assert units_for(2, [200, 200, 200]) == RECIPE.units == 8
+    assert units_for(10, [240, 76, 216]) == 64
+    assert units_for(15, [20, 59, 40]) == 64
+    assert units_for(100, [1024, 512]) == 128
+    # No wider than the widest view (rounded up to a power of two), and never below 8.
+    assert units_for(100, [20, 30]) == 32
+    assert units_for(10, [3, 2]) == 8
