@@ -125,3 +125,30 @@ def test_without_the_extra_the_error_names_it(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "scipy.io", None)
     with pytest.raises(DataError, match=r"reading .mat files needs scipy: pip install 'keras_mmfusion\[mat\]'"):
         load_mat(v5)
+
+
+def test_the_tfds_builder_builds_from_a_mat_file_with_the_protocols_test_rows(tmp_path):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    from keras_mmfusion.datasets.tfds_multiview import MultiviewConfig
+    from keras_mmfusion.training import load_splits
+
+    views, _ = views_and_labels()
+    labels = np.arange(SAMPLES) % 2 + 1
+    (tmp_path / "manual").mkdir()
+    write_v73(tmp_path / "manual" / "toy.mat", [views[0].T, views[1]], labels, labels_key="Y")
+    config = MultiviewConfig(name="toy", num_views=2, num_classes=2, label_base=1, test_fraction=0.25, split_seed=3)
+    builder = tfds.builder("mmf_multiview", config=config, data_dir=str(tmp_path / "tfds"))
+    builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "manual")))
+    test = sorted(builder.as_dataset(split="test").as_numpy_iterator(), key=lambda e: tuple(e["view_1"]))
+    # The test split holds the rows that load_splits (and so mmfusion train) tests on.
+    splits = load_splits(str(tmp_path / "manual" / "toy.mat"), seed=3, label_base=1, test_fraction=0.25)
+    expected = sorted(zip(*splits.test[0], splits.test[1]), key=lambda row: tuple(row[0]))
+    assert len(test) == len(expected) == 4 and builder.info.splits["train"].num_examples == 8
+    for example, (view_1, view_2, label) in zip(test, expected):
+        np.testing.assert_array_equal(example["view_1"], view_1)
+        np.testing.assert_array_equal(example["view_2"], view_2)
+        assert example["label"] == label
+    wrong = MultiviewConfig(name="toy", num_views=3, num_classes=2, label_base=1)
+    with pytest.raises(DataError, match="2 views and 2 classes, but config 'toy' declares 3 and 2"):
+        tfds.builder("mmf_multiview", config=wrong, data_dir=str(tmp_path / "tfds2")).download_and_prepare(
+            download_config=tfds.download.DownloadConfig(manual_dir=str(tmp_path / "manual")))
