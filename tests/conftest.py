@@ -32,6 +32,7 @@ LONGEST_FIRST = (
     "test_export.py", "layers/test_deq_fusion.py", "layers/test_basic.py", "test_export_solver.py",
     "test_mixed_precision.py", "test_cli.py", "test_export_quantized.py", "distribute/test_mirrored.py",
     "test_examples.py", "test_benchmarks.py", "distribute/test_multi_worker.py", "test_models.py",
+    "test_cli_runs.py",
 )
 
 

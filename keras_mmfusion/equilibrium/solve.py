@@ -233,9 +233,8 @@ def fixed_point_solve(
     # equilibrium's custom gradient stays outside any tf.cond, with its solves skipped
     # by conds of their own: cond_v2's gradient cannot take a custom gradient that
     # reads variables (f's weights, or a backward_callback's), and it would return the
-    # solver loop's variable handles from its branch, which XLA cannot compile. The
-    # equilibrium's penalty is evaluated (at z0) during a warm-up too and discarded:
-    # gating it by another differentiated tf.cond crashes XLA's CPU runtime.
+    # solver loop's variable handles from its branch, which XLA cannot compile. During a
+    # warm-up the equilibrium's penalty is taken at z0 and discarded by the selection below.
     def shallow():
         return with_penalty(*_shallow(f, x, z0, warmup_depth, max_iter, tol, stop_mode))
 

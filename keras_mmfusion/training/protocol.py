@@ -136,8 +136,8 @@ def _read_recipe():
 _RECIPES = _read_recipe()
 # The recipe of the README's ROSMAP results; `mmfusion train` and examples/rosmap.py default to it.
 RECIPE = Settings(**_RECIPES["settings"])
-# The DEQ-fusion paper's ROSMAP recipe for the reference classifier (Ni et al., arXiv
-# 2306.16645; width 300, full-batch Adam 1e-4 with coupled weight decay 1e-4, x0.2 after
+# The ROSMAP recipe of the official code of DEQ fusion (Ni et al., arXiv 2306.16645; the
+# paper itself reports no ROSMAP figure) for the reference classifier (width 300, full-batch Adam 1e-4 with coupled weight decay 1e-4, x0.2 after
 # 500 epochs, gradient norm clipped at 30, Jacobian weight 20, 4 groups, absolute residual,
 # 30 steps, the update's kernels initialised as PyTorch's Linear layers). The official
 # loss is 3.375 cross-entropy + 2.25, 1.5 and 1 times the views' gate and confidence
