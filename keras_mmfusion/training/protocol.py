@@ -6,6 +6,7 @@ validation split carved from the training data, early stopping and best-epoch
 selection on validation only, and one evaluation of the test split at the end.
 """
 
+import copy
 import dataclasses
 import json
 import math
@@ -26,8 +27,8 @@ from keras_mmfusion.training.scores import classification_metrics
 class Splits:
     """Train and test data, each a ``(list of (n, d_i) arrays, labels)`` pair.
 
-    ``test_rows`` holds the rows of the source data that form the test split when it was
-    drawn here (data without a test split of its own), else ``None``.
+    ``test_rows`` holds the rows of the source data that form the test split when
+    :func:`load_splits` draws it (data without a test split of its own), else ``None``.
     """
 
     train: tuple
@@ -110,9 +111,9 @@ def units_for(num_classes, widths):
     Four units per class, rounded up to a power of two (``4 * 2**ceil(log2(k))``), within
     ``[8, 128]``, and no wider than the widest view rounded up to a power of two. Two
     classes give 8, the width chosen on ROSMAP's validation splits (``RECIPE``), so ROSMAP
-    keeps its recipe; 15 classes give 64, and 68 or 100 classes 128. A head 8 wide cannot
-    separate many classes: on a 68-class face dataset it reached 0.38-0.45 accuracy where
-    64 reached 0.91.
+    keeps its recipe; 15 classes give 64, and 68 or 100 classes 128. The width grows with
+    the classes because a narrow head cannot separate many of them (docs/guide.md, "The
+    training recipes").
 
     Args:
         num_classes: the number of classes ``k``.
@@ -133,25 +134,74 @@ def _read_recipe():
         return json.load(f)
 
 
+def scaled_reference_recipe(reference):
+    """The keyword arguments of :class:`Settings` for the reference recipe, derived from
+    the official code's values.
+
+    The ``"reference"`` entry of ``recipe.json`` holds the ROSMAP recipe of the official
+    code of DEQ fusion with that code's own values (weight decay 1e-4, gradient norm
+    clipped at 30, Jacobian weight 20, gate and confidence loss weights 1) and the shape
+    of its loss. That loss multiplies its running total by 1.5 once per view, so with
+    ROSMAP's three views it is ``loss_scale`` (3.375) times the cross-entropy, plus
+    ``view_loss_scales`` (2.25, 1.5 and 1) times the gate and confidence losses of views
+    1, 2 and 3, plus 20 times the Jacobian penalty. The reference classifier weighs the
+    cross-entropy by 1, so it trains on the official loss divided by ``loss_scale``, and
+    every other term's weight is divided by ``loss_scale`` too. Adam's steps do not
+    depend on the gradient's scale (up to its epsilon), so dividing the loss leaves them
+    as they are, provided the weight decay (which PyTorch's Adam adds, times the
+    weights, to the gradient) and the gradient-clipping norm, which both act on the
+    gradient, are divided by ``loss_scale`` as well. The reference classifier has one
+    gate weight and one confidence weight for all views, so each is the official weight
+    times the views' mean multiplier, divided by ``loss_scale``.
+
+    Args:
+        reference: a dict of :class:`Settings` fields, as in ``recipe.json``, with the
+            official code's ``weight_decay``, ``clipnorm``,
+            ``fusion_options["jacobian_weight"]`` and, when present,
+            ``model_options["gate_weight"]`` and ``model_options["confidence_weight"]``;
+            plus ``loss_scale`` (a positive number) and ``view_loss_scales`` (a
+            non-empty list of numbers).
+
+    Returns:
+        A new dict: ``reference`` without ``loss_scale`` and ``view_loss_scales``, with
+        ``weight_decay``, ``clipnorm`` and the Jacobian weight divided by ``loss_scale``,
+        and the gate and confidence weights multiplied by the mean of
+        ``view_loss_scales`` and divided by ``loss_scale``; every other entry unchanged.
+        ``reference`` itself is not modified.
+    """
+    settings = copy.deepcopy(reference)
+    scale = settings.pop("loss_scale")
+    view_scales = settings.pop("view_loss_scales")
+    if not scale > 0:
+        raise ValueError(f"loss_scale must be positive, got {scale}.")
+    if not view_scales:
+        raise ValueError("view_loss_scales must name at least one view's multiplier.")
+    view_scale = sum(view_scales) / len(view_scales)
+    settings["weight_decay"] = settings["weight_decay"] / scale
+    settings["clipnorm"] = settings["clipnorm"] / scale
+    fusion_options = settings["fusion_options"]
+    fusion_options["jacobian_weight"] = fusion_options["jacobian_weight"] / scale
+    model_options = settings.get("model_options", {})
+    for key in ("gate_weight", "confidence_weight"):
+        if key in model_options:
+            model_options[key] = model_options[key] * view_scale / scale
+    return settings
+
+
 _RECIPES = _read_recipe()
 # The recipe of the README's ROSMAP results; `mmfusion train` and examples/rosmap.py default to it.
 RECIPE = Settings(**_RECIPES["settings"])
 # The ROSMAP recipe of the official code of DEQ fusion (Ni et al., arXiv 2306.16645; the
-# paper itself reports no ROSMAP figure) for the reference classifier (width 300, full-batch Adam 1e-4 with coupled weight decay 1e-4, x0.2 after
-# 500 epochs, gradient norm clipped at 30, Jacobian weight 20, 4 groups, absolute residual,
-# 30 steps, the update's kernels initialised as PyTorch's Linear layers). The official
-# loss is 3.375 cross-entropy + 2.25, 1.5 and 1 times the views' gate and confidence
-# losses + 20 times the Jacobian penalty; Adam's steps do not depend on the loss's scale,
-# so every weight, the weight decay and the clipping norm are divided by 3.375, and the
-# gate and confidence weights are the views' mean.
-REFERENCE_RECIPE = Settings(**_RECIPES["reference"])
-# The paper's recipe with two changes chosen on the ROSMAP validation splits: a 64-wide DEQ
-# state (``DEQFusion(units=64)``, which projects the 300-wide encodings to it) and 60 solver
-# steps instead of 30. On seeds 0-4 the narrower state lowered the mean best validation loss
-# from 0.567 to 0.528; the 60 steps left it level (0.531) and, in that one-thread study,
-# raised the lowest converged fraction of the training solves in any of the last 10 epochs
-# from 0.944 to 0.990. The README's run (TensorFlow's default threads, so other rounding
-# and other trajectories) had 0.939 (benchmarks/RESULTS.md).
+# paper itself reports no ROSMAP figure) for the reference classifier: width 300,
+# full-batch Adam 1e-4 with coupled weight decay 1e-4, x0.2 after 500 epochs, gradient
+# norm clipped at 30, Jacobian weight 20, 4 groups, absolute residual, 30 steps, the
+# update's kernels initialised as PyTorch's Linear layers. The loss weights, the weight
+# decay and the clipping norm are those of the official loss divided by its scale (see
+# scaled_reference_recipe).
+REFERENCE_RECIPE = Settings(**scaled_reference_recipe(_RECIPES["reference"]))
+# The reference recipe with two changes chosen on the ROSMAP validation splits: a 64-wide
+# DEQ state (``DEQFusion(units=64)``, which projects the 300-wide encodings to it) and 60
+# solver steps instead of 30 (docs/guide.md, "The training recipes").
 REFERENCE_NARROW_RECIPE = dataclasses.replace(
     REFERENCE_RECIPE, fusion_options={**REFERENCE_RECIPE.fusion_options, "units": 64, "max_iter": 60}
 )
