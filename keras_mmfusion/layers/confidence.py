@@ -8,6 +8,8 @@ from keras import ops
 
 from keras_mmfusion._checks import check_int, check_non_negative
 
+# The labels of the enclosing training_labels block, per thread, as Keras keeps its own
+# call context, so that a block on one thread does not reach a model run by another.
 _LABELS = threading.local()
 
 
@@ -19,6 +21,17 @@ def training_labels(labels):
     :class:`keras_mmfusion.models.ReferenceClassifier` wraps its training step in this,
     so that ``model.fit(x, y)`` trains the confidence heads; a custom training loop
     does the same around its forward pass.
+
+    The labels travel in this scope because Keras 3 has no public route from the
+    training step to a layer inside a functional model. ``fit`` runs ``train_step``,
+    which calls the model as ``self(x, training=True)``; a functional model passes its
+    layers only ``training`` (and masks), and further call-context arguments are
+    registered with the private ``Layer._register_call_context_args`` and are not
+    passed by ``fit`` anyway (keras-team/keras#21530). ``Model.compute_loss(x, y,
+    y_pred, ...)`` sees the model's outputs, not the encoding and confidence of this
+    forward pass, and recomputing them from ``x`` would draw new dropout masks. Labels
+    as a model input (Keras's endpoint-layer pattern) would make prediction, saving
+    and export take labels too.
     """
     previous = getattr(_LABELS, "labels", None)
     _LABELS.labels = labels
