@@ -26,9 +26,8 @@ of the encoders, the head, DynMM's experts and the fusion update, in every graph
 
 The TFLite converter's full-integer quantisation is not used: it cannot quantise a
 solver loop (its int8 ``DIV`` fails on the solver's small norms) nor calibrate inside
-``IF`` branches, and on plain graphs it quantises the raw inputs ahead of the
-standardisation too: on a concat-fusion ROSMAP classifier it changed 11 of 106 test
-predictions, against 1 for the matrix products alone (``benchmarks/RESULTS.md``).
+``IF`` branches, and on plain graphs it also quantises the raw inputs ahead of the
+standardisation, which rounds every feature before it is standardised.
 """
 
 import json

@@ -39,7 +39,7 @@ def load_mat(path, label_base=None, max_dense_bytes=MAX_DENSE_BYTES, verbose=1):
             are never shifted silently.
         max_dense_bytes: the largest float32 size to which a sparse view is made dense;
             a larger one is refused with its size.
-        verbose: 1 prints one line on what was read (views, widths, samples, classes).
+        verbose: 1 prints one line on what it read (views, widths, samples, classes).
 
     Returns:
         ``(inputs, labels)``: one float32 ``(samples, features)`` array per view, in the

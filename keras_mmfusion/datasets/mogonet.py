@@ -1,4 +1,4 @@
-"""The public MOGONET releases of ROSMAP and BRCA, from a local folder or downloaded once.
+"""The public MOGONET releases of ROSMAP and BRCA, from a local folder or downloaded on first use.
 
 The MOGONET authors (Wang et al., Nature Communications 2021) released the preprocessed
 ROSMAP and BRCA data in their repository, github.com/txWang/MOGONET, in the layout

@@ -9,8 +9,8 @@ Importing this module registers the builder ``mmf_multiomics`` with TFDS::
 
 The files come from where :func:`keras_mmfusion.datasets.mogonet_folder` finds them: a
 ``manual_dir`` given in the download config, else ``$MMFUSION_ROSMAP``
-(``$MMFUSION_BRCA``), else MOGONET's public release, downloaded once into the Keras
-cache and checked file by file. A ``manual_dir`` serves offline machines::
+(``$MMFUSION_BRCA``), else MOGONET's public release, downloaded into the Keras cache
+on first use and checked file by file. A ``manual_dir`` serves offline machines::
 
     tfds.load("mmf_multiomics/brca", split="train", download_and_prepare_kwargs={
         "download_config": tfds.download.DownloadConfig(manual_dir="/data/brca")})
