@@ -31,7 +31,7 @@ from keras_mmfusion.layers import (
     ZeroAbsent,
 )
 from keras_mmfusion.callbacks import RoutedObjective, TemperatureSchedule
-from keras_mmfusion.metrics import RoutingMetric, SolverStatsMetric
+from keras_mmfusion.layer_statistics import RoutingMetric, SolverStatsMetric
 
 __version__ = "0.1.0"
 

@@ -1,8 +1,10 @@
-"""The private TensorFlow and Keras APIs the package uses, imported here and nowhere else.
+"""The private TensorFlow, Keras and tf2onnx APIs the package uses, imported here and nowhere else.
 
 Each has no public equivalent. Private APIs change without notice, so they are wrapped
 here, each wrapper is tested in ``tests/test_internals.py``, and importing the package
-with a TensorFlow or Keras outside the tested versions warns.
+with a TensorFlow or Keras outside the tested versions warns; so does the first ONNX
+conversion with a tf2onnx outside them. tf2onnx belongs to the ``export`` extra and is
+imported only when a conversion runs.
 """
 
 import contextlib
@@ -16,11 +18,12 @@ from tensorflow.python.framework import convert_to_constants as _convert_to_cons
 from tensorflow.python.ops import control_flow_util as _control_flow_util
 
 # The versions these wrappers were tested with (major.minor prefixes).
-TESTED_VERSIONS = {"tensorflow": ("2.21",), "keras": ("3.13", "3.14", "3.15")}
+TESTED_VERSIONS = {"tensorflow": ("2.21",), "keras": ("3.13", "3.14", "3.15"), "tf2onnx": ("1.17",)}
 
 
 def untested_versions(versions=None):
-    """``{library: version}`` for the installed libraries outside :data:`TESTED_VERSIONS`."""
+    """``{library: version}`` for the given (default: the installed TensorFlow and Keras)
+    libraries outside :data:`TESTED_VERSIONS`."""
     versions = versions or {"tensorflow": tf.__version__, "keras": keras.__version__}
     return {
         name: version
@@ -34,7 +37,8 @@ def warn_on_untested_versions(versions=None):
     if untested:
         found = ", ".join(f"{name} {version}" for name, version in untested.items())
         warnings.warn(
-            f"keras_mmfusion uses private TensorFlow/Keras APIs tested with {TESTED_VERSIONS}; found {found}.",
+            f"keras_mmfusion uses private TensorFlow/Keras/tf2onnx APIs tested with {TESTED_VERSIONS}; "
+            f"found {found}.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -56,9 +60,22 @@ def dynamic_update_slice(buffer, update, start):
     return _xla.dynamic_update_slice(buffer, update, start)
 
 
-def graph_in_xla_context(graph):
-    """Whether ``graph`` (or a graph it is nested in) will be compiled by XLA."""
-    return bool(_control_flow_util.GraphOrParentsInXlaContext(graph))
+def in_xla_context():
+    """Whether the ops being created now belong to a function compiled with XLA
+    (``tf.function(jit_compile=True)``, and so Keras's ``jit_compile``).
+
+    Read while a graph is traced, so a function traced once for XLA and once without
+    gets the form of an op that suits each.
+    """
+    if tf.executing_eagerly():
+        return False
+    return bool(_control_flow_util.GraphOrParentsInXlaContext(tf.compat.v1.get_default_graph()))
+
+
+def gpu_visible():
+    """Whether TensorFlow sees a GPU, and so places ops on it by default (public API;
+    kept beside :func:`in_xla_context`, the other fact about where a graph runs)."""
+    return bool(tf.config.list_logical_devices("GPU"))
 
 
 def freeze(concrete_function):
@@ -95,6 +112,47 @@ def connected_layers(layer):
         stack.extend(operation._inbound_nodes)
         stack.extend(operation._outbound_nodes)
     return list(found.values())
+
+
+def _tf2onnx():
+    """The ``tf2onnx`` module, after a warning if its version is untested."""
+    import tf2onnx
+
+    warn_on_untested_versions({"tf2onnx": tf2onnx.__version__})
+    return tf2onnx
+
+
+def onnx_graph_from_tf(graph_def, inputs, outputs, opset, custom_op_handlers):
+    """The unoptimised tf2onnx graph of a frozen ``graph_def``: the two steps
+    ``tf2onnx.convert.from_graph_def`` takes before its optimizers (grappler's
+    ``tf_optimize``, then ``process_tf_graph``), without its freezing step."""
+    _tf2onnx()
+    from tf2onnx import tf_loader
+    from tf2onnx.tfonnx import process_tf_graph
+
+    with tf.device("/cpu:0"), tf.Graph().as_default():
+        optimized = tf_loader.tf_optimize(inputs, outputs, graph_def)
+    with tf.Graph().as_default() as tf_graph:
+        tf.import_graph_def(optimized, name="")
+        return process_tf_graph(tf_graph, continue_on_error=True, opset=opset, custom_op_handlers=custom_op_handlers,
+                                input_names=inputs, output_names=outputs)
+
+
+def optimize_onnx_graph(onnx_graph):
+    """tf2onnx's optimizers run on ``onnx_graph`` in place; an optimizer that fails raises."""
+    from tf2onnx import optimizer
+
+    return optimizer.optimize_graph(onnx_graph, catch_errors=False)
+
+
+def convert_select(ctx, node, handles_nan):
+    """tf2onnx's own conversion of a ``Select``/``SelectV2`` node, told with ``handles_nan``
+    to emit an exact ONNX ``Where`` instead of arithmetic on both branches."""
+    from tf2onnx.onnx_opset.controlflow import Select
+
+    if handles_nan:
+        node.set_attr("handles_nan", True)
+    Select.version_9(ctx, node)
 
 
 warn_on_untested_versions()

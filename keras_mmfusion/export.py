@@ -32,8 +32,8 @@ import numpy as np
 import tensorflow as tf
 
 from keras_mmfusion import quantization
-from keras_mmfusion._internals import freeze
-from keras_mmfusion.metrics import collecting_solver_stats, statistics_paused
+from keras_mmfusion._internals import convert_select, freeze, onnx_graph_from_tf, optimize_onnx_graph
+from keras_mmfusion.layer_statistics import collecting_solver_stats, statistics_paused
 
 QUANTIZE_MODES = (None, "float16", "dynamic", "int8")
 
@@ -142,7 +142,7 @@ def _check_writable(path, overwrite=False):
 
 
 def _replace(source, target):
-    """Move the finished artefact ``source`` to ``target``, removing whatever was there."""
+    """Move the finished artefact ``source`` to ``target``, removing whatever is there."""
     if os.path.isdir(target) and not os.path.islink(target):
         shutil.rmtree(target)
     elif os.path.lexists(target):
@@ -170,7 +170,8 @@ def _write_saved_model(model, path, diagnostics=False):
     archive.track(model)
     archive.add_endpoint("serving_default", serving_function(model, diagnostics))
     # The signatures serve inference. Saving the equilibrium solver's custom gradient
-    # would trace its backward pass: half the time of a DEQ model's SavedModel or TFLite export.
+    # would trace its backward pass (solver loops and their gradients), which no
+    # signature runs.
     options = tf.saved_model.SaveOptions(experimental_custom_gradients=False)
     archive.write_out(os.fspath(path), options=options, verbose=False)
 
@@ -298,8 +299,10 @@ def to_tflite(model, path, quantize=None, representative_data=None, builtins_onl
             :mod:`keras_mmfusion.quantization`.
         representative_data: for ``"int8"``: an iterable or ``tf.data.Dataset``
             yielding one sample at a time, a list with one ``(1, d_i)`` array per
-            modality (or a dict keyed by input name). Use training samples; for
-            DynMM, samples that reach every expert.
+            modality (or a dict keyed by input name). The samples set every
+            quantised activation's range; for DynMM they must reach every expert,
+            since calibration records only the ops that run, and an expert that no
+            sample reaches is an :class:`ExportError`.
         builtins_only: allow only TFLite builtin ops (the default). ``False`` also
             allows TF (Flex) ops, which need the Flex delegate at run time.
         diagnostics: also return the solver's diagnostics (see :func:`serving_function`).
@@ -451,24 +454,18 @@ def _onnx_from_graph_def(graph_def, inputs, outputs, opset, name):
     """The ONNX model of a frozen ``graph_def``, as ``tf2onnx.convert.from_graph_def`` makes it.
 
     ``from_graph_def`` deep-copies the whole ONNX graph before each of its optimizers, on
-    every pass, so that an optimizer that raises can be undone; on a DEQ model that is
-    about 40% of the conversion time. Here the optimizers run on the graph itself, and
-    only if one of them raises is the conversion redone by ``from_graph_def``, undoing
-    included. The graph is frozen already, so tf2onnx's own freezing step is left out.
+    every pass, so that an optimizer that raises can be undone; a DEQ model's graph, with
+    its solver loop bodies, is copied many times over. Here the optimizers run on the
+    graph itself, and only if one of them raises is the conversion redone by
+    ``from_graph_def``, undoing included. The graph is frozen already, so tf2onnx's own
+    freezing step is left out.
     """
     import tf2onnx
-    from tf2onnx import optimizer, tf_loader
-    from tf2onnx.tfonnx import process_tf_graph
 
     handlers = {op: (_select_as_where, []) for op in ("Select", "SelectV2")}
-    with tf.device("/cpu:0"), tf.Graph().as_default():
-        optimized = tf_loader.tf_optimize(inputs, outputs, graph_def)
-    with tf.Graph().as_default() as tf_graph:
-        tf.import_graph_def(optimized, name="")
-        onnx_graph = process_tf_graph(tf_graph, continue_on_error=True, opset=opset, custom_op_handlers=handlers,
-                                      input_names=inputs, output_names=outputs)
+    onnx_graph = onnx_graph_from_tf(graph_def, inputs, outputs, opset, handlers)
     try:
-        onnx_graph = optimizer.optimize_graph(onnx_graph, catch_errors=False)
+        onnx_graph = optimize_onnx_graph(onnx_graph)
     except Exception:  # an optimizer failed part-way: convert again, with tf2onnx undoing it
         model_proto, _ = tf2onnx.convert.from_graph_def(graph_def, input_names=inputs, output_names=outputs,
                                                         opset=opset, custom_op_handlers=handlers)
@@ -486,12 +483,10 @@ def _select_as_where(ctx, node, name, args):
     other dtypes keep tf2onnx's conversion.
     """
     from onnx import TensorProto
-    from tf2onnx.onnx_opset.controlflow import Select
 
     # Other dtypes hold no NaN, and onnxruntime lacks Where for some (bool among them).
-    if ctx.get_dtype(node.output[0]) in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16):
-        node.set_attr("handles_nan", True)
-    Select.version_9(ctx, node)
+    floating = ctx.get_dtype(node.output[0]) in (TensorProto.FLOAT, TensorProto.DOUBLE, TensorProto.FLOAT16)
+    convert_select(ctx, node, handles_nan=floating)
 
 
 def _rename_onnx_values(graph, names):

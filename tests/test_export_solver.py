@@ -14,7 +14,7 @@ import keras
 import keras_mmfusion as mmf
 from keras_mmfusion import export
 from keras_mmfusion.equilibrium import fixed_point_solve
-from keras_mmfusion.metrics import report_solver_stats
+from keras_mmfusion.layer_statistics import report_solver_stats
 from keras_mmfusion.training import build_before_tracing
 
 from helpers import trained_once

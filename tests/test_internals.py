@@ -35,16 +35,16 @@ def test_dynamic_update_slice_writes_the_row_in_place_under_xla():
     np.testing.assert_array_equal(write(buffer, row, tf.constant(1)).numpy(), expected)
 
 
-def test_graph_in_xla_context_tells_xla_functions_apart():
-    seen = {}
+def test_in_xla_context_tells_xla_functions_apart():
+    seen = {"eager": _internals.in_xla_context()}
 
     def probe(key):
-        seen[key] = _internals.graph_in_xla_context(tf.compat.v1.get_default_graph())
+        seen[key] = _internals.in_xla_context()
         return tf.constant(0.0)
 
     tf.function(lambda: probe("xla"), jit_compile=True)()
     tf.function(lambda: probe("graph"))()
-    assert seen == {"xla": True, "graph": False}
+    assert seen == {"eager": False, "xla": True, "graph": False}
 
 
 def test_freeze_turns_variables_into_constants():
@@ -94,3 +94,24 @@ def test_a_keras_backend_other_than_tensorflow_is_refused():
     assert done.returncode != 0
     assert ("ImportError: keras_mmfusion runs on Keras's TensorFlow backend, but Keras is set to the 'jax' "
             "backend. Set the environment variable KERAS_BACKEND=tensorflow") in done.stderr, done.stderr
+
+
+def test_tf2onnx_wrappers_convert_a_select_to_an_exact_where():
+    pytest.importorskip("tf2onnx")
+    fn = tf.function(lambda c, x, y: tf.where(c, x, y))
+    concrete = fn.get_concrete_function(
+        tf.TensorSpec([3], tf.bool, "c"), tf.TensorSpec([3], tf.float32, "x"), tf.TensorSpec([3], tf.float32, "y")
+    )
+    graph_def = _internals.freeze(concrete).graph.as_graph_def()
+    outputs = [t.name for t in _internals.freeze(concrete).outputs]
+
+    def handler(ctx, node, name, args):
+        _internals.convert_select(ctx, node, handles_nan=True)
+
+    handlers = {op: (handler, []) for op in ("Select", "SelectV2")}
+    graph = _internals.onnx_graph_from_tf(graph_def, ["c:0", "x:0", "y:0"], outputs, 17, handlers)
+    graph = _internals.optimize_onnx_graph(graph)
+    op_types = {node.type for node in graph.get_nodes()}
+    assert "Where" in op_types and "Mul" not in op_types, op_types
+    with pytest.warns(RuntimeWarning, match="found tf2onnx 1.99.0"):
+        _internals.warn_on_untested_versions({"tf2onnx": "1.99.0"})

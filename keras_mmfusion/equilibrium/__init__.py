@@ -5,7 +5,9 @@ Nothing here depends on Keras layers: ``f`` is any differentiable TensorFlow fun
 
 from keras_mmfusion.equilibrium.iteration import SolverStats, residual_norm
 from keras_mmfusion.equilibrium.jacobian import hutchinson_jacobian_norm
-from keras_mmfusion.equilibrium.solve import BACKWARD_MODES, fixed_point_solve
+from keras_mmfusion.defaults import BACKWARD_MODES
+from keras_mmfusion.equilibrium.adjoint import ImplicitAdjoint, PhantomAdjoint, UnrolledAdjoint, solve_adjoint
+from keras_mmfusion.equilibrium.solve import fixed_point_solve
 from keras_mmfusion.equilibrium.solvers import (
     anderson_solve,
     available_solvers,
@@ -17,7 +19,10 @@ from keras_mmfusion.equilibrium.solvers import (
 
 __all__ = [
     "BACKWARD_MODES",
+    "ImplicitAdjoint",
+    "PhantomAdjoint",
     "SolverStats",
+    "UnrolledAdjoint",
     "anderson_solve",
     "available_solvers",
     "broyden_solve",
@@ -27,4 +32,5 @@ __all__ = [
     "hutchinson_jacobian_norm",
     "register_solver",
     "residual_norm",
+    "solve_adjoint",
 ]

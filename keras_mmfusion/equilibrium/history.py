@@ -5,11 +5,12 @@ tensors in one ``(batch, memory, dim)`` buffer per quantity, and the ``(batch, m
 memory)`` Gram matrix of the ``g_j``. Step ``k`` overwrites slot ``k % memory``.
 
 Every loop variable of the solver loop is written by an op in each step; none is passed
-on into another loop variable's slot. The TFLite ``WHILE`` kernel does not run such a
-loop as TensorFlow does: a history rotated as ``(new,) + old[:-1]`` left every slot
-holding the newest value there, so Anderson combined the wrong vectors and the exported
-solve took other steps than Keras's. Written by index, the history is the same in every
-runtime. Under XLA the write is in place; without XLA it copies the buffer.
+on into another loop variable's slot, because the TFLite ``WHILE`` kernel does not carry
+such a value over as TensorFlow does. A history rotated as ``(new,) + old[:-1]`` would
+hold the newest value in every slot under TFLite, so an exported Anderson solve would
+combine the wrong vectors and take other steps than Keras's solve. Written by index,
+the history is the same in every runtime. Under XLA the write is in place; without XLA it
+copies the buffer.
 
 :func:`empty_buffer`, :func:`write_slot`, :func:`slot_dots` and :func:`weighted_sum` are
 the batch-first buffer operations, which Broyden's rank-one terms use as well.
@@ -19,7 +20,7 @@ import tensorflow as tf
 
 from keras_mmfusion._internals import dynamic_update_slice
 from keras_mmfusion.equilibrium.iteration import row_sum
-from keras_mmfusion.graph_context import in_xla_context
+from keras_mmfusion._internals import in_xla_context
 
 
 def empty_buffer(z, memory):

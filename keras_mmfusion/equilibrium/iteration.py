@@ -15,10 +15,9 @@ from typing import NamedTuple
 
 import tensorflow as tf
 
-from keras_mmfusion.graph_context import gpu_visible, in_xla_context
-from keras_mmfusion._checks import check_int, check_positive
-
-STOP_MODES = ("abs", "rel")
+from keras_mmfusion._internals import gpu_visible, in_xla_context
+from keras_mmfusion._checks import check_choice, check_solver_arguments, check_state
+from keras_mmfusion.defaults import STOP_MODES
 
 # Added to ||f(z)|| in the relative residual so that a zero state does not divide by zero.
 _REL_EPS = 1e-5
@@ -54,6 +53,32 @@ def internal_dtype(dtype):
     float16 and bfloat16 under mixed precision included, is upcast to float32.
     """
     return tf.float64 if tf.as_dtype(dtype) == tf.float64 else tf.float32
+
+
+def skipped_stats(z, length):
+    """The ``SolverStats`` of a solve that did not run: 0 steps, every sample converged,
+    a zero ``trace`` of ``length`` entries."""
+    dtype = internal_dtype(z.dtype)
+    batch = tf.shape(z)[:1]
+    return SolverStats(
+        steps=tf.constant(0),
+        residual=tf.zeros(batch, dtype),
+        converged=tf.ones(batch, tf.bool),
+        trace=tf.zeros([length], dtype),
+    )
+
+
+def unrolled_stats(f, z, steps, trace, tol, stop_mode):
+    """The ``SolverStats`` of ``steps`` plain iterations of ``f`` ending at ``z``: the
+    residual of ``z`` (one more evaluation of ``f``) and the given ``trace``, both off
+    every tape."""
+    res = tf.cast(tf.stop_gradient(residual_norm(z, f(z), stop_mode)), trace.dtype)
+    return SolverStats(
+        steps=tf.constant(steps),
+        residual=res,
+        converged=res <= tf.cast(tol, res.dtype),
+        trace=tf.stop_gradient(trace),
+    )
 
 
 # The machine epsilon of each floating dtype an update can compute in.
@@ -96,7 +121,7 @@ def _residual(g, fz, stop_mode):
     elif stop_mode == "rel":
         res = diff / (size + tf.cast(_REL_EPS, fz.dtype))
     else:
-        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}.")
+        check_choice("stop_mode", stop_mode, STOP_MODES)
     # An overflowing ||f(z)|| would otherwise make the relative residual zero.
     finite = tf.logical_and(tf.math.is_finite(res), tf.math.is_finite(size))
     return tf.where(finite, res, tf.cast(float("inf"), res.dtype))
@@ -107,8 +132,7 @@ def _sums_by_product():
 
     Only in a graph compiled by XLA for a CPU. There XLA emits a scalar loop for a
     reduction over the last axis and a vectorised kernel for a matrix-vector product,
-    so the product is much faster (``benchmarks/deq_bench.py`` measures the solver
-    loop). Without XLA the product gains nothing. GPUs reduce quickly, and with
+    so the product is faster. Without XLA the product gains nothing. GPUs reduce quickly, and with
     TensorFloat-32 enabled (TensorFlow's default) a product would round every term to
     10 mantissa bits, so where a GPU is visible the sums stay reductions.
     """
@@ -134,7 +158,7 @@ def select_rows(condition, x, y):
 
     ``condition`` is ``(batch,)``. Under XLA, the rank-1 form of ``Select``, which
     picks whole rows; a broadcast ``tf.where`` expands the condition to ``x``'s shape
-    first and cost about 1.5 times as much on a 2-core CPU. Elsewhere the broadcast
+    first, which XLA then materialises. Elsewhere the broadcast
     form, since a graph built without XLA may be exported: tf2onnx lowers the rank-1
     form to arithmetic on both operands, so a NaN in the row not chosen (a sample
     with a non-finite input) would spread to every row of the ONNX result.
@@ -151,27 +175,6 @@ def finite_or(value, fallback):
     whose sum overflows, which is as unusable as a step.
     """
     return select_rows(tf.math.is_finite(row_sum(value)), value, fallback)
-
-
-def check_solver_arguments(max_iter, tol, stop_mode):
-    """Raise a ``ValueError`` naming the argument that is out of range."""
-    check_int("max_iter", max_iter)
-    check_positive("tol", tol)
-    if stop_mode not in STOP_MODES:
-        raise ValueError(f"stop_mode must be one of {STOP_MODES}, got {stop_mode!r}.")
-
-
-def as_flat_state(z0):
-    """Check that ``z0`` is a ``(batch, dim)`` floating tensor with a static ``dim``."""
-    z0 = tf.convert_to_tensor(z0)
-    if z0.shape.rank != 2 or z0.shape[-1] is None:
-        raise ValueError(
-            "The solver state must have shape (batch, dim) with a known dim; "
-            f"got a tensor of shape {z0.shape}."
-        )
-    if not z0.dtype.is_floating:
-        raise ValueError(f"The solver state must be floating point, got dtype {z0.dtype.name}.")
-    return z0
 
 
 @tf.autograph.experimental.do_not_convert
@@ -192,7 +195,7 @@ def iterate(f, z0, init, step, max_iter, tol, stop_mode):
         (NaN for a sample without a finite residual), and a :class:`SolverStats`.
     """
     check_solver_arguments(max_iter, tol, stop_mode)
-    z0 = as_flat_state(z0)
+    z0 = check_state(z0)
     out_dtype = z0.dtype
     dtype = internal_dtype(out_dtype)
 
@@ -204,7 +207,8 @@ def iterate(f, z0, init, step, max_iter, tol, stop_mode):
     z = tf.cast(z0, dtype)
     tol_t = tf.cast(tol, dtype)
     # No sample has a best iterate yet. The largest finite value stands for "none":
-    # tf2onnx exported a fill with +inf wrongly (every ONNX solve returned its start).
+    # tf2onnx converts a fill with +inf to one with a finite value, after which no
+    # residual would count as better than "none".
     # Only a finite residual can beat it, and a sample that never had one reports +inf.
     none_yet = tf.cast(dtype.max, dtype)
     loop_vars = (tf.constant(0), z, z, tf.fill(tf.shape(z)[:1], none_yet), tf.zeros([max_iter], dtype), init(z))
@@ -215,8 +219,8 @@ def iterate(f, z0, init, step, max_iter, tol, stop_mode):
     def body(k, z, best_z, best_res, trace, state):
         # Evaluate the point the previous step proposed, keep it if it is a sample's
         # best so far, then propose the next one. The loop carries only the point to
-        # evaluate: carrying f(z) as well, for a step that makes it the next point,
-        # made XLA copy the state twice per step.
+        # evaluate: a loop that also carries f(z) makes XLA copy the state twice per
+        # step.
         fz = f_internal(z)
         g = fz - z
         res = _residual(g, fz, stop_mode)
@@ -227,8 +231,8 @@ def iterate(f, z0, init, step, max_iter, tol, stop_mode):
         z_next, state = step(z, fz, g, state, k)
         # A sample whose proposal is not finite restarts from its best iterate. Taking
         # the fallback from the best-iterate select also makes the proposal depend on
-        # every use of z, so XLA can write the proposal into z's loop buffer; with the
-        # select independent of the proposal it copied z at every step.
+        # every use of z, so XLA can write the proposal into z's loop buffer instead of
+        # copying z at every step.
         z_next = finite_or(z_next, best_z)
         return k + 1, z_next, best_z, best_res, trace, state
 

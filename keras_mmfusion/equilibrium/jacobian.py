@@ -3,21 +3,14 @@ Models by Jacobian Regularization", 2021)."""
 
 import tensorflow as tf
 
-from keras_mmfusion._checks import check_int
+from keras_mmfusion._checks import check_int, check_probes
+from keras_mmfusion._internals import in_xla_context
 
 
 def gaussian_probes(z, num_probes):
     """``(num_probes, batch, dim)`` standard-normal probes shaped like ``z``."""
     check_int("num_probes", num_probes)
     return tf.random.normal(tf.concat([[num_probes], tf.shape(z)], 0), dtype=z.dtype)
-
-
-def check_probes(probes, z):
-    """``probes`` as a ``(num_probes, batch, dim)`` tensor in ``z``'s dtype."""
-    probes = tf.cast(tf.convert_to_tensor(probes), z.dtype)
-    if probes.shape.rank != 3 or probes.shape[0] is None:
-        raise ValueError(f"probes must have shape (num_probes, batch, dim), got {probes.shape}.")
-    return probes
 
 
 def jacobian_norm_from_vjp(vjp, z, probes):
@@ -61,3 +54,35 @@ def hutchinson_jacobian_norm(f, z, num_probes=1, probes=None):
     return jacobian_norm_from_vjp(
         lambda e: tape.gradient(fz, z, output_gradients=tf.cast(e, fz.dtype)), z, probes
     )
+
+
+class JacobianPenalty:
+    """The Hutchinson estimate of ``||J_f(z*)||_F^2 / dim`` that a solve reports as
+    ``stats.jacobian``, for a training loss (Bai et al., 2021).
+
+    Args:
+        probes: ``(num_probes, batch, dim)`` probes, checked by the caller.
+        active: ``None``, or a boolean scalar tensor; where it is false the estimate
+            is 0 and its vector-Jacobian products are not computed (under XLA they are
+            computed and the estimate multiplied by 0: XLA's CPU runtime aborts on the
+            gradient of a ``tf.cond`` whose branch takes these products).
+    """
+
+    def __init__(self, probes, active=None):
+        self.probes, self.active = probes, active
+
+    def from_vjp(self, vjp, z):
+        """The estimate at ``z`` from ``vjp(e) = e^T J``."""
+        return self._when_active(lambda: jacobian_norm_from_vjp(vjp, z, self.probes), z)
+
+    def at(self, fn, z):
+        """The estimate at ``z`` from an evaluation of ``fn`` there, off ``z``'s gradient."""
+        return self._when_active(lambda: hutchinson_jacobian_norm(fn, tf.stop_gradient(z), probes=self.probes), z)
+
+    def _when_active(self, penalty, z):
+        if self.active is None:
+            return penalty()
+        active = tf.convert_to_tensor(self.active)
+        if in_xla_context():
+            return penalty() * tf.cast(active, z.dtype)
+        return tf.cond(active, penalty, lambda: tf.zeros([], z.dtype))

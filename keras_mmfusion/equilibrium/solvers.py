@@ -1,7 +1,8 @@
 """Forward fixed-point solvers and their registry.
 
 Every solver has the signature
-``solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", **options) -> (z, SolverStats)``
+``solve(f, z0, *, max_iter, tol, stop_mode, **options) -> (z, SolverStats)``, with the
+defaults of :mod:`keras_mmfusion.defaults`,
 and finds ``z = f(z)`` for a ``(batch, dim)`` state. All of them run through
 :func:`keras_mmfusion.equilibrium.iteration.iterate`, one bounded ``tf.while_loop``,
 so they work eagerly, inside ``tf.function`` and under ``jit_compile=True``.
@@ -11,6 +12,7 @@ import numpy as np
 import tensorflow as tf
 
 from keras_mmfusion._checks import check_fraction, check_int, check_positive
+from keras_mmfusion.defaults import MAX_ITER, STOP_MODE, TOL
 
 from keras_mmfusion.equilibrium.history import (
     CircularHistory,
@@ -55,11 +57,12 @@ def _spd_solve(a, b):
     """Solve ``a x = b`` for a batch of small symmetric positive-definite ``(m, m)`` systems.
 
     Gauss-Jordan elimination on the augmented ``(batch, m, m + 1)`` matrix, unrolled
-    over the static ``m``: each pivot is a handful of whole-matrix operations, so the
-    solve costs about ``5 m`` small ops. ``tf.linalg.solve`` would do the same job, but
-    its kernel has no TFLite builtin or ONNX counterpart, and this solve runs inside the
-    exported solver loop. ``a`` is the ridge-regularised Gram matrix, whose eigenvalues
-    are at least the ridge, so elimination without pivoting is stable.
+    over the static ``m``: each pivot is a handful of whole-matrix operations (slices, a
+    division, a multiply-add), so the graph holds ``O(m)`` small ops and no
+    linear-algebra kernel. ``tf.linalg.solve`` would do the same job, but its kernel has
+    no TFLite builtin or ONNX counterpart, and this solve runs inside the exported
+    solver loop. ``a`` is the ridge-regularised Gram matrix, whose eigenvalues are at
+    least the ridge, so elimination without pivoting is stable.
 
     Args:
         a: ``(batch, m, m)``.
@@ -80,7 +83,7 @@ def _spd_solve(a, b):
 
 
 @register_solver("fixed_point")
-def fixed_point_iteration(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", damping=1.0):
+def fixed_point_iteration(f, z0, *, max_iter=MAX_ITER, tol=TOL, stop_mode=STOP_MODE, damping=1.0):
     """Damped fixed-point iteration ``z <- (1 - damping) z + damping f(z)``.
 
     Args:
@@ -109,7 +112,7 @@ def fixed_point_iteration(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", damp
 
 @register_solver("anderson")
 def anderson_solve(
-    f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=5, ridge=1e-4, mixing=1.0
+    f, z0, *, max_iter=MAX_ITER, tol=TOL, stop_mode=STOP_MODE, memory=5, ridge=1e-4, mixing=1.0
 ):
     """Anderson acceleration (Walker & Ni, 2011), as used by deep equilibrium models.
 
@@ -152,8 +155,9 @@ def anderson_solve(
         fs, gs, gram = state
         fs, gs = history.push(fs, gs, fz, g, k)
         gram = history.update_gram(gram, history.dots(gs, g), k)
-        # Slots not yet written hold zeros, so their rows are ridge * I and, with a zero
-        # right-hand side, their weights are 0. Both layouts fill slots 0, 1, ... first.
+        # Step k writes slot k % memory, so slots 0 .. min(k, memory - 1) are the written
+        # ones. Slots not yet written hold zeros, so their rows are ridge * I and, with a
+        # zero right-hand side (valid = 0 there), their weights are 0.
         valid = tf.cast(tf.range(memory) < tf.minimum(k + 1, memory), z.dtype)
         eye = tf.eye(memory, dtype=z.dtype)
         # Each residual is scaled to unit length (a diagonal scaling of the normal
@@ -180,7 +184,7 @@ def anderson_solve(
 
 
 @register_solver("broyden")
-def broyden_solve(f, z0, *, max_iter=50, tol=1e-4, stop_mode="rel", memory=20):
+def broyden_solve(f, z0, *, max_iter=MAX_ITER, tol=TOL, stop_mode=STOP_MODE, memory=20):
     """Limited-memory Broyden's ("good") method on ``g(z) = f(z) - z = 0``.
 
     The inverse Jacobian of ``g`` is approximated as ``H = -I + sum_j u_j v_j^T`` with

@@ -5,9 +5,9 @@ import math
 import keras
 from keras import ops
 
-from keras_mmfusion.layers.fusion_layer import FusionLayer, check_units
+from keras_mmfusion.layers.fusion_layer import FusionLayer
 from keras_mmfusion.layers.modality_mask import masked_logits
-from keras_mmfusion._checks import check_int
+from keras_mmfusion._checks import check_int, check_units
 
 
 def _append_one(x):
@@ -204,8 +204,9 @@ class TensorFusion(FusionLayer):
 
     The width grows multiplicatively, so a configuration whose fused width exceeds
     ``max_fused_width`` (default 2**20 values per sample, 4 MiB in float32) is
-    refused at build time; project the inputs to smaller widths first, use
-    :class:`LowRankTensorFusion`, or raise the limit knowingly.
+    refused at build time with a ``ValueError`` that names the alternatives: smaller
+    input widths, :class:`LowRankTensorFusion` (which never forms the outer product),
+    or a larger ``max_fused_width``.
 
     With ``modality_mask``, an absent modality's entries are zero and its appended 1
     stays, so the fused vector holds the interactions among the present modalities
@@ -319,6 +320,7 @@ class LowRankTensorFusion(FusionLayer):
                 shape=(self.rank, w + 1, self.units),
                 initializer=self.kernel_initializer,
                 regularizer=self.kernel_regularizer,
+                constraint=self.kernel_constraint,
                 name=f"factor_{i}",
             )
             for i, w in enumerate(widths)
@@ -330,6 +332,7 @@ class LowRankTensorFusion(FusionLayer):
             shape=(self.units,),
             initializer=self.bias_initializer,
             regularizer=self.bias_regularizer,
+            constraint=self.bias_constraint,
             name="bias",
         )
 

@@ -4,8 +4,8 @@ Joint Representation", arXiv 1810.03414)."""
 import keras
 from keras import ops
 
-from keras_mmfusion.layers.fusion_layer import FusionLayer, check_units
-from keras_mmfusion._checks import check_int
+from keras_mmfusion.layers.fusion_layer import FusionLayer
+from keras_mmfusion._checks import check_int, check_units
 
 
 def _per_level(name, value, depth):

@@ -11,10 +11,10 @@ from keras import ops
 from keras_mmfusion._internals import sublayers
 from keras_mmfusion.costs import count_macs
 from keras_mmfusion.layers.fusion_layer import FusionLayer
-from keras_mmfusion.graph_context import in_xla_context
+from keras_mmfusion._internals import in_xla_context
 from keras_mmfusion.layers.modality_mask import masked_logits, require_present
 from keras_mmfusion.layers.routing import masked_route, partitioned_route
-from keras_mmfusion.metrics import RoutingMetric, gather_replicas, recording_statistics
+from keras_mmfusion.layer_statistics import RoutingMetric, gather_replicas, recording_statistics
 from keras_mmfusion._checks import check_int, check_positive
 
 
@@ -101,6 +101,7 @@ class DynamicFusion(FusionLayer):
     Example:
 
     >>> import numpy as np, keras
+    >>> from keras_mmfusion.layers import ConcatFusion
     >>> layer = DynamicFusion([keras.layers.Dense(4), ConcatFusion(4)], expert_inputs=[[0], [0, 1]])
     >>> tuple(layer([np.ones((3, 2)), np.ones((3, 5))]).shape)
     (3, 4)
@@ -345,7 +346,7 @@ class DynamicFusion(FusionLayer):
         """The expert index chosen for each sample of the last call (int32); under a
         ``tf.distribute`` strategy, for every sample of the global batch, in replica
         order, and recorded by inference calls only (``evaluate``, ``predict``): a
-        distributed training step leaves it as it was."""
+        distributed training step leaves it unchanged."""
         return tf.convert_to_tensor(self._last_routing)
 
     def output_width(self, widths):

@@ -11,15 +11,6 @@ from keras_mmfusion.layers.modality_inputs import check_modalities, modality_wid
 from keras_mmfusion.layers.modality_mask import masked_inputs
 
 
-def check_units(units, allow_none=True):
-    """Raise a ``ValueError`` unless ``units`` is a positive int (or ``None``)."""
-    if units is None and allow_none:
-        return
-    if isinstance(units, bool) or not isinstance(units, int) or units < 1:
-        expected = "None or a positive integer" if allow_none else "a positive integer"
-        raise ValueError(f"units must be {expected}, got {units!r}.")
-
-
 class FusionLayer(keras.layers.Layer):
     """A layer called on a list of ``N >= 2`` modality tensors ``(batch, d_i)``.
 
@@ -35,8 +26,9 @@ class FusionLayer(keras.layers.Layer):
     :func:`~keras_mmfusion.layers.modality_mask.require_present`).
 
     Args:
-        kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer:
-            used by every Dense sub-layer the subclass makes with :meth:`dense`.
+        kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
+            kernel_constraint, bias_constraint: as ``keras.layers.Dense``'s, used by
+            every Dense sub-layer the subclass makes with :meth:`dense`.
         **kwargs: base ``Layer`` arguments.
     """
 
@@ -46,6 +38,8 @@ class FusionLayer(keras.layers.Layer):
         bias_initializer="zeros",
         kernel_regularizer=None,
         bias_regularizer=None,
+        kernel_constraint=None,
+        bias_constraint=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -53,21 +47,30 @@ class FusionLayer(keras.layers.Layer):
         self.bias_initializer = keras.initializers.get(bias_initializer)
         self.kernel_regularizer = keras.regularizers.get(kernel_regularizer)
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
+        self.kernel_constraint = keras.constraints.get(kernel_constraint)
+        self.bias_constraint = keras.constraints.get(bias_constraint)
 
     @property
     def label(self):
         return f"{type(self).__name__} '{self.name}'"
 
-    def dense(self, units, name, activation=None, use_bias=True, input_width=None):
-        """A Dense sub-layer with this layer's initializers; built when ``input_width`` is given."""
-        layer = keras.layers.Dense(
+    def dense(
+        self, units, name, activation=None, use_bias=True, input_width=None, kernel_initializer=None,
+        layer_class=keras.layers.Dense,
+    ):
+        """A ``layer_class`` (a ``Dense`` or a subclass) sub-layer with this layer's
+        initializers, regularizers and constraints; ``kernel_initializer`` replaces the
+        layer's own for this sub-layer. Built when ``input_width`` is given."""
+        layer = layer_class(
             units,
             activation=activation,
             use_bias=use_bias,
-            kernel_initializer=self.kernel_initializer,
+            kernel_initializer=kernel_initializer or self.kernel_initializer,
             bias_initializer=self.bias_initializer,
             kernel_regularizer=self.kernel_regularizer,
             bias_regularizer=self.bias_regularizer,
+            kernel_constraint=self.kernel_constraint,
+            bias_constraint=self.bias_constraint,
             dtype=self.dtype_policy,
             name=name,
         )
@@ -104,6 +107,8 @@ class FusionLayer(keras.layers.Layer):
             bias_initializer=keras.initializers.serialize(self.bias_initializer),
             kernel_regularizer=keras.regularizers.serialize(self.kernel_regularizer),
             bias_regularizer=keras.regularizers.serialize(self.bias_regularizer),
+            kernel_constraint=keras.constraints.serialize(self.kernel_constraint),
+            bias_constraint=keras.constraints.serialize(self.bias_constraint),
         )
         return config
 

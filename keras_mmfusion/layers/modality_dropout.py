@@ -3,7 +3,7 @@
 import keras
 from keras import ops
 
-from keras_mmfusion.layers.modality_mask import check_modality_mask
+from keras_mmfusion.layers.modality_inputs import check_modality_mask
 
 
 @keras.saving.register_keras_serializable(package="keras_mmfusion")

@@ -1,4 +1,8 @@
-"""Validation of the list-of-modalities inputs every fusion layer is called on."""
+"""Validation of the list-of-modalities inputs every fusion layer is called on, and of
+the modality mask that may come with them."""
+
+import keras
+from keras import ops
 
 
 def _describe(value):
@@ -83,3 +87,31 @@ def check_modalities(layer_name, inputs, widths):
                 f"{layer_name}: input {i} must have shape (batch, {width}) as at build "
                 f"time; got {shape}."
             )
+
+
+def check_modality_mask(label, mask, num_modalities, batch_size=None):
+    """Check ``mask`` against the layer's modalities; returns it as a bool tensor.
+
+    Raises:
+        ValueError: naming the problem: not boolean, not rank 2, the wrong number of
+            columns, or a batch size different from the inputs'.
+    """
+    mask = ops.convert_to_tensor(mask)
+    if keras.backend.standardize_dtype(mask.dtype) != "bool":
+        raise ValueError(
+            f"{label}: modality_mask must be boolean, (batch, {num_modalities}) with True "
+            f"where a modality is present; got dtype {mask.dtype}. Cast it, e.g. "
+            "keras.ops.cast(mask, 'bool')."
+        )
+    shape = tuple(mask.shape)
+    if len(shape) != 2 or (shape[1] is not None and shape[1] != num_modalities):
+        raise ValueError(
+            f"{label}: modality_mask must have shape (batch, {num_modalities}), one column "
+            f"per modality; got shape {shape}."
+        )
+    if batch_size is not None and shape[0] is not None and shape[0] != batch_size:
+        raise ValueError(
+            f"{label}: modality_mask has batch size {shape[0]} but the inputs have "
+            f"batch size {batch_size}."
+        )
+    return mask

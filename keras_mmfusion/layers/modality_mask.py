@@ -6,7 +6,8 @@ absent modality contributes nothing: its input values are replaced by zeros befo
 op reads them (so a NaN standing in for a missing view does no harm), and each layer
 then leaves the modality out of what it combines, as its docstring describes.
 
-These helpers check the mask, turn it into the float presence weights the layers
+These helpers turn the mask (checked by
+:func:`~keras_mmfusion.layers.modality_inputs.check_modality_mask`) into the float presence weights the layers
 multiply with, and refuse samples that have no modality at all.
 """
 
@@ -15,33 +16,7 @@ import numpy as np
 import tensorflow as tf
 from keras import ops
 
-
-def check_modality_mask(label, mask, num_modalities, batch_size=None):
-    """Check ``mask`` against the layer's modalities; returns it as a bool tensor.
-
-    Raises:
-        ValueError: naming the problem: not boolean, not rank 2, the wrong number of
-            columns, or a batch size different from the inputs'.
-    """
-    mask = ops.convert_to_tensor(mask)
-    if keras.backend.standardize_dtype(mask.dtype) != "bool":
-        raise ValueError(
-            f"{label}: modality_mask must be boolean, (batch, {num_modalities}) with True "
-            f"where a modality is present; got dtype {mask.dtype}. Cast it, e.g. "
-            "keras.ops.cast(mask, 'bool')."
-        )
-    shape = tuple(mask.shape)
-    if len(shape) != 2 or (shape[1] is not None and shape[1] != num_modalities):
-        raise ValueError(
-            f"{label}: modality_mask must have shape (batch, {num_modalities}), one column "
-            f"per modality; got shape {shape}."
-        )
-    if batch_size is not None and shape[0] is not None and shape[0] != batch_size:
-        raise ValueError(
-            f"{label}: modality_mask has batch size {shape[0]} but the inputs have "
-            f"batch size {batch_size}."
-        )
-    return mask
+from keras_mmfusion.layers.modality_inputs import check_modality_mask
 
 
 def require_present(label, mask, needed="at least one modality present in modality_mask"):

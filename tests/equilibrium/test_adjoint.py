@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_mmfusion.equilibrium import fixed_point_solve
+from keras_mmfusion.equilibrium import ImplicitAdjoint, fixed_point_solve
 
 DIM, BATCH = 6, 4
 SCALES = [1e-8, 1e-4, 1e-2, 1.0, 1e2]
@@ -62,7 +62,7 @@ def test_zero_only_for_a_zero_upstream_gradient(solver):
     grad = input_gradient(f, x, 1e-8, weights, solver=solver, tol=1e-3, stop_mode="abs") / 1e-8
     assert not grad[0].any()
     assert per_sample_error(grad[1:], exact).max() <= 1e-2
-    grad = input_gradient(f, x, 1e-8, weights, solver=solver, tol=1e-3, backward_stop_mode="abs") / 1e-8
+    grad = input_gradient(f, x, 1e-8, weights, solver=solver, tol=1e-3, adjoint=ImplicitAdjoint(stop_mode="abs")) / 1e-8
     assert not grad[0].any()
     assert np.all(np.any(grad[1:] != 0, axis=-1))
     # Stopped at once, the answer is the start v, the first term of the Neumann series
@@ -89,14 +89,14 @@ def test_backward_statistics_reach_the_callback():
     # The trace starts at the relative residual of g = v, ||J^T v|| / ||v|| <= 0.6.
     assert 0 < float(stats.trace[0]) <= 0.6 + 1e-12
     # Capped at 2 iterations with an unreachable tolerance: not converged, and it says so.
-    input_gradient(f, x, 1e-6, backward_max_iter=2, backward_tol=1e-12, **common)
+    input_gradient(f, x, 1e-6, adjoint=ImplicitAdjoint(max_iter=2, tol=1e-12), **common)
     stats = recorded[-1]
     assert int(stats.steps) == 2
     assert not bool(tf.reduce_any(stats.converged))
     assert float(tf.reduce_min(stats.residual)) > 1e-12
     # No callback for a backward mode without an adjoint solve.
     count = len(recorded)
-    input_gradient(f, x, 1.0, backward="phantom", backward_callback=recorded.append)
+    input_gradient(f, x, 1.0, adjoint="phantom", backward_callback=recorded.append)
     assert len(recorded) == count
 
 
@@ -126,5 +126,5 @@ def test_a_warmup_runs_no_adjoint_solve_and_the_solve_after_it_does():
 
 def test_bad_backward_stop_mode_is_refused():
     f, x, _ = linear_problem()
-    with pytest.raises(ValueError, match=r"backward_stop_mode must be one of \('abs', 'rel'\), got 'relative'"):
-        fixed_point_solve(f, x, tf.zeros_like(x), backward_stop_mode="relative")
+    with pytest.raises(ValueError, match=r"stop_mode must be one of \('abs', 'rel'\), got 'relative'"):
+        fixed_point_solve(f, x, tf.zeros_like(x), adjoint=ImplicitAdjoint(stop_mode="relative"))

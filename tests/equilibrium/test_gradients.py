@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from keras_mmfusion.equilibrium import fixed_point_solve, hutchinson_jacobian_norm
+from keras_mmfusion.equilibrium import ImplicitAdjoint, PhantomAdjoint, fixed_point_solve, hutchinson_jacobian_norm
 
 DIM, IN, BATCH = 6, 4, 3
 
@@ -45,14 +45,14 @@ def rel_err(a, b):
     return float(np.linalg.norm(np.ravel(a) - np.ravel(b)) / np.linalg.norm(np.ravel(b)))
 
 
-IMPLICIT = dict(backward="implicit", max_iter=200, tol=1e-13, backward_tol=1e-13)
+IMPLICIT = dict(adjoint=ImplicitAdjoint(tol=1e-13), max_iter=200, tol=1e-13)
 
 
 @pytest.mark.parametrize("solver", ["anderson", "broyden", "fixed_point"])
 def test_implicit_matches_unrolled_autodiff(solver):
     f, x, variables, loss = make_problem()
     implicit = gradients(f, x, variables, loss, solver=solver, **IMPLICIT)
-    unrolled = gradients(f, x, variables, loss, backward="unrolled", max_iter=120)
+    unrolled = gradients(f, x, variables, loss, adjoint="unrolled", max_iter=120)
     for name, a, b in zip(["x", "W", "U", "b"], implicit, unrolled):
         assert rel_err(a, b) < 1e-4, name
 
@@ -102,7 +102,7 @@ def test_implicit_gradients_in_graph_mode_and_xla(mode):
 def test_phantom_gradient_points_the_same_way():
     f, x, variables, loss = make_problem(seed=3)
     exact = gradients(f, x, variables, loss, solver="anderson", **IMPLICIT)
-    phantom = gradients(f, x, variables, loss, solver="anderson", backward="phantom", max_iter=200, tol=1e-12)
+    phantom = gradients(f, x, variables, loss, solver="anderson", adjoint="phantom", max_iter=200, tol=1e-12)
     a = np.concatenate([np.ravel(g) for g in phantom])
     b = np.concatenate([np.ravel(g) for g in exact])
     cosine = a @ b / (np.linalg.norm(a) * np.linalg.norm(b))
@@ -138,7 +138,7 @@ def _alive_update_outputs(backward, iters):
 
     with tf.GradientTape() as tape:
         tape.watch(x)
-        solution_loss(tracked, x, loss, backward=backward, max_iter=iters, tol=1e-30)
+        solution_loss(tracked, x, loss, adjoint=backward, max_iter=iters, tol=1e-30)
         gc.collect()
         return sum(ref() is not None for ref in refs)
 
@@ -154,11 +154,11 @@ def test_bad_backward_arguments_raise_value_error():
     f, x, _, _ = make_problem()
     z0 = tf.zeros((BATCH, DIM), tf.float64)
     with pytest.raises(ValueError, match="backward must be one of"):
-        fixed_point_solve(f, x, z0, backward="adjoint")
-    with pytest.raises(ValueError, match="phantom_damping"):
-        fixed_point_solve(f, x, z0, backward="phantom", phantom_damping=2.0)
-    with pytest.raises(ValueError, match="backward_max_iter"):
-        fixed_point_solve(f, x, z0, backward_max_iter=0)
+        fixed_point_solve(f, x, z0, adjoint="adjoint")
+    with pytest.raises(ValueError, match="damping must be in"):
+        fixed_point_solve(f, x, z0, adjoint=PhantomAdjoint(damping=2.0))
+    with pytest.raises(ValueError, match="max_iter must be an integer"):
+        fixed_point_solve(f, x, z0, adjoint=ImplicitAdjoint(max_iter=0))
 
 
 def test_hutchinson_estimate_and_its_gradient():
@@ -190,7 +190,7 @@ def test_unrolled_map_with_unknown_batch_size():
     def g(z, x):
         return tf.reshape(f(z, x), [-1, DIM])
 
-    z, stats = tf.function(lambda: fixed_point_solve(g, x, tf.zeros((BATCH, DIM), tf.float64), backward="unrolled", max_iter=5))()
+    z, stats = tf.function(lambda: fixed_point_solve(g, x, tf.zeros((BATCH, DIM), tf.float64), adjoint="unrolled", max_iter=5))()
     assert z.shape == (BATCH, DIM) and int(stats.steps) == 5
 
 
@@ -232,7 +232,7 @@ def test_penalty_and_implicit_backward_share_one_evaluation_at_the_solution():
 def test_penalty_is_reported_for_every_backward_mode(backward):
     f, x, _, _ = make_problem(seed=2)
     probes = tf.constant(np.random.default_rng(5).normal(size=(1, BATCH, DIM)))
-    z, stats = fixed_point_solve(f, x, tf.zeros((BATCH, DIM), tf.float64), backward=backward, max_iter=100,
+    z, stats = fixed_point_solve(f, x, tf.zeros((BATCH, DIM), tf.float64), adjoint=backward, max_iter=100,
                                  tol=1e-12, jacobian_probes=probes)
     expected = hutchinson_jacobian_norm(lambda s: f(s, x), tf.stop_gradient(z), probes=probes)
     # Phantom steps start from z* (to which the penalty refers) and stay within the tolerance of it.
@@ -244,7 +244,7 @@ def test_penalty_switched_by_a_tensor_is_zero_when_off_and_exact_when_on(backwar
     f, x, variables, _ = make_problem(seed=2)
     probes = tf.constant(np.random.default_rng(5).normal(size=(1, BATCH, DIM)))
     z0 = tf.zeros((BATCH, DIM), tf.float64)
-    options = dict(IMPLICIT, backward=backward) if backward == "implicit" else dict(backward=backward, max_iter=100,
+    options = dict(IMPLICIT) if backward == "implicit" else dict(adjoint=backward, max_iter=100,
                                                                                        tol=1e-12)
 
     def penalty_and_gradient(active):
@@ -275,7 +275,7 @@ def shallow_network(f, x, depth):
 def test_warmup_switched_by_a_tensor_trains_the_shallow_network_then_the_equilibrium(backward, mode):
     f, x, variables, loss = make_problem(seed=8)
     probes = tf.constant(np.random.default_rng(5).normal(size=(1, BATCH, DIM)))
-    options = dict(IMPLICIT, backward=backward, jacobian_probes=probes)
+    options = dict(IMPLICIT, adjoint=IMPLICIT["adjoint"] if backward == "implicit" else backward, jacobian_probes=probes)
 
     def step(warmup):
         with tf.GradientTape() as tape:
@@ -322,4 +322,4 @@ def test_warmup_without_the_penalty_and_its_argument_checks():
     with pytest.raises(ValueError, match="warmup_depth must be an integer >= 1"):
         fixed_point_solve(f, x, z0, warmup=True, warmup_depth=0)
     with pytest.raises(ValueError, match=r"A warm-up \(warmup_steps > 0\) needs backward='implicit' or 'phantom'"):
-        fixed_point_solve(f, x, z0, warmup=True, backward="unrolled")
+        fixed_point_solve(f, x, z0, warmup=True, adjoint="unrolled")

@@ -7,7 +7,7 @@ import tensorflow as tf
 
 from keras_mmfusion.equilibrium import get_solver
 from keras_mmfusion.equilibrium.iteration import _sums_by_product, iterate, row_sum
-from keras_mmfusion.graph_context import gpu_visible
+from keras_mmfusion._internals import gpu_visible
 
 
 def rows_with_non_finite_entries():

@@ -1,3 +1,5 @@
+import os
+
 import numpy as np
 import pytest
 import tensorflow as tf
@@ -9,6 +11,8 @@ from keras_mmfusion.training import build_before_tracing
 
 from helpers import (BAD_FUSION_INPUTS, assert_weight_gradients_match_finite_differences, fit_and_score,
                      fusion_classifier, linear_classifier, random_inputs, synthetic_split)
+
+DATA = os.path.join(os.path.dirname(os.path.dirname(__file__)), "data")
 
 
 def test_output_shape_projection_and_last_stats():
@@ -495,7 +499,7 @@ def test_built_layer_rejects_inputs_of_another_shape():
         (dict(num_groups=0), "num_groups"),
         (dict(jacobian_frequency=0.0), r"jacobian_frequency must be in \(0, 1\]"),
         (dict(jacobian_frequency=1.5), "jacobian_frequency"),
-        (dict(kernel_normalization="spectral"), r"kernel_normalization must be one of \[None, 'weight'\]"),
+        (dict(kernel_normalization="spectral"), r"kernel_normalization must be one of \(None, 'weight'\), got 'spectral'"),
         (dict(warmup_steps=-1), "warmup_steps must be an integer >= 0"),
         (dict(warmup_depth=0), "warmup_depth must be an integer >= 1"),
         (dict(warmup_steps=5, backward="unrolled"), r"warm-up \(warmup_steps > 0\) needs backward='implicit'"),
@@ -504,3 +508,51 @@ def test_built_layer_rejects_inputs_of_another_shape():
 def test_bad_constructor_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         DEQFusion(**kwargs)
+
+
+def test_kernel_regularizer_adds_its_penalty_and_a_constraint_holds_after_a_step():
+    inputs = [keras.Input((6,)), keras.Input((8,))]
+    layer = DEQFusion(units=8, kernel_regularizer=keras.regularizers.L2(0.5), jacobian_weight=0.0,
+                      kernel_constraint=keras.constraints.MaxNorm(0.05), bias_constraint=keras.constraints.NonNeg())
+    model = keras.Model(inputs, keras.layers.Dense(2)(layer(inputs)))
+    kernels = [w for w in layer.trainable_weights if w.path.endswith("kernel")]
+    # The width-6 input's projection and the update's 2 + 2 + 2 Dense layers.
+    assert len(kernels) == 7
+    expected = sum(0.5 * float(tf.reduce_sum(tf.square(k))) for k in kernels)
+    data = [np.random.default_rng(0).normal(size=(16, w)).astype("float32") for w in (6, 8)]
+    model(data)
+    assert len(model.losses) == len(kernels)
+    assert float(sum(model.losses)) == pytest.approx(expected, rel=1e-5)
+    model.compile("sgd", "mse")
+    model.fit(data, np.ones((16, 2)), epochs=1, batch_size=16, verbose=0)
+    for kernel in kernels:
+        assert float(tf.reduce_max(tf.norm(kernel, axis=0))) <= 0.05 + 1e-6, kernel.path
+    biases = [w for w in layer.trainable_weights if w.path.endswith("bias") and "injection" not in w.path]
+    assert biases and all(float(tf.reduce_min(b)) >= 0 for b in biases)
+
+
+def test_a_deq_fusion_file_written_before_the_fusion_base_loads_and_predicts_the_same():
+    # tests/data/deq_fusion_v1.keras and its predictions were written by the layer as it
+    # was before it derived from FusionLayer.
+    data = np.load(os.path.join(DATA, "deq_fusion_v1.npz"))
+    model = keras.saving.load_model(os.path.join(DATA, "deq_fusion_v1.keras"), safe_mode=True)
+    np.testing.assert_allclose(model.predict([data["a"], data["b"]], verbose=0), data["expected"], rtol=1e-5, atol=1e-6)
+    layer = model.get_layer("deq")
+    assert isinstance(layer, DEQFusion) and layer.backward == "implicit" and layer.kernel_constraint is None
+
+
+def test_an_adjoint_object_as_backward_round_trips_through_a_keras_file(tmp_path):
+    from keras_mmfusion.equilibrium import ImplicitAdjoint, PhantomAdjoint
+
+    adjoint = ImplicitAdjoint(solver="fixed_point", max_iter=40, tol=1e-5, stop_mode="abs")
+    inputs = [keras.Input((4,)), keras.Input((4,))]
+    layer = DEQFusion(units=4, backward=adjoint, name="deq")
+    model = keras.Model(inputs, layer(inputs))
+    assert layer.adjoint is adjoint and layer.stats_metric.backward
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True).get_layer("deq")
+    assert loaded.adjoint == adjoint
+    assert DEQFusion(backward=PhantomAdjoint(2, 0.5)).adjoint == PhantomAdjoint(2, 0.5)
+    with pytest.raises(ValueError, match="backward_\\* and phantom_\\* arguments"):
+        DEQFusion(backward=adjoint, backward_tol=1e-3)
