@@ -7,10 +7,19 @@ from keras_mmfusion._checks import check_int, check_probes
 from keras_mmfusion._internals import in_xla_context
 
 
-def gaussian_probes(z, num_probes):
-    """``(num_probes, batch, dim)`` standard-normal probes shaped like ``z``."""
+def gaussian_probes(z, num_probes, seed=None):
+    """``(num_probes, batch, dim)`` standard-normal probes shaped like ``z``.
+
+    With ``seed``, a ``(2,)`` integer tensor (e.g. from ``keras.random.SeedGenerator.next``),
+    the draw is stateless and names the Philox algorithm: TensorFlow's automatic choice
+    gives the same numbers, but XLA's CPU backend generates them many times more slowly,
+    and the probes are as large as the solver state.
+    """
     check_int("num_probes", num_probes)
-    return tf.random.normal(tf.concat([[num_probes], tf.shape(z)], 0), dtype=z.dtype)
+    shape = tf.concat([[num_probes], tf.shape(z)], 0)
+    if seed is None:
+        return tf.random.normal(shape, dtype=z.dtype)
+    return tf.random.stateless_normal(shape, seed=tf.cast(seed, tf.int64), dtype=z.dtype, alg="philox")
 
 
 def jacobian_norm_from_vjp(vjp, z, probes):

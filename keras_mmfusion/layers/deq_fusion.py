@@ -17,6 +17,7 @@ from keras_mmfusion._checks import (
 )
 from keras_mmfusion.equilibrium.adjoint import ImplicitAdjoint, UnrolledAdjoint, as_adjoint, serialize_adjoint
 from keras_mmfusion.equilibrium.iteration import internal_dtype, resolvable_tol
+from keras_mmfusion.equilibrium.jacobian import gaussian_probes
 from keras_mmfusion.equilibrium.solve import fixed_point_solve
 from keras_mmfusion.equilibrium.solvers import available_solvers
 from keras_mmfusion.layers.fusion_layer import FusionLayer
@@ -420,9 +421,7 @@ class DEQFusion(FusionLayer):
         x, z0 = self._injections(inputs, presence)
         probes = active = None
         if training and self.jacobian_weight > 0:
-            probes = keras.random.normal(
-                (self.jacobian_probes,) + tuple(ops.shape(z0)), dtype=z0.dtype, seed=self._seed_generator
-            )
+            probes = gaussian_probes(z0, self.jacobian_probes, seed=self._seed_generator.next())
             if self.jacobian_frequency < 1:
                 active = keras.random.uniform((), seed=self._seed_generator) < self.jacobian_frequency
         warmup = None

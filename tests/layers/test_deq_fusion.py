@@ -432,6 +432,30 @@ def test_jacobian_penalty_is_added_in_training_only():
 
 
 @pytest.mark.parametrize("jit_compile", [False, True])
+def test_jacobian_probes_are_philox_draws_from_the_layers_seed(jit_compile):
+    # The layer draws its probes with Philox from its seed generator, and the penalty is
+    # the Hutchinson estimate with exactly those probes.
+    inputs = [tf.constant(x) for x in random_inputs(batch=4, widths=(8, 8))]
+    layer = DEQFusion(units=8, max_iter=40, tol=1e-6, jacobian_weight=2.0, jacobian_probes=2, seed=5)
+    layer(inputs)
+    penalty = tf.function(lambda: layer(inputs, training=True) * 0 + layer.losses[0], jit_compile=jit_compile)()
+    # XLA's Philox stream differs from TensorFlow's kernel's: draw in the same mode.
+    seed = keras.random.SeedGenerator(5).next()
+    probes = tf.function(lambda: tf.random.stateless_normal((2, 4, 24), seed=tf.cast(seed, tf.int64), alg="philox"),
+                         jit_compile=jit_compile)()
+    (xs, x_fuse), z0 = layer._injections(inputs)
+    z, _ = layer._solve_state((xs, x_fuse), z0)
+    expected = 2.0 * hutchinson_jacobian_norm(lambda s: layer._equilibrium_map(s, (xs, x_fuse)), z, probes=probes)
+    np.testing.assert_allclose(float(penalty[0, 0]), float(expected), rtol=1e-4)
+    # The automatically chosen algorithm gives the same numbers more slowly under XLA, so
+    # the draw's algorithm input is checked in the traced graph: Philox is 1.
+    graph = tf.function(lambda: layer(inputs, training=True)).get_concrete_function().graph
+    draws = [op for op in graph.get_operations() if op.type == "StatelessRandomNormalV2"]
+    assert len(draws) == 1
+    assert int(tf.get_static_value(draws[0].inputs[3])) == 1
+
+
+@pytest.mark.parametrize("jit_compile", [False, True])
 def test_jacobian_frequency_applies_the_penalty_on_that_share_of_training_calls(jit_compile):
     x = random_inputs(batch=4, widths=(8, 8))
     layer = DEQFusion(units=8, max_iter=5, jacobian_weight=2.0, jacobian_frequency=0.3, seed=1)
