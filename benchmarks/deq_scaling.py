@@ -43,6 +43,8 @@ import numpy as np  # noqa: E402
 from timing import machine  # noqa: E402
 import report  # noqa: E402
 
+RESULTS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
 BASE = {"batch": 256, "units": 256, "modalities": 3, "max_iter": 30}
 FULL = {
     "batch": [64, 128, 256, 512, 1024, 2048, 4096],
@@ -148,8 +150,8 @@ def plot(rows, grid, path):
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="batches 256-1024 and max_iter 10, 100 only")
-    parser.add_argument("--json", default=os.path.join("benchmarks", "results", "deq_scaling.json"))
-    parser.add_argument("--plot", default=os.path.join("benchmarks", "results", "deq_scaling.png"))
+    parser.add_argument("--json", default=os.path.join(RESULTS_DIR, "deq_scaling.json"))
+    parser.add_argument("--plot", default=os.path.join(RESULTS_DIR, "deq_scaling.png"))
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--no-xla", action="store_true")
     report.add_option(parser)

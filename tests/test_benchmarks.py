@@ -15,14 +15,21 @@ from keras_mmfusion.equilibrium import get_solver
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
 sys.path.insert(0, BENCHMARKS)
+environment = dict(os.environ)
 try:
     from deq_bench import THRESHOLDS, linearised_steps, per_sample_steps
     from deq_trainability import update_evaluations_per_training_step
     import gpu_check
     from missing_modalities import evaluate_missing, missing_patterns
+    import deq_scaling
+    import perf_vs_peer
     import report
 finally:
     sys.path.remove(BENCHMARKS)
+    # The scripts set environment variables for their own runs (the CPU allocator's
+    # statistics); the subprocesses of other tests keep the test run's environment.
+    os.environ.clear()
+    os.environ.update(environment)
 
 
 def orthogonal(dim, rng):
@@ -178,7 +185,7 @@ def test_every_benchmark_has_a_section_to_record_into():
     scripts = [name[:-3] for name in os.listdir(BENCHMARKS)
                if name.endswith(".py") and "report.run(main" in open(os.path.join(BENCHMARKS, name)).read()]
     results = open(os.path.join(BENCHMARKS, "RESULTS.md")).read()
-    assert len(scripts) == 12
+    assert len(scripts) == 14
     for name in scripts:
         assert results.count(f"<!-- begin {name} -->") == 1 and results.count(f"<!-- end {name} -->") == 1, name
 
@@ -195,3 +202,23 @@ def test_unrecorded_output_reaches_stderr_but_not_the_section(tmp_path, monkeypa
     report.run(chatty_main, "toy")
     assert "Epoch 1/30" not in path.read_text() and "metric  0.500" in path.read_text()
     assert "Epoch 1/30 - loss: 0.5" in capsys.readouterr().err
+
+
+def test_scaling_cases_vary_one_quantity_from_the_base_and_slopes_are_log_log_fits():
+    cases = list(deq_scaling.cases({"batch": [64, 512], "max_iter": [10]}))
+    assert cases == [("batch", dict(deq_scaling.BASE, batch=64)), ("batch", dict(deq_scaling.BASE, batch=512)),
+                     ("max_iter", dict(deq_scaling.BASE, max_iter=10))]
+    # time = 3 batch^1.5 from 256 up; the point below 256 is left out of the batch's fit.
+    rows = [{"batch": b, "train_ms": 3.0 * b**1.5} for b in (256, 1024, 4096)] + [{"batch": 64, "train_ms": 1e6}]
+    assert deq_scaling.slope(rows, "batch", "train_ms") == pytest.approx(1.5)
+    assert deq_scaling.slope([{"units": u, "peak_bytes": 7 * u} for u in (32, 64)], "units", "peak_bytes") \
+        == pytest.approx(1.0)
+
+
+def test_the_peer_benchmark_says_what_to_pass_when_the_official_code_is_missing(tmp_path):
+    with pytest.raises(SystemExit, match="missing DEQ_fusion.py, solver.py, jacobian.py"):
+        perf_vs_peer.check_peer(sys.executable, str(tmp_path))
+    for name in ("DEQ_fusion.py", "solver.py", "jacobian.py"):
+        (tmp_path / name).write_text("")
+    with pytest.raises(SystemExit, match="No Python at --peer-python"):
+        perf_vs_peer.check_peer(str(tmp_path / "no-python"), str(tmp_path))
