@@ -7,7 +7,7 @@
 arXiv 2306.16645, repository jinhong-ni/DEQFusion): ``DEQ_fusion.py``, ``solver.py`` and
 ``jacobian.py``, used unmodified. It is loaded at run time by a driver that this script
 writes to a temporary file and runs with ``PYTHON`` (a Python with PyTorch; default
-``/tmp/fidelity/venv/bin/python``) in a subprocess. The driver needs three runtime shims,
+``$MMFUSION_PEER_PYTHON``) in a subprocess. The driver needs three runtime shims,
 none of which edits the official files: ``torch.solve`` (removed from PyTorch) becomes
 ``torch.linalg.solve`` with its arguments swapped, ``Tensor.cuda()`` the identity and
 ``torch.cuda.synchronize`` a no-op (a CPU run).
@@ -77,7 +77,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import machine  # noqa: E402
 import report  # noqa: E402
 
-DEFAULT_PEER_PYTHON = "/tmp/fidelity/venv/bin/python"
+DEFAULT_PEER_PYTHON = os.environ.get("MMFUSION_PEER_PYTHON")
 OFFICIAL_FILES = ("DEQ_fusion.py", "solver.py", "jacobian.py")
 MODALITIES = 3
 CLASSES = 2
@@ -137,29 +137,20 @@ count = {"f": 0, "b": 0, "f_solves": 0, "b_solves": 0, "f_calls": 0}
 info = {}
 
 
-def f_solver(f, x0, **kwargs):
-    def counted(z):
-        count["f"] += 1
-        return f(z)
-    count["f_solves"] += 1
-    r = official_solver.anderson(counted, x0, eps=config["eps"], **kwargs)
-    info["forward"] = {"nstep": r["nstep"], "trace_length": len(r["abs_trace"]), "threshold": r["threshold"],
-                       "stop_mode": kwargs.get("stop_mode", "rel (default)")}
-    return r
+def counting_solver(key, name):
+    def solve(f, x0, **kwargs):
+        def counted(z):
+            count[key] += 1
+            return f(z)
+        count[key + "_solves"] += 1
+        r = official_solver.anderson(counted, x0, eps=config["eps"], **kwargs)
+        info[name] = {"nstep": r["nstep"], "trace_length": len(r["abs_trace"]), "threshold": r["threshold"],
+                      "stop_mode": kwargs.get("stop_mode", "rel (default)")}
+        return r
+    return solve
 
 
-def b_solver(f, x0, **kwargs):
-    def counted(y):
-        count["b"] += 1
-        return f(y)
-    count["b_solves"] += 1
-    r = official_solver.anderson(counted, x0, eps=config["eps"], **kwargs)
-    info["backward"] = {"nstep": r["nstep"], "trace_length": len(r["abs_trace"]), "threshold": r["threshold"],
-                        "stop_mode": kwargs.get("stop_mode", "rel (default)")}
-    return r
-
-
-model.f_solver, model.b_solver = f_solver, b_solver
+model.f_solver, model.b_solver = counting_solver("f", "forward"), counting_solver("b", "backward")
 optimizer = torch.optim.Adam(model.parameters(), lr=config["lr"])
 
 
@@ -260,7 +251,7 @@ def check_peer(python, code):
         raise SystemExit(
             f"The official DEQ fusion code is not in --peer-code {code!r} (missing {', '.join(missing)}). Pass "
             "--peer-code DIR, DIR holding DEQ_fusion.py, solver.py and jacobian.py of jinhong-ni/DEQFusion.")
-    if not (os.path.isfile(python) and os.access(python, os.X_OK)):
+    if not (python and os.path.isfile(python) and os.access(python, os.X_OK)):
         raise SystemExit(f"No Python at --peer-python {python!r}. Pass --peer-python PYTHON, a Python with PyTorch "
                          "and numpy installed.")
     done = subprocess.run([python, "-c", "import torch, numpy"], capture_output=True, text=True)
@@ -328,7 +319,7 @@ def main():
     parser.add_argument("--peer-code", default=None, help="folder with the official DEQ_fusion.py, solver.py, "
                                                           "jacobian.py (jinhong-ni/DEQFusion)")
     parser.add_argument("--peer-python", default=DEFAULT_PEER_PYTHON, help="a Python with PyTorch and numpy "
-                                                                           f"(default {DEFAULT_PEER_PYTHON})")
+                                                                           "(default: $MMFUSION_PEER_PYTHON)")
     parser.add_argument("--batch", type=int, default=245)
     parser.add_argument("--width", type=int, default=256, help="the modalities' and the states' width")
     parser.add_argument("--repeats", type=int, default=20, help="timed steps per side and phase")
