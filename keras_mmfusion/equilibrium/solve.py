@@ -34,7 +34,8 @@ def fixed_point_solve(
     max_iter=MAX_ITER,
     tol=TOL,
     stop_mode=STOP_MODE,
-    adjoint=BACKWARD,
+    adjoint=None,
+    backward=None,
     solver_options=None,
     jacobian_probes=None,
     jacobian_active=None,
@@ -62,6 +63,8 @@ def fixed_point_solve(
             ``"implicit"``), :class:`~keras_mmfusion.equilibrium.PhantomAdjoint`
             (``"phantom"``) or :class:`~keras_mmfusion.equilibrium.UnrolledAdjoint`
             (``"unrolled"``); a name stands for the object with its defaults.
+        backward: the same as ``adjoint``, under ``DEQFusion``'s name for it; give at
+            most one of the two.
         solver_options: keyword arguments for the solver, e.g. ``{"memory": 5}``.
         jacobian_probes: optional ``(num_probes, batch, dim)`` probes. With them,
             ``stats.jacobian`` is the Hutchinson estimate of ``||J_f(z*)||_F^2 / dim``
@@ -87,7 +90,9 @@ def fixed_point_solve(
         ``steps`` is ``max_iter``; so it is for a warm-up, with ``warmup_depth`` steps.
     """
     check_solver_arguments(max_iter, tol, stop_mode)
-    adjoint = as_adjoint(adjoint)
+    if adjoint is not None and backward is not None:
+        raise ValueError(f"Give adjoint or backward, not both; got adjoint={adjoint!r} and backward={backward!r}.")
+    adjoint = as_adjoint(next((a for a in (adjoint, backward) if a is not None), BACKWARD))
     check_warmup_arguments(warmup is not None, warmup_depth, isinstance(adjoint, UnrolledAdjoint))
     z0 = tf.stop_gradient(check_state(z0))
     problem = FixedPointProblem(

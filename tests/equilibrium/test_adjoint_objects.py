@@ -142,6 +142,8 @@ def test_each_shorthand_name_gives_exactly_its_objects_gradient(name, settings, 
     if not settings:
         for a, b in zip(by_object, solve_gradients(f, x, w, loss, adjoint=name, **common)):
             np.testing.assert_array_equal(a, b)
+        for a, b in zip(by_object, solve_gradients(f, x, w, loss, backward=name, **common)):
+            np.testing.assert_array_equal(a, b)
 
 
 def test_an_adjoint_solver_of_its_own_runs_its_own_iterations():
@@ -176,3 +178,6 @@ def test_bad_adjoint_settings_and_configs_are_refused():
         PhantomAdjoint(steps=0)
     with pytest.raises(ValueError, match="An adjoint config must name one of"):
         deserialize_adjoint({"class_name": "os.system", "config": {}})
+    f, x, _, _ = make_problem()
+    with pytest.raises(ValueError, match="Give adjoint or backward, not both"):
+        fixed_point_solve(f, x, z0(), adjoint="phantom", backward="implicit")
