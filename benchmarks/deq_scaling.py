@@ -137,6 +137,12 @@ def plot(rows, grid, path):
             xs = [r[vary] for r in curve]
             axes[0, col].loglog(xs, [r["train_ms"] for r in curve], "o-", label=fusion)
             axes[1, col].loglog(xs, [r["peak_bytes"] / 2**20 for r in curve], "o-", label=fusion)
+        for row in range(2):
+            # A flat curve keeps a flat look: at least a factor of 4 on the axis.
+            low, high = axes[row, col].get_ylim()
+            if high < 4 * low:
+                middle = (low * high) ** 0.5
+                axes[row, col].set_ylim(middle / 2, middle * 2)
         axes[0, col].set_title(f"varying {vary}")
         axes[1, col].set_xlabel(vary)
         axes[0, 0].set_ylabel("train step (ms)")
