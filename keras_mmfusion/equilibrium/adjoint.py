@@ -188,7 +188,7 @@ class PhantomAdjoint(_Adjoint):
         z = z_star
         for _ in range(self.steps):
             z = (1.0 - self.damping) * z + self.damping * problem.f(z, problem.x)
-        return z, _with_penalty(problem, z_star, stats)
+        return z, with_penalty(problem, z_star, stats)
 
     def get_config(self):
         return {"steps": self.steps, "damping": self.damping}
@@ -215,7 +215,7 @@ class UnrolledAdjoint(_Adjoint):
             maximum_iterations=problem.max_iter,
         )
         stats = unrolled_stats(lambda s: f(s, x), z, problem.max_iter, trace, problem.tol, problem.stop_mode)
-        return z, _with_penalty(problem, z, stats)
+        return z, with_penalty(problem, z, stats)
 
 
 _ADJOINTS = {cls.__name__: cls for cls in (ImplicitAdjoint, PhantomAdjoint, UnrolledAdjoint)}
@@ -396,7 +396,7 @@ def _linearise(fn, z):
     return fz, vjp
 
 
-def _with_penalty(problem, z, stats):
+def with_penalty(problem, z, stats):
     """``stats`` with the problem's Jacobian penalty taken at ``z`` (by its own
     evaluation of ``f``), if it has one."""
     if problem.penalty is None:

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 from keras_mmfusion._checks import check_probes, check_solver_arguments, check_state, check_warmup_arguments
 from keras_mmfusion.defaults import BACKWARD, MAX_ITER, SOLVER, STOP_MODE, TOL, WARMUP_DEPTH
-from keras_mmfusion.equilibrium.adjoint import FixedPointProblem, UnrolledAdjoint, as_adjoint
+from keras_mmfusion.equilibrium.adjoint import FixedPointProblem, UnrolledAdjoint, as_adjoint, with_penalty
 from keras_mmfusion.equilibrium.iteration import (
     SolverStats,
     internal_dtype,
@@ -128,9 +128,7 @@ def _with_warmup(problem, adjoint, depth):
 
     def shallow():
         z, stats = _shallow(f, x, z0, depth, problem.max_iter, problem.tol, problem.stop_mode)
-        if problem.penalty is None:
-            return z, stats
-        return z, stats._replace(jacobian=problem.penalty.at(lambda s: f(s, x), z))
+        return z, with_penalty(problem, z, stats)
 
     def idle():
         stats = skipped_stats(z0, problem.max_iter)

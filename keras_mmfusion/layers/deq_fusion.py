@@ -21,8 +21,6 @@ from keras_mmfusion.equilibrium.jacobian import gaussian_probes
 from keras_mmfusion.equilibrium.solve import fixed_point_solve
 from keras_mmfusion.equilibrium.solvers import available_solvers
 from keras_mmfusion.layers.fusion_layer import FusionLayer
-from keras_mmfusion.layers.modality_inputs import check_modalities
-from keras_mmfusion.layers.modality_mask import masked_inputs
 from keras_mmfusion.layers.normalization import ExactGroupNormalization
 from keras_mmfusion.layers.weight_normalization import WeightNormalizedDense
 from keras_mmfusion.layer_statistics import SolverStatsMetric, recording_statistics, report_solver_stats
@@ -412,9 +410,7 @@ class DEQFusion(FusionLayer):
         inputs = [ops.convert_to_tensor(a) for a in inputs]
         if not self.built:
             self.build([tuple(x.shape) for x in inputs])
-        check_modalities(self.label, inputs, self._widths)
-        inputs, presence = masked_inputs(self.label, inputs, modality_mask, self.compute_dtype)
-        z, stats = self._solve_state(*self._injections(inputs, presence))
+        z, stats = self._solve_state(*self._injections(*self.checked_inputs(inputs, modality_mask)))
         return z[:, -self._state_units :], stats
 
     def fuse(self, inputs, presence, training):

@@ -83,9 +83,13 @@ class FusionLayer(keras.layers.Layer):
         self.build_fusion(list(self._widths))
 
     def call(self, inputs, modality_mask=None, training=None):
+        return self.fuse(*self.checked_inputs(inputs, modality_mask), training)
+
+    def checked_inputs(self, inputs, modality_mask=None):
+        """``(inputs, presence)`` as :meth:`fuse` receives them: the modality list checked
+        against the built widths, absent modalities zeroed, ``presence`` from the mask."""
         check_modalities(self.label, inputs, self._widths)
-        inputs, presence = masked_inputs(self.label, list(inputs), modality_mask, self.compute_dtype)
-        return self.fuse(inputs, presence, training)
+        return masked_inputs(self.label, list(inputs), modality_mask, self.compute_dtype)
 
     def compute_output_shape(self, input_shape):
         widths = modality_widths(self.label, input_shape)
