@@ -70,24 +70,33 @@ def fit_save_reload(model, x, path):
     return keras.saving.load_model(path, safe_mode=True)
 
 
-def trained_once(tmp_path_factory, name, train):
-    """A model that ``train()`` returns, trained once per test run and loaded from a
-    ``.keras`` file (in safe mode) by every test module that asks for it.
+def made_once(tmp_path_factory, name, make):
+    """The path of the file ``name`` that ``make(path)`` writes, made once per test run
+    and shared by every test module that asks for it.
 
     Under pytest-xdist the workers of one run share the parent of their base
-    temporary folders, so a lock there lets the first worker train and the others
-    wait for its file (the pattern of pytest-xdist's documentation); without xdist
-    the run's own base folder is used.
+    temporary folders, so a lock there lets the first worker write the file and the
+    others wait for it (the pattern of pytest-xdist's documentation); without xdist
+    the run's own base folder is used. ``make`` writes to a temporary name, renamed
+    to ``name`` once complete.
     """
     base = tmp_path_factory.getbasetemp()
     root = base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base
-    path = root / f"{name}.keras"
+    path = root / name
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not path.exists():
-            written = root / f"{name}.writing.keras"
-            train().save(written)
+            stem, dot, suffix = name.rpartition(".")
+            written = root / (f"{stem}.writing.{suffix}" if dot else f"{name}.writing")
+            make(written)
             os.replace(written, path)
+    return path
+
+
+def trained_once(tmp_path_factory, name, train):
+    """A model that ``train()`` returns, trained once per test run (see :func:`made_once`)
+    and loaded from a ``.keras`` file (in safe mode) by every test module that asks for it."""
+    path = made_once(tmp_path_factory, f"{name}.keras", lambda path: train().save(path))
     return keras.saving.load_model(path, safe_mode=True)
 
 

@@ -12,7 +12,7 @@ import tensorflow as tf
 
 import keras_mmfusion as mmf
 from keras_mmfusion import export
-from test_export_solver import WIDTHS, trained_deq, with_modality_mask  # noqa: F401 - trained_deq is a fixture
+from test_export_solver import WIDTHS, anderson_tflite, trained_deq, with_modality_mask  # noqa: F401 - trained_deq is a fixture
 
 
 @pytest.fixture(scope="module")
@@ -156,13 +156,14 @@ def stripped_tensor_names(path):
     return names, len(flat.subgraphs)
 
 
-def test_stripped_names_leave_the_computation_and_signature_unchanged(trained_deq, deq_held_out, tmp_path):
+def test_stripped_names_leave_the_computation_and_signature_unchanged(trained_deq, deq_held_out, tmp_path,
+                                                                   tmp_path_factory):
     # strip_names=True rewrites the converted file: test_export_readme_snippets_run_as_written
     # compares int8 files written with and without it, this test the rewrite of a file
-    # with the diagnostics signature.
+    # with the diagnostics signature (the one test_export_solver.py runs in every runtime).
     model = trained_deq[0]["anderson"]
     xs = [a[:16] for a in deq_held_out[0]]
-    named = export.to_tflite(model, tmp_path / "named.tflite", diagnostics=True)
+    named = anderson_tflite(model, tmp_path_factory)
     stripped = str(tmp_path / "stripped.tflite")
     with open(named, "rb") as source, open(stripped, "wb") as target:
         target.write(export._without_tensor_names(source.read()))

@@ -17,7 +17,7 @@ from keras_mmfusion.equilibrium import fixed_point_solve
 from keras_mmfusion.layer_statistics import report_solver_stats
 from keras_mmfusion.training import build_before_tracing
 
-from helpers import trained_once
+from helpers import made_once, trained_once
 
 SOLVERS = ["anderson", "broyden", "fixed_point"]
 FORMATS = ["saved_model", "tflite", "onnx"]
@@ -145,12 +145,20 @@ def trained_deq(tmp_path_factory):
     return models, deq_data()[1]
 
 
+def anderson_tflite(model, tmp_path_factory):
+    """The Anderson model ``model`` (``trained_deq``'s) as a TFLite file with diagnostics,
+    converted once per test run for this module and ``test_export_quantized.py``."""
+    return str(made_once(tmp_path_factory, "export_solver_deq_diagnostics.tflite",
+                         lambda path: export.to_tflite(model, path, diagnostics=True)))
+
+
 @pytest.fixture(scope="module")
 def anderson_artefacts(trained_deq, tmp_path_factory):
     """The Anderson model exported with diagnostics once in every format: ``{format: path}``."""
     models, _ = trained_deq
     base = tmp_path_factory.mktemp("anderson")
-    return {fmt: exported(models["anderson"], fmt, base / fmt) for fmt in FORMATS}
+    return {fmt: anderson_tflite(models["anderson"], tmp_path_factory) if fmt == "tflite"
+            else exported(models["anderson"], fmt, base / fmt) for fmt in FORMATS}
 
 
 @pytest.mark.parametrize("solver", SOLVERS)
