@@ -8,6 +8,7 @@ from keras_mmfusion.equilibrium.jacobian import hutchinson_jacobian_norm
 from keras_mmfusion.defaults import BACKWARD_MODES
 from keras_mmfusion.equilibrium.adjoint import ImplicitAdjoint, PhantomAdjoint, UnrolledAdjoint, solve_adjoint
 from keras_mmfusion.equilibrium.solve import fixed_point_solve
+from keras_mmfusion.equilibrium.reference_solver import reference_anderson_solve
 from keras_mmfusion.equilibrium.solvers import (
     anderson_solve,
     available_solvers,
@@ -30,6 +31,7 @@ __all__ = [
     "fixed_point_solve",
     "get_solver",
     "hutchinson_jacobian_norm",
+    "reference_anderson_solve",
     "register_solver",
     "residual_norm",
     "solve_adjoint",

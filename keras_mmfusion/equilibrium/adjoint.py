@@ -42,6 +42,11 @@ from keras_mmfusion.equilibrium.iteration import (
     unrolled_stats,
 )
 from keras_mmfusion.equilibrium.jacobian import JacobianPenalty
+
+# Where an implicit adjoint solve starts, and what a solution evaluated in the forward
+# pass returns (see ImplicitAdjoint).
+ADJOINT_STARTS = ("rhs", "zero")
+OUTPUTS = ("state", "update")
 from keras_mmfusion.equilibrium.solvers import available_solvers, get_solver
 
 
@@ -125,20 +130,37 @@ class ImplicitAdjoint(_Adjoint):
             every scale; ``"abs"`` once ``||g - J^T g - v|| <= tol``; ``None`` uses the
             forward's stopping rule. See :func:`solve_adjoint`.
 
+        start: ``"rhs"`` (the default) starts the adjoint solve at ``g = v`` (see
+            :func:`solve_adjoint`); ``"zero"`` at ``g = 0``, with the system solved as
+            it is and the solver's own stopping rule (relative to ``||J^T g + v||``
+            for ``"rel"``), as the DEQ reference code does. A zero start needs a solver
+            that never returns its start (``"reference_anderson"``): one that could
+            would report a zero gradient as converged whenever ``||v|| < tol``.
+        output: what the forward pass returns where it evaluates ``f`` at ``z*`` (calls
+            with a Jacobian penalty, i.e. training calls of a penalised layer):
+            ``"state"`` (the default), ``z*``; or ``"update"``, ``f(z*)``, as the
+            DEQ-fusion paper's code returns in training. The gradient is the same;
+            calls without that evaluation return ``z*`` either way.
+
     The forward pass evaluates ``f`` at ``z*`` once more when the problem has a Jacobian
     penalty, which then shares that evaluation with the gradient; otherwise the
     gradient makes that evaluation itself, so a call without a tape costs the solve
     alone.
     """
 
-    def __init__(self, solver=None, max_iter=None, tol=None, stop_mode=BACKWARD_STOP_MODE):
+    def __init__(self, solver=None, max_iter=None, tol=None, stop_mode=BACKWARD_STOP_MODE, start="rhs",
+                 output="state"):
         if solver is not None:
             check_choice("solver", solver, available_solvers())
         check_optional_solver_arguments(max_iter, tol, stop_mode)
+        check_choice("start", start, ADJOINT_STARTS)
+        check_choice("output", output, OUTPUTS)
         self.solver, self.max_iter, self.tol, self.stop_mode = solver, max_iter, tol, stop_mode
+        self.start, self.output = start, output
 
     def solution(self, problem):
-        return _implicit_solution(problem, self._solve, evaluate_in_forward=problem.penalty is not None)
+        return _implicit_solution(problem, self._solve, evaluate_in_forward=problem.penalty is not None,
+                                  output=self.output)
 
     def _solve(self, problem, vjp, v):
         """``g`` of the adjoint system ``g = vjp(g) + v``, with this object's settings."""
@@ -155,6 +177,7 @@ class ImplicitAdjoint(_Adjoint):
                 max_iter=max_iter,
                 tol=self.tol or problem.tol,
                 stop_mode=self.stop_mode or problem.stop_mode,
+                start=self.start,
                 **options,
             ),
             tf.zeros_like(v),
@@ -165,7 +188,8 @@ class ImplicitAdjoint(_Adjoint):
         return g
 
     def get_config(self):
-        return {"solver": self.solver, "max_iter": self.max_iter, "tol": self.tol, "stop_mode": self.stop_mode}
+        return {"solver": self.solver, "max_iter": self.max_iter, "tol": self.tol, "stop_mode": self.stop_mode,
+                "start": self.start, "output": self.output}
 
 
 class PhantomAdjoint(_Adjoint):
@@ -267,7 +291,7 @@ def deserialize_adjoint(config):
     return _ADJOINTS[name].from_config(dict(config.get("config") or {}))
 
 
-def solve_adjoint(solve, vjp, v, *, max_iter, tol, stop_mode="rel", **options):
+def solve_adjoint(solve, vjp, v, *, max_iter, tol, stop_mode="rel", start="rhs", **options):
     """Solve the adjoint fixed point ``g = J^T g + v`` of an implicit gradient.
 
     ``vjp(g)`` returns ``J^T g`` for a ``(batch, dim)`` ``g``; ``v`` is the upstream
@@ -288,6 +312,9 @@ def solve_adjoint(solve, vjp, v, *, max_iter, tol, stop_mode="rel", **options):
         v: ``(batch, dim)``, the right-hand side.
         max_iter, tol: the adjoint solve's budget and tolerance.
         stop_mode: ``"rel"`` (relative to ``||v||``) or ``"abs"``.
+        start: ``"rhs"`` (the above) or ``"zero"``: the solve starts at ``g = 0`` and
+            ``solve`` gets the system as it is, with ``stop_mode`` for its own rule
+            (see :class:`ImplicitAdjoint`); ``solve`` must never return its start.
         **options: the solver's keyword arguments.
 
     Returns:
@@ -295,8 +322,19 @@ def solve_adjoint(solve, vjp, v, *, max_iter, tol, stop_mode="rel", **options):
         residuals are relative to ``||v||`` for ``"rel"``.
     """
     check_choice("stop_mode", stop_mode, STOP_MODES)
+    check_choice("start", start, ADJOINT_STARTS)
     dtype = internal_dtype(v.dtype)
     rhs = tf.cast(v, dtype)
+    if start == "zero":
+        if not getattr(solve, "never_returns_start", False):
+            raise ValueError(
+                "An adjoint solve started at zero needs a solver that never returns its start "
+                f"(such as 'reference_anderson'); {getattr(solve, '__name__', solve)!r} may return it, "
+                "and with it a zero gradient."
+            )
+        h, stats = solve(lambda h: tf.cast(vjp(h), dtype) + rhs, tf.zeros_like(rhs), max_iter=max_iter, tol=tol,
+                         stop_mode=stop_mode, **options)
+        return tf.cast(h, v.dtype), stats
     if stop_mode == "rel":
         size = _row_norm(rhs)
         scale = tf.expand_dims(tf.where(size > 0, size, tf.ones_like(size)), -1)
@@ -327,7 +365,7 @@ def unless_skipped(skip, run, placeholder, length):
     return z, SolverStats(*fields)
 
 
-def _implicit_solution(problem, solve_adjoint_of, evaluate_in_forward):
+def _implicit_solution(problem, solve_adjoint_of, evaluate_in_forward, output="state"):
     """The forward solve's ``z*`` with the implicit gradient attached.
 
     The gradient takes ``g = solve_adjoint_of(problem, vjp, dz)``, with ``vjp`` the
@@ -339,7 +377,8 @@ def _implicit_solution(problem, solve_adjoint_of, evaluate_in_forward):
     penalty reads the same ``vjp`` (its products are recorded too, so the penalty's
     gradient is exact, with second derivatives of ``f``). Otherwise the gradient
     function evaluates ``fz`` under a tape of its own, and a call that takes no
-    gradient costs the forward solve alone.
+    gradient costs the forward solve alone. With ``output="update"`` the value of a
+    solution evaluated in the forward pass is ``fz`` instead of ``z*``.
     """
     if evaluate_in_forward:
         z_star, stats = problem.forward()
@@ -349,7 +388,8 @@ def _implicit_solution(problem, solve_adjoint_of, evaluate_in_forward):
 
         @tf.custom_gradient
         def solution(fz):
-            return tf.identity(z_star), lambda dz: solve_adjoint_of(problem, vjp, dz)
+            value = fz if output == "update" else z_star
+            return tf.identity(value), lambda dz: solve_adjoint_of(problem, vjp, dz)
 
         return solution(fz), stats._replace(jacobian=penalty)
 
