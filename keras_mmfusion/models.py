@@ -78,6 +78,13 @@ def make_fusion(name, units, num_modalities=None, **kwargs):
 SCALINGS = ("standardize", "min_max")
 
 
+def _head_dtype():
+    """The softmax heads' dtype: float32 (also under mixed precision, for a stable
+    softmax and loss); float64 when the float type or the global dtype policy is float64."""
+    float64 = "float64" in (keras.config.floatx(), keras.config.dtype_policy().compute_dtype)
+    return "float64" if float64 else "float32"
+
+
 def _modality_inputs(input_widths, input_names, standardize_with, mask=None, scaling="standardize"):
     """The ``keras.Input`` of every modality, what non-finite checks read, and what
     each encoder reads.
@@ -199,7 +206,7 @@ def build_classifier(
     # Again after the head's ReLU layer, which maps NaN to 0 in TensorFlow's fused
     # kernel: a NaN fused output (a solve that found no finite iterate) stays NaN too.
     hidden = PropagateNonFinite(name="non_finite_head")([hidden, fused, *present])
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(hidden)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype=_head_dtype())(hidden)
     model_inputs = inputs + ([mask] if mask is not None else [])
     return keras.Model(model_inputs if len(model_inputs) > 1 else model_inputs[0], outputs)
 
@@ -233,7 +240,7 @@ def with_modality_heads(classifier):
         if source is None:
             raise ValueError(f"with_modality_heads: the classifier has no layer 'encoder_{i}'; "
                              "expected a model from build_classifier.")
-        head = keras.layers.Dense(num_classes, activation="softmax", name=f"modality_head_{i}", dtype="float32")
+        head = keras.layers.Dense(num_classes, activation="softmax", name=f"modality_head_{i}", dtype=_head_dtype())
         heads[f"modality_{i}"] = head(classifier.get_layer(source).output)
     return keras.Model(classifier.inputs, {"probabilities": classifier.outputs[0], **heads})
 
@@ -259,6 +266,15 @@ class ReferenceClassifier(keras.Model):
             return super().train_step(data)
 
 
+def _per_modality(name, value, count):
+    """``value`` as a list of one entry per modality: a number repeated, or a list checked."""
+    if not isinstance(value, (list, tuple)):
+        return [value] * count
+    if len(value) != count:
+        raise ValueError(f"{name} has {len(value)} entries, one per modality was expected: {count}.")
+    return list(value)
+
+
 def build_reference_classifier(
     input_widths,
     num_classes,
@@ -279,9 +295,9 @@ def build_reference_classifier(
     ``Dense(units)`` + ReLU encoder (``encoder_<i>``) and dropout, and a
     :class:`ConfidenceHead` (``confidence_<i>``: a per-modality classifier and a
     true-class-probability confidence that scales the encoding). ``DEQFusion``
-    (``deq_fusion``) fuses the scaled encodings; its injected fused input starts as their
-    plain sum (injection weights 1, bias 0, both trained). A linear softmax classifier
-    (``probabilities``) reads the fused state.
+    (``deq_fusion``) fuses the scaled encodings; its injected fused input is their sum,
+    with trained weights or without (``DEQFusion``'s ``injection``). A linear softmax
+    classifier (``probabilities``) reads the fused state.
 
     Compile it with ``"sparse_categorical_crossentropy"`` and train it with
     ``model.fit(x, y)``: the gates', confidence heads' and DEQ layer's losses are added
@@ -296,8 +312,10 @@ def build_reference_classifier(
             ``fusion_options`` sets ``units`` (``DEQFusion`` then projects each
             encoding to that width).
         dropout: dropout after each encoder.
-        gate_weight: the weight of each gate's sparsity loss.
-        confidence_weight: the weight of each confidence head's loss.
+        gate_weight: the weight of each gate's sparsity loss: a number for every
+            modality, or a list of one per modality.
+        confidence_weight: the weight of each confidence head's loss: a number or a
+            list of one per modality.
         fusion_options: keyword arguments for ``DEQFusion`` (its defaults otherwise).
         input_names: the ``keras.Input`` names (default ``modality_0``, ...).
         standardize_with: optional training arrays, one per modality, to scale the
@@ -313,15 +331,18 @@ def build_reference_classifier(
         raise ValueError(f"The reference classifier fuses two or more modalities; got widths {list(input_widths)}.")
     for i, width in enumerate(input_widths):
         check_int(f"input_widths[{i}]", width)
+    gate_weights = _per_modality("gate_weight", gate_weight, len(input_widths))
+    confidence_weights = _per_modality("confidence_weight", confidence_weight, len(input_widths))
     inputs, present, features = _modality_inputs(input_widths, input_names, standardize_with, scaling=scaling)
     encoded = []
     for i, (raw, x) in enumerate(zip(present, features)):
-        x = FeatureGate(gate_weight, name=f"feature_gate_{i}")(x)
+        x = FeatureGate(gate_weights[i], name=f"feature_gate_{i}")(x)
         h = keras.layers.Dense(units, activation="relu", kernel_initializer="glorot_normal", name=f"encoder_{i}")(x)
         h = PropagateNonFinite(name=f"non_finite_{i}")([h, raw])
         if dropout:
             h = keras.layers.Dropout(dropout, name=f"encoder_dropout_{i}")(h)
-        encoded.append(ConfidenceHead(num_classes, confidence_weight, name=f"confidence_{i}")(h))
+        encoded.append(ConfidenceHead(num_classes, confidence_weights[i], name=f"confidence_{i}")(h))
     fused = DEQFusion(**{"units": units, **(fusion_options or {})}, name="deq_fusion")(encoded)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype="float32")(fused)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", kernel_initializer="glorot_normal",
+                                 name="probabilities", dtype=_head_dtype())(fused)
     return ReferenceClassifier(inputs, outputs, name="reference_classifier")

@@ -5,7 +5,8 @@ import keras
 import keras_mmfusion as mmf
 from keras_mmfusion.datasets import stratified_split
 from keras_mmfusion.training import Settings, Splits, build_model, run_trial
-from keras_mmfusion.models import build_classifier, with_modality_heads
+from keras_mmfusion.layers import training_labels
+from keras_mmfusion.models import build_classifier, build_reference_classifier, with_modality_heads
 
 
 def shifted_modalities(rng, n):
@@ -151,25 +152,13 @@ def test_the_reference_classifier_runs_the_same_protocol():
     assert 0 <= metrics["accuracy"] <= 1
 
 
-def test_the_reference_recipe_is_the_papers_divided_by_its_loss_scale():
-    from keras_mmfusion.training import REFERENCE_RECIPE as recipe
-
-    # The official loss is 1.5**3 cross-entropy + (2.25, 1.5, 1) x the views' auxiliary
-    # losses + 20 x the Jacobian penalty; Adam 1e-4 with weight decay 1e-4, clipping at 30.
-    scale = 1.5**3
-    assert recipe.fusion_options["jacobian_weight"] * scale == pytest.approx(20, rel=1e-6)
-    assert recipe.weight_decay * scale == pytest.approx(1e-4, rel=1e-5)
-    assert recipe.clipnorm * scale == pytest.approx(30, rel=1e-6)
-    for key in ("gate_weight", "confidence_weight"):
-        assert recipe.model_options[key] * scale == pytest.approx((2.25 + 1.5 + 1) / 3, rel=1e-5)
-    assert (recipe.units, recipe.dropout, recipe.lr, recipe.epochs, recipe.lr_decay_every) == (300, 0.5, 1e-4, 1000, 500)
-
-
 def test_the_reference_recipe_runs_through_the_protocol_with_its_training_details():
     from keras_mmfusion.training import REFERENCE_RECIPE
 
     rng = np.random.default_rng(4)
-    train, test = shifted_modalities(rng, 60), shifted_modalities(rng, 20)
+    # Three modalities, as the recipe's per-view loss weights expect.
+    train, test = shifted_modalities(rng, 60) + [rng.normal(size=(60, 3))], shifted_modalities(rng, 20) + [
+        rng.normal(size=(20, 3))]
     splits = Splits((train, np.arange(60) % 2), (test, np.arange(20) % 2), 2, "toy")
     settings = Settings(**{**vars(REFERENCE_RECIPE), "units": 8, "epochs": 4, "lr_decay_every": 2})
     model, history, metrics = run_trial(splits, "reference", 0, settings)
@@ -177,7 +166,8 @@ def test_the_reference_recipe_runs_through_the_protocol_with_its_training_detail
     assert int(model.optimizer.iterations) == 4  # one full batch per epoch
     np.testing.assert_allclose(history["learning_rate"], [1e-4, 1e-4, 2e-5, 2e-5], rtol=1e-6)
     assert model.optimizer.global_clipnorm == pytest.approx(REFERENCE_RECIPE.clipnorm)
-    assert all(v.regularizer.l2 == pytest.approx(REFERENCE_RECIPE.weight_decay / 2) for v in model.trainable_weights)
+    assert model.optimizer.coupled_weight_decay == REFERENCE_RECIPE.weight_decay
+    assert (model.optimizer.epsilon, model.optimizer.torch_epsilon) == (1e-8, True)
     keep, _ = stratified_split(splits.train[1], settings.validation_fraction, 0)
     np.testing.assert_allclose(np.asarray(model.get_layer("min_max_0").mean).ravel(), train[0][keep].min(0), rtol=1e-5)
     deq = model.get_layer("deq_fusion")
@@ -189,5 +179,27 @@ def test_the_reference_recipe_runs_through_the_protocol_with_its_training_detail
     adjoint = np.asarray(history["deq_backward_converged"])
     assert metrics["backward_converged_last_10"] == pytest.approx(adjoint.mean())
     assert metrics["backward_converged_last_10_lowest"] == pytest.approx(adjoint.min())
-    assert model.get_layer("feature_gate_0").sparsity_weight == REFERENCE_RECIPE.model_options["gate_weight"]
-    assert model.get_layer("confidence_1").loss_weight == REFERENCE_RECIPE.model_options["confidence_weight"]
+    assert [model.get_layer(f"feature_gate_{i}").sparsity_weight for i in range(3)] == [2.25, 1.5, 1.0]
+    assert [model.get_layer(f"confidence_{i}").loss_weight for i in range(3)] == [2.25, 1.5, 1.0]
+    assert not any("injection" in v.path for v in model.trainable_variables)  # the plain sum
+
+
+def test_per_modality_loss_weights_must_name_every_modality():
+    with pytest.raises(ValueError, match="gate_weight has 2 entries, one per modality was expected: 3"):
+        build_reference_classifier([4, 4, 4], 2, units=8, gate_weight=[1.0, 2.0])
+
+
+def test_a_float64_reference_classifier_computes_its_losses_and_probabilities_in_float64():
+    policy = keras.config.dtype_policy()
+    keras.config.set_floatx("float64")
+    keras.config.set_dtype_policy("float64")
+    try:
+        model = build_reference_classifier([3, 3], 2, units=4, dropout=0.0, fusion_options={"num_groups": 2})
+        x = [np.ones((4, 3)), np.zeros((4, 3))]
+        with training_labels(np.array([0, 1, 0, 1])):
+            probabilities = model(x, training=True)
+        assert probabilities.dtype == "float64"
+        assert {loss.dtype.name for loss in model.losses} == {"float64"}
+    finally:
+        keras.config.set_floatx("float32")
+        keras.config.set_dtype_policy(policy)

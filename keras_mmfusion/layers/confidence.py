@@ -6,6 +6,7 @@ import threading
 import keras
 from keras import ops
 
+from keras_mmfusion.equilibrium.iteration import internal_dtype
 from keras_mmfusion._checks import check_int, check_non_negative
 
 # The labels of the enclosing training_labels block, per thread, as Keras keeps its own
@@ -103,10 +104,12 @@ class ConfidenceHead(keras.layers.Layer):
                     "keras_mmfusion.layers.confidence.training_labels(y)."
                 )
             labels = ops.reshape(ops.cast(labels, "int32"), (-1,))
-            logits = ops.cast(self.classifier(h), "float32")
-            true_class = ops.one_hot(labels, self.num_classes, dtype="float32")
+            # float32 under mixed precision, float64 in a float64 model.
+            dtype = internal_dtype(self.compute_dtype)
+            logits = ops.cast(self.classifier(h), dtype)
+            true_class = ops.one_hot(labels, self.num_classes, dtype=dtype)
             p_true = ops.sum(ops.softmax(logits) * true_class, axis=-1)
-            regression = ops.mean(ops.square(ops.cast(confidence[:, 0], "float32") - p_true))
+            regression = ops.mean(ops.square(ops.cast(confidence[:, 0], dtype) - p_true))
             cross_entropy = ops.mean(
                 keras.losses.sparse_categorical_crossentropy(labels, logits, from_logits=True)
             )

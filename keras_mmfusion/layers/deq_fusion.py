@@ -25,6 +25,8 @@ from keras_mmfusion.layers.normalization import ExactGroupNormalization
 from keras_mmfusion.layers.weight_normalization import WeightNormalizedDense
 from keras_mmfusion.layer_statistics import SolverStatsMetric, recording_statistics, report_solver_stats
 
+# The fused state's injections: trained weights per modality and a bias, or the plain sum.
+INJECTIONS = ("weighted", "sum")
 # The Dense class of the update's layers, by ``DEQFusion``'s ``kernel_normalization``.
 _DENSE = {None: keras.layers.Dense, "weight": WeightNormalizedDense}
 # The settings of the backward shorthand names, at their defaults.
@@ -104,7 +106,8 @@ class DEQFusion(FusionLayer):
     ``z_fuse``: each ``z_i`` goes through a residual block with GroupNorm and its
     injected input ``x_i``; ``z_fuse`` is purified by a gate shared across modalities,
     and the purified copies are summed, mapped by a Dense layer, added to the injection
-    ``x_fuse = sum_i w_i x_i + b``, passed through a ReLU and normalised. The layer
+    ``x_fuse = sum_i w_i x_i + b`` (or the plain sum, see ``injection``), passed
+    through a ReLU and normalised. The layer
     returns ``z_fuse`` at the fixed point ``z* = f(z*; x)``, solved from ``z = 0`` in a
     bounded ``tf.while_loop``; the implicit gradient needs no memory per iteration.
     Under ``modality_mask`` (boolean ``(batch, N)``) an absent modality's state stays 0
@@ -139,7 +142,8 @@ class DEQFusion(FusionLayer):
         jacobian_weight: weight of the Jacobian penalty, the Hutchinson estimate of
             ``||J_f(z*)||_F^2 / dim`` (Bai et al., "Stabilizing Equilibrium Models by
             Jacobian Regularization", 2021), added with ``add_loss`` in training calls.
-            0 disables it. Defaults to 50.
+            0 disables it. Defaults to 50. ``fit`` logs the unweighted penalty as
+            ``<name>_jacobian``.
         jacobian_probes: the number of probe vectors of that estimate. Defaults to 1.
         jacobian_frequency: the probability, in ``(0, 1]``, that a training call
             computes the penalty (Bai et al.'s ``jac_loss_freq``). Defaults to 1.
@@ -166,6 +170,10 @@ class DEQFusion(FusionLayer):
         kernel_normalization: ``None`` (the default) or ``"weight"``, which makes the
             update's Dense layers :class:`~keras_mmfusion.layers.WeightNormalizedDense`
             (Salimans & Kingma, 2016).
+        injection: the fused state's injection ``x_fuse``: ``"weighted"`` (the
+            default), ``sum_i w_i x_i + b`` with a trained weight per modality (starting
+            at 1) and a trained bias (starting at 0); or ``"sum"``, the plain sum
+            ``sum_i x_i`` without parameters, as in the paper's code.
         seed: seed of the Jacobian probes and of ``jacobian_frequency``'s draws.
         **kwargs: base ``Layer`` arguments (``name``, ``dtype``, ...).
 
@@ -215,6 +223,7 @@ class DEQFusion(FusionLayer):
         kernel_constraint=None,
         bias_constraint=None,
         kernel_normalization=None,
+        injection="weighted",
         seed=None,
         **kwargs,
     ):
@@ -246,6 +255,7 @@ class DEQFusion(FusionLayer):
         check_int("warmup_steps", warmup_steps, minimum=0)
         check_warmup_arguments(warmup_steps > 0, warmup_depth, isinstance(adjoint, UnrolledAdjoint))
         check_choice("kernel_normalization", kernel_normalization, tuple(_DENSE))
+        check_choice("injection", injection, INJECTIONS)
         if solver_options is not None and not isinstance(solver_options, dict):
             raise ValueError(f"solver_options must be a dict or None, got {solver_options!r}.")
         self.units = units
@@ -263,11 +273,14 @@ class DEQFusion(FusionLayer):
         self.warmup_steps, self.warmup_depth = warmup_steps, warmup_depth
         self.solver_options = dict(solver_options or {})
         self.kernel_normalization = kernel_normalization
+        self.injection = injection
         self.seed = seed
         self.stats_metric = SolverStatsMetric(
             prefix="deq", name=f"{self.name}_solver_stats", layer=self, backward=isinstance(adjoint, ImplicitAdjoint)
         )
         self._seed_generator = keras.random.SeedGenerator(seed) if jacobian_weight > 0 else None
+        # The unweighted penalty of the training calls, logged as ``<name>_jacobian``.
+        self.jacobian_metric = keras.metrics.Mean(name=f"{self.name}_jacobian") if jacobian_weight > 0 else None
 
     def output_width(self, widths):
         return self.units if self.units is not None else widths[0]
@@ -304,8 +317,11 @@ class DEQFusion(FusionLayer):
         self.fusion_block = _PurifyCombineBlock(name="fusion_block", **block)
         for layer in self.modality_blocks + [self.fusion_block]:
             layer.build((None, units))
-        self.injection_weights = self.add_weight(shape=(len(widths),), initializer="ones", name="injection_weights")
-        self.injection_bias = self.add_weight(shape=(1,), initializer="zeros", name="injection_bias")
+        if self.injection == "weighted":
+            self.injection_weights = self.add_weight(
+                shape=(len(widths),), initializer="ones", name="injection_weights"
+            )
+            self.injection_bias = self.add_weight(shape=(1,), initializer="zeros", name="injection_bias")
         if self.warmup_steps:
             # Updated once per training call on the first replica, like an optimizer's
             # iteration count.
@@ -369,12 +385,14 @@ class DEQFusion(FusionLayer):
     def _injections(self, inputs, presence=None):
         """The solver's inputs ``(xs, x_fuse[, presence])`` and the start ``z0 = 0``."""
         xs = [x if p is None else p(x) for x, p in zip(inputs, self.projections)]
-        weights = ops.cast(self.injection_weights, xs[0].dtype)
+        if self.injection == "weighted":
+            weights = ops.cast(self.injection_weights, xs[0].dtype)
+            bias = ops.cast(self.injection_bias, xs[0].dtype)
+        else:
+            weights, bias = ops.ones((len(xs),), xs[0].dtype), 0.0
         if presence is not None:
             weights = weights * presence
-        x_fuse = sum(weights[..., i : i + 1] * x for i, x in enumerate(xs)) + ops.cast(
-            self.injection_bias, xs[0].dtype
-        )
+        x_fuse = sum(weights[..., i : i + 1] * x for i, x in enumerate(xs)) + bias
         z0 = ops.zeros((ops.shape(xs[0])[0], self._state_units * (len(xs) + 1)), dtype=xs[0].dtype)
         return ((xs, x_fuse) if presence is None else (xs, x_fuse, presence)), z0
 
@@ -432,6 +450,8 @@ class DEQFusion(FusionLayer):
             # The penalty keeps the solver's precision: float64 for float64 layers,
             # float32 otherwise (mixed precision included).
             penalty = ops.cast(stats.jacobian, internal_dtype(z0.dtype))
+            if recording_statistics():
+                self.jacobian_metric.update_state(penalty)
             self.add_loss(ops.cast(self.jacobian_weight, penalty.dtype) * penalty)
         return z[:, -self._state_units :]
 
@@ -470,6 +490,7 @@ class DEQFusion(FusionLayer):
             warmup_depth=self.warmup_depth,
             solver_options=dict(self.solver_options),
             kernel_normalization=self.kernel_normalization,
+            injection=self.injection,
             seed=self.seed,
         )
         return config

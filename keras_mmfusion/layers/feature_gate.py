@@ -3,6 +3,7 @@
 import keras
 from keras import ops
 
+from keras_mmfusion.equilibrium.iteration import internal_dtype
 from keras_mmfusion._checks import check_non_negative
 
 
@@ -53,7 +54,7 @@ class FeatureGate(keras.layers.Layer):
 
     def call(self, x, training=None):
         gate = ops.sigmoid(self.dense(x))
-        mean_gate = ops.mean(ops.cast(gate, "float32"))
+        mean_gate = ops.mean(ops.cast(gate, internal_dtype(self.compute_dtype)))
         self.sparsity.update_state(mean_gate)
         if training and self.sparsity_weight > 0:
             self.add_loss(self.sparsity_weight * mean_gate)

@@ -7,6 +7,7 @@ split at the end. The library itself (layers, models, export) does not depend on
 """
 
 from keras_mmfusion.training.fitting import build_before_tracing, compile_classifier, fit_classifier
+from keras_mmfusion.training.optimizers import CoupledDecayAdam
 from keras_mmfusion.training.protocol import (
     RECIPE,
     REFERENCE_NARROW_RECIPE,
@@ -27,6 +28,7 @@ from keras_mmfusion.training.protocol import (
 from keras_mmfusion.training.scores import classification_metrics, headline_metrics
 
 __all__ = [
+    "CoupledDecayAdam",
     "RECIPE",
     "REFERENCE_NARROW_RECIPE",
     "REFERENCE_RECIPE",

@@ -6,32 +6,21 @@ import keras
 
 from keras_mmfusion.callbacks import ClassifierLogs, EpochTimer
 from keras_mmfusion.models import with_modality_heads
+from keras_mmfusion.training.optimizers import CoupledDecayAdam
 
 
-def add_weight_decay(model, rate):
-    """Give every trainable variable of ``model`` the L2 penalty ``rate / 2 * ||w||^2``.
-
-    Its gradient is ``rate * w``, the coupled weight decay of PyTorch's
-    ``Adam(weight_decay=rate)`` (Keras's optimizers decay weights decoupled from the
-    gradient instead). It covers every variable: kernels, biases, normalisation scales
-    and the variables of custom layers alike, and replaces a regularizer a variable
-    already had (such as :func:`~keras_mmfusion.models.build_classifier`'s ``l2``). The
-    penalties belong to this training run: the model's config does not record them.
-    """
-    if rate < 0:
-        raise ValueError(f"weight_decay must be >= 0, got {rate}.")
-    if rate:
-        for variable in model.trainable_weights:
-            variable.regularizer = keras.regularizers.L2(rate / 2)
-
-
-def _optimizer(lr, clipnorm):
+def _optimizer(lr, clipnorm, weight_decay, epsilon, torch_epsilon=False):
     if clipnorm < 0:
         raise ValueError(f"clipnorm must be >= 0, got {clipnorm}.")
-    return keras.optimizers.Adam(lr, global_clipnorm=clipnorm or None)
+    if weight_decay < 0:
+        raise ValueError(f"weight_decay must be >= 0, got {weight_decay}.")
+    options = {} if epsilon is None else {"epsilon": epsilon}
+    return CoupledDecayAdam(lr, coupled_weight_decay=weight_decay, global_clipnorm=clipnorm or None,
+                            torch_epsilon=torch_epsilon, **options)
 
 
-def compile_classifier(model, lr=1e-3, jit_compile=False, modality_weight=0.0, weight_decay=0.0, clipnorm=0.0):
+def compile_classifier(model, lr=1e-3, jit_compile=False, modality_weight=0.0, weight_decay=0.0, clipnorm=0.0,
+                       epsilon=None, torch_epsilon=False, loss_weight=1.0):
     """Compile ``model`` as every tool trains it: Adam, sparse cross-entropy, accuracy.
 
     Args:
@@ -39,9 +28,16 @@ def compile_classifier(model, lr=1e-3, jit_compile=False, modality_weight=0.0, w
             :func:`keras_mmfusion.models.build_reference_classifier`.
         lr: Adam's learning rate.
         jit_compile: compile the training step with XLA.
-        weight_decay: coupled L2 weight decay on every trainable variable (see
-            :func:`add_weight_decay`); 0 for none.
-        clipnorm: clip the gradients' global norm to this value; 0 for no clipping.
+        weight_decay: coupled L2 weight decay on every trainable variable, added to the
+            gradient after clipping, as PyTorch's ``Adam(weight_decay=...)`` (see
+            :class:`~keras_mmfusion.training.CoupledDecayAdam`); 0 for none.
+        clipnorm: clip the gradients' global norm (over all variables together, as
+            PyTorch's ``clip_grad_norm_``) to this value; 0 for no clipping.
+        epsilon: Adam's epsilon; ``None`` for Keras's default (1e-7).
+        torch_epsilon: add it where PyTorch's Adam does, to the bias-corrected
+            ``sqrt(v)`` (see :class:`~keras_mmfusion.training.CoupledDecayAdam`).
+        loss_weight: the weight of the classifier's cross-entropy in the loss; the
+            layers' own losses (``add_loss``) keep their weights.
         modality_weight: with a positive weight, the model compiled is
             :func:`keras_mmfusion.models.with_modality_heads` of ``model``, whose
             per-modality cross-entropies are added to the classifier's, each times
@@ -57,14 +53,13 @@ def compile_classifier(model, lr=1e-3, jit_compile=False, modality_weight=0.0, w
         raise ValueError(f"modality_weight must be >= 0, got {modality_weight}.")
     loss = "sparse_categorical_crossentropy"
     if not modality_weight:
-        add_weight_decay(model, weight_decay)
-        model.compile(_optimizer(lr, clipnorm), loss, metrics=["accuracy"], jit_compile=jit_compile)
+        model.compile(_optimizer(lr, clipnorm, weight_decay, epsilon, torch_epsilon), loss, loss_weights=loss_weight,
+                      metrics=["accuracy"], jit_compile=jit_compile)
         return model
     trainer = with_modality_heads(model)
-    add_weight_decay(trainer, weight_decay)  # the classifier's variables and the heads'
     names = list(trainer.output)
-    trainer.compile(_optimizer(lr, clipnorm), {n: loss for n in names},
-                    loss_weights={n: 1.0 if n == "probabilities" else float(modality_weight) for n in names},
+    trainer.compile(_optimizer(lr, clipnorm, weight_decay, epsilon, torch_epsilon), {n: loss for n in names},
+                    loss_weights={n: loss_weight if n == "probabilities" else float(modality_weight) for n in names},
                     metrics={"probabilities": ["accuracy"]}, jit_compile=jit_compile)
     return trainer
 
@@ -79,7 +74,8 @@ def step_decay(lr, every, factor):
 
 def fit_classifier(model, train, epochs, validation=None, batch_size=32, patience=20, lr=1e-3, monitor="val_loss",
                    modality_weight=0.0, verbose=0, callbacks=(), jit_compile=False, weight_decay=0.0, clipnorm=0.0,
-                   lr_decay_every=0, lr_decay_factor=0.2):
+                   lr_decay_every=0, lr_decay_factor=0.2, shuffle=True, epsilon=None, torch_epsilon=False,
+                   loss_weight=1.0):
     """Compile and train a classifier; with validation data, stop early and keep the best epoch.
 
     Args:
@@ -92,18 +88,21 @@ def fit_classifier(model, train, epochs, validation=None, batch_size=32, patienc
             are restored.
         callbacks: further callbacks; they run before the early stopping, so one
             that adds a value to the logs can be the ``monitor``.
-        weight_decay, clipnorm: see :func:`compile_classifier`.
+        weight_decay, clipnorm, epsilon, torch_epsilon, loss_weight: see
+            :func:`compile_classifier`.
         lr_decay_every, lr_decay_factor: with ``lr_decay_every`` > 0, the learning
             rate is multiplied by ``lr_decay_factor`` after every ``lr_decay_every``
             epochs (see :func:`step_decay`).
         modality_weight: see :func:`compile_classifier`. The logs and the history
             keep the classifier's names (see :class:`~keras_mmfusion.callbacks.ClassifierLogs`), so ``monitor``
             means the same with and without modality heads.
+        shuffle: whether ``fit`` shuffles the training rows every epoch.
 
     Returns:
         ``(history, timer)``: the Keras history dict and the :class:`~keras_mmfusion.callbacks.EpochTimer`.
     """
-    trainer = compile_classifier(model, lr, jit_compile, modality_weight, weight_decay, clipnorm)
+    trainer = compile_classifier(model, lr, jit_compile, modality_weight, weight_decay, clipnorm, epsilon,
+                                 torch_epsilon, loss_weight)
     if trainer is not model:
         targets = lambda labels: {name: labels for name in trainer.output}  # noqa: E731
         train = (train[0], targets(train[1]))
@@ -121,7 +120,7 @@ def fit_classifier(model, train, epochs, validation=None, batch_size=32, patienc
                                                    restore_best_weights=True))
     build_before_tracing(trainer, *train)
     history = trainer.fit(*train, validation_data=validation, epochs=epochs, batch_size=batch_size,
-                          verbose=verbose, callbacks=order)
+                          verbose=verbose, callbacks=order, shuffle=shuffle)
     return history.history, timer
 
 

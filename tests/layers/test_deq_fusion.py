@@ -580,3 +580,35 @@ def test_an_adjoint_object_as_backward_round_trips_through_a_keras_file(tmp_path
     assert DEQFusion(backward=PhantomAdjoint(2, 0.5)).adjoint == PhantomAdjoint(2, 0.5)
     with pytest.raises(ValueError, match="backward_\\* and phantom_\\* arguments"):
         DEQFusion(backward=adjoint, backward_tol=1e-3)
+
+
+def test_the_sum_injection_has_no_parameters_and_is_the_plain_sum():
+    rng = np.random.default_rng(5)
+    inputs = [rng.normal(size=(3, 8)) for _ in range(3)]
+    layer = DEQFusion(units=8, num_groups=2, dtype="float64", injection="sum", jacobian_weight=0)
+    layer(inputs)
+    assert not [w for w in layer.weights if "injection" in w.path]
+    (_, x_fuse), _ = layer._injections([tf.constant(x) for x in inputs])
+    np.testing.assert_allclose(x_fuse.numpy(), sum(inputs), rtol=1e-14)
+    # Under a mask, absent modalities are left out of the sum.
+    presence = tf.constant([[1.0, 0.0, 1.0]] * 3, tf.float64)
+    (_, x_fuse, _), _ = layer._injections([tf.constant(x) for x in inputs], presence)
+    np.testing.assert_allclose(x_fuse.numpy(), inputs[0] + inputs[2], rtol=1e-14)
+    assert DEQFusion.from_config(layer.get_config()).injection == "sum"
+    with pytest.raises(ValueError, match="injection"):
+        DEQFusion(injection="weights")
+
+
+def test_fit_logs_the_unweighted_jacobian_penalty():
+    rng = np.random.default_rng(6)
+    x = [rng.normal(size=(16, 4)).astype("float32") for _ in range(2)]
+    inputs = [keras.Input((4,)) for _ in range(2)]
+    fused = DEQFusion(units=4, jacobian_weight=3.0, max_iter=5, seed=1, name="fusion")(inputs)
+    model = keras.Model(inputs, keras.layers.Dense(1)(fused))
+    model.compile(keras.optimizers.SGD(0.0), "mse")  # no step: predict sees the weights fit saw
+    logs = model.fit(x, np.zeros((16, 1)), batch_size=16, epochs=1, verbose=0).history
+    penalty = logs["fusion_jacobian"][0]
+    assert penalty > 0
+    # The logged loss is the mse plus 3 times the logged penalty.
+    mse = float(np.mean(np.square(model.predict(x, verbose=0))))
+    assert logs["loss"][0] == pytest.approx(mse + 3.0 * penalty, rel=1e-5)

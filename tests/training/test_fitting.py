@@ -46,24 +46,30 @@ def test_negative_modality_weight_is_refused():
         compile_classifier(classifier(), modality_weight=-1.0)
 
 
-def test_weight_decay_is_an_l2_penalty_on_every_trainable_variable():
+def test_weight_decay_is_coupled_and_reaches_every_trainable_variable():
     rng = np.random.default_rng(1)
     x, y = two_informative_modalities(rng, 32)
     keras.utils.set_random_seed(0)
     model = classifier()
     rate = 0.3
     compile_classifier(model, weight_decay=rate)
-    # Every variable, biases included: the penalty is rate / 2 times the sum of all squares,
-    # so its gradient is rate * w, as in PyTorch's Adam(weight_decay=rate).
-    expected = rate / 2 * sum(float(np.sum(np.square(v.numpy()))) for v in model.trainable_weights)
-    assert any("bias" in v.path for v in model.trainable_weights)
-    np.testing.assert_allclose(float(sum(model.losses)), expected, rtol=1e-5)
+    # The decay lives in the optimizer (added to the clipped gradient, as PyTorch's
+    # Adam(weight_decay=rate)), not in the loss: the loss has no penalty term.
+    assert model.optimizer.coupled_weight_decay == rate
+    assert not model.losses
     data_loss = float(keras.losses.sparse_categorical_crossentropy(y, model(x)).numpy().mean())
-    np.testing.assert_allclose(model.evaluate(x, y, batch_size=32, verbose=0)[0], data_loss + expected, rtol=1e-4)
-    # With modality heads, the heads' variables decay too.
+    np.testing.assert_allclose(model.evaluate(x, y, batch_size=32, verbose=0)[0], data_loss, rtol=1e-4)
+    # A zero gradient still moves every nonzero variable towards zero: the
+    # step of Adam on rate * w alone.
+    before = [v.numpy().copy() for v in model.trainable_weights]
+    model.optimizer.apply_gradients([(keras.ops.zeros_like(v), v) for v in model.trainable_weights])
+    for b, v in zip(before, model.trainable_weights):
+        moved = v.numpy() - b
+        assert np.all(moved[b != 0] * b[b != 0] < 0), v.path
+    # With modality heads, the heads' variables decay too: they are the trainer's.
     trainer = compile_classifier(classifier(), weight_decay=rate, modality_weight=1.0)
     assert len(trainer.trainable_weights) > len(model.trainable_weights)
-    assert all(v.regularizer is not None for v in trainer.trainable_weights)
+    assert trainer.optimizer.coupled_weight_decay == rate
 
 
 def test_step_decay_clipping_and_patience_zero_run_every_epoch():
