@@ -1,0 +1,320 @@
+"""Step-for-step training parity with the official DEQ-fusion ROSMAP code.
+
+    python benchmarks/training_parity.py --peer-code DIR [--peer-python PYTHON] [--data DIR]
+        [--steps 200] [--dtype float64 float32] [--seed 0] [--threads N] [--json FILE] [--record]
+
+``DIR`` is the ``experiments/BRCA`` folder of the official code of Ni et al. ("Deep
+Equilibrium Multimodal Fusion", arXiv 2306.16645, repository jinhong-ni/DEQFusion), used
+unmodified and run in a subprocess (see ``official_rosmap.py`` for the runtime shims).
+``--data`` is ROSMAP in MOGONET's layout (default ``$MMFUSION_ROSMAP``).
+
+What both sides run: the official ``MMDynamic`` on one side, the package's reference
+classifier (``build_reference_classifier`` with ``keras_mmfusion.training.REFERENCE_RECIPE``)
+on the other, with
+
+- the same initial weights: the official model's, seeded with ``torch.manual_seed(seed)``,
+  written to an npz file and loaded into every Keras layer (gates, encoders, confidence
+  heads, the DEQ update, the classifier);
+- the same inputs: all 245 training patients as one batch, min-max scaled by the official
+  code's ``prepare_trte_data`` (the Keras model is built without its own scaling);
+- dropout off, and solves that never stop early: the official Anderson gets a tolerance
+  below zero, the package's solves one no residual meets, so both run their whole budgets
+  (the recipe's 30 forward evaluations and 31 adjoint ones);
+- the same Jacobian probes: at step ``t`` both sides draw them with NumPy's
+  ``default_rng([probe_seed, t])``; the official ``jacobian.py`` receives them in place of
+  ``torch.randn``, the package's ``DEQFusion`` in place of its own draw (the harness
+  replaces ``gaussian_probes`` in the layer's module);
+- ``--steps`` optimiser steps with the recipe's optimiser, schedule, clipping and weight
+  decay, through the package's ``fit_classifier`` (one full batch per epoch).
+
+At every step it compares the total loss (the recipe trains on the official loss) and
+each term: the cross-entropy, each view's sparsity and confidence loss and the Jacobian penalty. It
+prints the relative differences at a few steps and the largest over all steps, and says
+whether they meet the target (1e-4 in float64, 1e-3 in float32). As mechanism checks it
+also prints the first step's gradients and the weights after the last step against the
+official ones, and the package's side against itself from initial weights a relative
+``--perturbation`` apart, which shows how far rounding-sized differences grow in these
+training dynamics on their own.
+"""
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import official_rosmap  # noqa: E402
+import report  # noqa: E402
+from timing import machine  # noqa: E402
+
+TARGET = {"float64": 1e-4, "float32": 1e-3}
+NEVER = 1e-300  # a tolerance no residual meets
+VIEWS = 3
+TERMS = ["total", "cross_entropy"] + [f"sparsity_{v}" for v in range(VIEWS)] + \
+        [f"confidence_{v}" for v in range(VIEWS)] + ["jacobian"]
+
+
+def parity_settings(recipe):
+    """The recipe with dropout off, no scaling inside the model, and forward and adjoint
+    solves whose tolerance no residual meets."""
+    from keras_mmfusion.equilibrium.adjoint import as_adjoint
+
+    adjoint = as_adjoint(recipe.fusion_options["backward"])
+    fusion = dict(recipe.fusion_options, tol=NEVER,
+                  backward=type(adjoint).from_config({**adjoint.get_config(), "tol": NEVER}))
+    return dataclasses.replace(recipe, dropout=0.0, standardize=False, fusion_options=fusion)
+
+
+def paired_variables(model):
+    """``[(keras variable, official parameter name, transposed)]`` for every parameter of
+    the official model: gates, encoders, confidence heads, the DEQ update, the classifier."""
+    pairs = []
+
+    def dense(layer, prefix):
+        pairs.extend([(layer.kernel, prefix + ".weight", True), (layer.bias, prefix + ".bias", False)])
+
+    def norm(layer, prefix):
+        pairs.extend([(layer.gamma, prefix + ".weight", False), (layer.beta, prefix + ".bias", False)])
+
+    for v in range(VIEWS):
+        dense(model.get_layer(f"feature_gate_{v}").dense, f"FeatureInforEncoder.{v}.clf.0")
+        dense(model.get_layer(f"encoder_{v}"), f"FeatureEncoder.{v}.clf.0")
+        head = model.get_layer(f"confidence_{v}")
+        dense(head.classifier, f"TCPClassifierLayer.{v}.clf.0")
+        dense(head.confidence, f"TCPConfidenceLayer.{v}.clf.0")
+    dense(model.get_layer("probabilities"), "MMClasifier.0.clf.0")
+    fusion = model.get_layer("deq_fusion")
+    for i, block in enumerate(fusion.modality_blocks):
+        prefix = f"deq_fusion.func_.branches.{i}"
+        dense(block.dense1, prefix + ".conv1")
+        dense(block.dense2, prefix + ".conv2")
+        for j, layer in enumerate((block.norm1, block.norm2, block.norm3), 1):
+            norm(layer, f"{prefix}.gn{j}")
+    block, prefix = fusion.fusion_block, f"deq_fusion.func_.branches.{VIEWS}"
+    dense(block.gate, prefix + ".gate")
+    dense(block.combine, prefix + ".fuse")
+    norm(block.norm, prefix + ".gn3")
+    return pairs
+
+
+def official_weights_into(model, weights):
+    """Load the official model's ``state_dict`` (an npz mapping) into the reference
+    classifier; every trainable variable and every official parameter must be paired."""
+    pairs = paired_variables(model)
+    names = {name for _, name, _ in pairs}
+    left = sorted(k for k in weights if k not in names and not k.startswith("input_") and k != "labels")
+    unpaired = [v.path for v in model.trainable_variables if not any(v is p for p, _, _ in pairs)]
+    if left or unpaired:
+        raise ValueError(f"Unpaired parameters: official {left}, Keras {unpaired}")
+    for variable, name, transposed in pairs:
+        variable.assign(weights[name].T if transposed else weights[name])
+
+
+def weight_differences(model, initial, final):
+    """Per official parameter, ``||ours - theirs||`` of the weights after the run, relative
+    to ``||change||`` of the official weights over the run."""
+    out = {}
+    for variable, name, transposed in paired_variables(model):
+        ours = np.asarray(variable.numpy())
+        ours = ours.T if transposed else ours
+        change = final[name] - initial[name]
+        out[name] = float(np.linalg.norm(ours - final[name]) / max(np.linalg.norm(change), 1e-300))
+    return out
+
+
+class StepRecorder(keras.callbacks.Callback):
+    """Sets each step's Jacobian probes before the step and keeps its logged loss terms."""
+
+    def __init__(self, probes, probe_shape, probe_seed, num_probes):
+        super().__init__()
+        self.probes, self.shape, self.seed, self.num_probes = probes, probe_shape, probe_seed, num_probes
+        self.steps = []
+
+    def on_train_batch_begin(self, batch, logs=None):
+        step = len(self.steps)
+        rng = np.random.default_rng([self.seed, step])
+        self.probes.assign(np.stack([rng.standard_normal(self.shape) for _ in range(self.num_probes)]))
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.steps.append({k: float(v) for k, v in (logs or {}).items()})
+
+
+def first_step_gradients(model, xs, labels, loss_weight):
+    """``{official name: gradient}`` of the loss the recipe trains on, at the model's
+    weights, for the probes already set."""
+    from keras_mmfusion.layers import training_labels
+
+    with tf.GradientTape() as tape, training_labels(labels):
+        probabilities = model(xs, training=True)
+        loss = keras.losses.sparse_categorical_crossentropy(labels, probabilities)
+        loss = loss_weight * tf.reduce_mean(loss) + tf.add_n(model.losses)
+    pairs = paired_variables(model)
+    grads = tape.gradient(loss, [v for v, _, _ in pairs])
+    return {name: (g.numpy().T if transposed else g.numpy()) for g, (_, name, transposed) in zip(grads, pairs)}
+
+
+def keras_side(weights, settings, steps, probe_seed, dtype, model_for_weights, first_gradients):
+    """The package's recipe trained for ``steps`` full-batch steps from the official weights."""
+    from keras_mmfusion.layers import deq_fusion as deq_module
+    from keras_mmfusion.training import build_model, fit_classifier, fit_options
+    from keras_mmfusion.training.protocol import Splits
+
+    keras.config.set_floatx(dtype)
+    keras.config.set_dtype_policy(dtype)
+    xs = [weights[f"input_{v}"].astype(dtype) for v in range(VIEWS)]
+    labels = weights["labels"]
+    splits = Splits((xs, labels), (xs, labels), 2, "rosmap")
+    model = build_model("reference", splits, settings)
+    official_weights_into(model, weights)
+    fusion = model.get_layer("deq_fusion")
+    state = (len(labels), (VIEWS + 1) * fusion._state_units)
+    num_probes = fusion.jacobian_probes
+    probes = tf.Variable(tf.zeros((num_probes,) + state, dtype), trainable=False)
+    drawn = deq_module.gaussian_probes
+    deq_module.gaussian_probes = lambda z, n, seed=None: tf.identity(probes)
+    recorder = StepRecorder(probes, state, probe_seed, num_probes)
+    recorder.on_train_batch_begin(0)
+    first_gradients[:] = [first_step_gradients(model, xs, labels, settings.loss_weight)]
+    try:
+        fit_classifier(model, (xs, labels), steps, callbacks=[recorder],
+                       **dict(fit_options(settings), batch_size=len(labels), shuffle=False))
+    finally:
+        deq_module.gaussian_probes = drawn
+    model_for_weights[:] = [model]
+    gate_weights = [model.get_layer(f"feature_gate_{v}").sparsity_weight for v in range(VIEWS)]
+    confidence_weights = [model.get_layer(f"confidence_{v}").loss_weight for v in range(VIEWS)]
+    rows = []
+    for logs in recorder.steps:
+        row = {"total": logs["loss"], "jacobian": logs["deq_fusion_jacobian"]
+               if "deq_fusion_jacobian" in logs else logs.get("deq_jacobian", float("nan"))}
+        weighted = fusion.jacobian_weight * row["jacobian"]
+        for v in range(VIEWS):
+            row[f"sparsity_{v}"] = logs[f"feature_gate_{v}_sparsity"]
+            row[f"confidence_{v}"] = logs[f"confidence_{v}_loss"]
+            weighted += gate_weights[v] * row[f"sparsity_{v}"] + confidence_weights[v] * row[f"confidence_{v}"]
+        row["cross_entropy"] = (logs["loss"] - weighted) / settings.loss_weight
+        row["logs"] = logs
+        rows.append(row)
+    return rows
+
+
+def official_rows(steps):
+    rows = []
+    for s in steps:
+        row = {"total": s["total"], "cross_entropy": s["cross_entropy"], "jacobian": s["jacobian"]}
+        for v in range(VIEWS):
+            row[f"sparsity_{v}"] = s["sparsity"][v]
+            row[f"confidence_{v}"] = s["confidence"][v]
+        rows.append(row)
+    return rows
+
+
+def relative_differences(ours, theirs):
+    """``{term: [|ours - theirs| / |theirs| per step]}``."""
+    return {t: [abs(a[t] - b[t]) / max(abs(b[t]), 1e-300) for a, b in zip(ours, theirs)] for t in TERMS}
+
+
+def compare(args, dtype):
+    """One parity run in ``dtype``: prints its table and returns what the JSON keeps."""
+    from keras_mmfusion.training import REFERENCE_RECIPE
+
+    settings = parity_settings(REFERENCE_RECIPE)
+    with tempfile.TemporaryDirectory() as scratch:
+        files = {name: os.path.join(scratch, f"{name}.npz") for name in ("initial", "final", "gradients")}
+        official = official_rosmap.run_official(
+            args.peer_python, args.peer_code, args.data, "parity", args.threads, dtype=dtype, seed=args.seed,
+            steps=args.steps, units=settings.units, f_thres=settings.fusion_options["max_iter"],
+            b_thres=settings.fusion_options["backward"].max_iter,
+            jacobian_weight=settings.fusion_options["jacobian_weight"],
+            probes=settings.fusion_options["jacobian_probes"], probe_seed=args.probe_seed, lr=settings.lr,
+            weight_decay=settings.weight_decay, lr_decay_every=settings.lr_decay_every, weights=files["initial"],
+            final_weights=files["final"], gradients=files["gradients"])
+        weights, final, official_gradients = (dict(np.load(files[n])) for n in ("initial", "final", "gradients"))
+    trained, first = [], []
+    with report.unrecorded():
+        ours = keras_side(weights, settings, args.steps, args.probe_seed, dtype, trained, first)
+    gradients_first = {name: float(np.linalg.norm(g - official_gradients[name]) /
+                                   max(np.linalg.norm(official_gradients[name]), 1e-300))
+                       for name, g in first[0].items()}
+    weights_after = weight_differences(trained[0], weights, final)
+    theirs = official_rows(official["steps"])
+    differences = relative_differences(ours, theirs)
+    target = TARGET[dtype]
+    shown = sorted({s for s in (0, 1, 2, 5, 10, 20, 50, 100, 150, args.steps - 1) if s < args.steps})
+    print(f"Training parity with the official code: ROSMAP, {len(weights['labels'])} patients in one batch, "
+          f"{dtype}, {args.steps} steps, seed {args.seed}; relative difference of each loss term")
+    print(f"{'step':>5}  {'official total':>14}  " + "  ".join(f"{t[:12]:>12}" for t in TERMS))
+    for s in shown:
+        print(f"{s:>5}  {theirs[s]['total']:14.6f}  " + "  ".join(f"{differences[t][s]:12.2e}" for t in TERMS))
+    worst = {t: max(d) for t, d in differences.items()}
+    print(f"{'max':>5}  {'':>14}  " + "  ".join(f"{worst[t]:12.2e}" for t in TERMS))
+    missed = min((s for s in range(args.steps) if any(differences[t][s] > target for t in TERMS)), default=None)
+    print(f"target: every term within {target:g} at every step: "
+          + ("met" if missed is None else f"missed from step {missed}"))
+    largest = sorted(gradients_first.items(), key=lambda kv: -kv[1])[:3]
+    print("first step's gradients, ||ours - official|| / ||official||, largest three: " +
+          ", ".join(f"{k} {v:.2e}" for k, v in largest))
+    largest = sorted(weights_after.items(), key=lambda kv: -kv[1])[:3]
+    print("weights after the last step, ||ours - official|| / ||official change||, largest three: " +
+          ", ".join(f"{k} {v:.2e}" for k, v in largest))
+    solves = official["steps"]
+    if args.perturbation:
+        # The same side twice, from initial weights a relative `perturbation` apart: how
+        # far rounding-sized differences grow in these training dynamics by themselves.
+        rng = np.random.default_rng(0)
+        perturbed = {k: v * (1 + args.perturbation * rng.standard_normal(v.shape)) if v.dtype.kind == "f"
+                     and not k.startswith("input_") else v for k, v in weights.items()}
+        with report.unrecorded():
+            again = keras_side(perturbed, settings, args.steps, args.probe_seed, dtype, [], [])
+        itself = relative_differences(again, ours)
+        largest = [max(itself[t][s] for t in TERMS) for s in shown]
+        print(f"the package against itself from weights a relative {args.perturbation:g} apart, largest term "
+              "difference at the steps above: " + ", ".join(f"{d:.1e}" for d in largest))
+    print(f"official solves: forward residual (abs, whole batch) at step 0 {solves[0]['forward_residual']:.3g}, "
+          f"last {solves[-1]['forward_residual']:.3g}; adjoint relative residual at step 0 "
+          f"{solves[0]['backward_relative']:.3g}, last {solves[-1]['backward_relative']:.3g}; "
+          f"gradient norm above the clip (30) at {sum(s['grad_norm'] > 30 for s in solves)} of {args.steps} steps")
+    print()
+    return {"dtype": dtype, "target": target, "met": missed is None, "official": official, "ours": ours,
+            "differences": differences, "weight_differences": weights_after,
+            "first_gradient_differences": gradients_first}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    report.add_option(parser)
+    parser.add_argument("--peer-code", required=True, help="the official code's experiments/BRCA folder")
+    parser.add_argument("--peer-python", default=official_rosmap.DEFAULT_PEER_PYTHON,
+                        help="a Python with PyTorch for the official code (default: $MMFUSION_PEER_PYTHON)")
+    parser.add_argument("--data", default=os.environ.get("MMFUSION_ROSMAP"), help="ROSMAP in MOGONET's layout")
+    parser.add_argument("--steps", type=int, default=200)
+    parser.add_argument("--dtype", nargs="+", choices=sorted(TARGET), default=["float64", "float32"])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--probe-seed", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
+    parser.add_argument("--perturbation", type=float, default=1e-12,
+                        help="also train the package's side from weights this far apart (relative); 0: skip")
+    parser.add_argument("--json", default=None)
+    args = parser.parse_args()
+    official_rosmap.check_peer(args.peer_python, args.peer_code)
+    if not args.data or not os.path.isfile(os.path.join(args.data, "labels_tr.csv")):
+        sys.exit("ROSMAP is needed: pass --data or set MMFUSION_ROSMAP to a folder in MOGONET's layout.")
+    tf.config.threading.set_intra_op_parallelism_threads(args.threads)
+    tf.config.threading.set_inter_op_parallelism_threads(args.threads)
+    runs = [compare(args, dtype) for dtype in args.dtype]
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"runs": runs, "steps": args.steps, "seed": args.seed, "machine": machine()}, f)
+        print(f"wrote {args.json}")
+
+
+if __name__ == "__main__":
+    report.run(main, "training_parity")
