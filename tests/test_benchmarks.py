@@ -1,9 +1,11 @@
 """The benchmarks' own measurements, checked: the DEQ benchmark's acceleration bound against
-the package's solvers, the trainability benchmark's count of update evaluations, and the
-GPU check's reading of the XLA program, run here on the CPU."""
+the package's solvers, the trainability benchmark's count of update evaluations, the
+GPU check's reading of the XLA program, run here on the CPU, and the multi-view
+benchmark's run on a small folder in MOGONET's layout."""
 
 import argparse
 import functools
+import json
 import os
 import sys
 
@@ -22,6 +24,7 @@ try:
     import gpu_check
     from missing_modalities import evaluate_missing, missing_patterns
     import deq_scaling
+    import multiview
     import perf_vs_peer
     import report
 finally:
@@ -185,7 +188,7 @@ def test_every_benchmark_has_a_section_to_record_into():
     scripts = [name[:-3] for name in os.listdir(BENCHMARKS)
                if name.endswith(".py") and "report.run(main" in open(os.path.join(BENCHMARKS, name)).read()]
     results = open(os.path.join(BENCHMARKS, "RESULTS.md")).read()
-    assert len(scripts) == 14
+    assert len(scripts) == 16
     for name in scripts:
         assert results.count(f"<!-- begin {name} -->") == 1 and results.count(f"<!-- end {name} -->") == 1, name
 
@@ -222,3 +225,83 @@ def test_the_peer_benchmark_says_what_to_pass_when_the_official_code_is_missing(
         (tmp_path / name).write_text("")
     with pytest.raises(SystemExit, match="No Python at --peer-python"):
         perf_vs_peer.check_peer(str(tmp_path / "no-python"), str(tmp_path))
+
+
+def write_mogonet_folder(path, samples=81, classes=3, widths=(5, 6, 7), seed=0):
+    """A small multi-view dataset in MOGONET's layout: every fourth sample is in the test
+    split, and every view holds a class-dependent shift plus noise."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(samples) % classes
+    test = np.arange(samples) % 4 == 0
+    path.mkdir()
+    for view, width in enumerate(widths, 1):
+        x = 2.0 * rng.normal(size=(classes, width))[labels] + rng.normal(size=(samples, width))
+        np.savetxt(path / f"{view}_tr.csv", x[~test], delimiter=",")
+        np.savetxt(path / f"{view}_te.csv", x[test], delimiter=",")
+    np.savetxt(path / "labels_tr.csv", labels[~test], fmt="%d")
+    np.savetxt(path / "labels_te.csv", labels[test], fmt="%d")
+
+
+def test_multiview_benchmark_runs_a_mogonet_folder_into_a_table_json_and_plot(tmp_path, monkeypatch, capsys):
+    write_mogonet_folder(tmp_path / "toy")
+    out = tmp_path / "multiview.json"
+    monkeypatch.setattr(sys, "argv", ["benchmarks/multiview.py", "--data", str(tmp_path / "toy"), "--seeds", "1",
+                                      "--epochs", "2", "--methods", "concat", "single", "--width-grid", "rule",
+                                      "--json", str(out)])
+    multiview.main()
+    [entry] = json.loads(out.read_text())["datasets"]
+    assert (entry["name"], entry["samples"], entry["classes"], entry["views"]) == ("toy", 81, 3, [5, 6, 7])
+    assert list(entry["methods"]) == ["concat", "single"]
+    for method in entry["methods"].values():
+        assert len(method["accuracy"]) == len(method["f1_macro"]) == 1
+        assert all(0.0 <= v <= 1.0 for v in method["accuracy"] + method["f1_macro"])
+        assert method["epochs_run"] == [2] and np.isfinite(method["best_validation"]).all()
+        # The width rule: 4 units per class, at most the widest view rounded up to a power of two.
+        assert method["units"] == 8 and list(method["width_search"]) == ["8"]
+    # The best single view is the one of lowest validation loss, never chosen on test.
+    views = entry["single_views"]
+    assert str(entry["methods"]["single"]["view"]) == min(views, key=lambda v: views[v]["best_validation"][0])
+    printed = capsys.readouterr().out
+    assert f"single (view {entry['methods']['single']['view']})" in printed and "width search" in printed
+    assert (tmp_path / "multiview.png").stat().st_size > 0
+
+
+def test_multiview_benchmark_widths_lead_rule_and_missing_data(monkeypatch):
+    assert multiview.candidate_widths("deq", 15, [20, 59, 40]) == [64, 128]
+    assert multiview.candidate_widths("deq", 15, [20, 59, 40], "full") == [8, 64, 128]
+    assert multiview.candidate_widths("reference", 2, [200, 200, 200], "full") == [8, 16, 300]
+    assert multiview.candidate_widths("reference", 2, [200, 200, 200], "recipe") == [300]
+    assert multiview.candidate_widths("concat", 15, [20, 59, 40], "rule") == [64]
+    lead = multiview.lead_over({"deq": {"accuracy": [0.80, 0.82, 0.84]}, "concat": {"accuracy": [0.78, 0.80, 0.81]}})
+    assert lead["mean_difference"] == pytest.approx(0.0233, abs=1e-4) and lead["wins"] == 3
+    assert lead["spread"] == pytest.approx(np.std([0.80, 0.82, 0.84])) and lead["exceeds_spread"]
+    assert not multiview.lead_over({"deq": {"accuracy": [0.7, 0.9]}, "concat": {"accuracy": [0.8, 0.8]}})[
+        "exceeds_spread"]
+    monkeypatch.delenv(multiview.ENVIRONMENT, raising=False)
+    with pytest.raises(SystemExit, match="pass --data DIR"):
+        multiview.data_folders(None)
+
+
+def test_multiview_benchmark_chooses_widths_and_the_view_on_validation_and_reuses_the_first_seeds_trial(monkeypatch):
+    from keras_mmfusion.training import Splits
+
+    calls = []
+    # Validation loss by label and seed: width 16 beats 8 on validation (and loses on
+    # test); view 1 is best on the first seed, view 2 on the mean over the seeds.
+    validation = {"single view 1": [1.0, 1.6], "single view 2": [1.1, 1.1], "single view 3": [1.3, 1.3]}
+
+    def fake_trial(splits, model, seed, settings, label):
+        calls.append((label, settings.units, seed))
+        loss = validation[label][seed] if label in validation else 1.0 - 0.5 * (settings.units == 16)
+        return {"accuracy": 0.9 - 0.2 * (settings.units == 16), "f1_macro": 0.5, "best_validation": loss,
+                "best_epoch": 1, "epochs_run": 2, "epoch_seconds": 0.1}
+
+    monkeypatch.setattr(multiview, "trial", fake_trial)
+    x = [np.zeros((10, w)) for w in (5, 6, 7)]
+    splits = Splits((x, np.arange(10) % 2), (x, np.arange(10) % 2), 2, "toy")
+    entry = multiview.run_method(splits, "concat", [3, 4, 5], "neighbour", None)
+    assert calls == [("concat", 8, 3), ("concat", 16, 3), ("concat", 16, 4), ("concat", 16, 5)]
+    assert entry["units"] == 16 and entry["width_search"] == {"8": 1.0, "16": 0.5}
+    assert entry["accuracy"] == pytest.approx([0.7] * 3)
+    single, views = multiview.best_single_view(splits, [0, 1], "rule", None)
+    assert sorted(views) == [1, 2, 3] and single["view"] == 2

@@ -1,0 +1,352 @@
+"""Fusion methods on real multi-view datasets in MOGONET's folder layout, under the honest protocol.
+
+    python benchmarks/multiview.py --data DIR [--data DIR ...] [--seeds 5] [--first-seed 0]
+                                   [--methods deq reference concat dmf single] [--epochs N]
+                                   [--width-grid neighbour|full|rule|recipe] [--json FILE] [--plot FILE]
+                                   [--record]
+
+Each ``DIR`` holds ``1_tr.csv``, ``1_te.csv``, ..., ``labels_tr.csv`` and ``labels_te.csv``
+(read with ``keras_mmfusion.training.load_splits``). Without ``--data`` the script reads
+the folders named in ``$MMFUSION_MULTIVIEW_DATA`` (separated by ``os.pathsep``).
+
+Methods, per dataset:
+
+- ``deq``: the standard classifier (``build_classifier``) with ``DEQFusion``;
+- ``reference``: the reference classifier of the DEQ-fusion paper
+  (``build_reference_classifier``: feature gates, confidence heads, DEQ fusion);
+- ``concat`` and ``dmf``: the standard classifier with ``ConcatFusion`` and ``DenseFusion``;
+- ``single``: the best single view. A one-view classifier is trained on every view, for
+  every seed; the view with the lowest validation loss at the kept epoch, averaged over
+  the seeds, is reported. The test scores play no part in the choice.
+
+Protocol, for every method and seed (``keras_mmfusion.training.run_trial``): a stratified
+20% of the training split is held out for validation; training stops early on the
+validation loss and keeps the best epoch; the test split is scored once. The table gives
+mean +- std over the seeds of test accuracy and macro F1 (the mean of the per-class F1
+scores). ``deq``, ``concat``, ``dmf`` and ``single`` train with ``training.RECIPE``
+(standardised inputs, dropout 0.5, Adam 1e-3, batch 32, at most 200 epochs, patience 30,
+a softmax head on every view's encoder with weight 1 for the fusion models);
+``reference`` with ``training.REFERENCE_RECIPE`` (min-max scaled inputs, Adam 1e-4 with
+coupled weight decay, batch 256, all 1000 epochs run with the rate x0.2 after epoch 500,
+gradient norm clipped, and the epoch of lowest validation loss kept). ``--epochs`` caps
+every method's epochs.
+
+Width, chosen on validation data only and the same way for every method (and for every
+view of ``single``): the candidates are ``w = units_for(classes, view widths)`` (the
+package's width rule, computed from the views the model reads) and its neighbour ``2 w``
+(Scene15: 64 and 128; ROSMAP: 8 and 16). One trial per candidate runs with the first
+seed; the candidate whose trial has the lowest validation loss at its kept epoch is used
+for every seed, and its trial is that seed's result (the same seed and settings give the
+same trial). ``--width-grid full`` adds the width of the method's recipe to the
+candidates (8 for ``RECIPE``; 300 for ``REFERENCE_RECIPE``, the official code's width,
+which costs about 7 times 64's per epoch on Scene15); ``--width-grid rule`` uses ``w``
+alone and ``--width-grid recipe`` the recipe's width alone, without a search. The width
+is that of the encoders, the fusion layer and the head's hidden layer (for
+``reference``: of the encoders and the DEQ state).
+
+DEQ against concat: the per-seed differences of test accuracy (same seed, same
+validation split) are printed, and DEQ's lead counts as larger than the seeds' spread
+when the mean difference exceeds the larger of the two methods' standard deviations.
+
+Datasets used in ``benchmarks/RESULTS.md``:
+
+- Scene15 (``../shared/data/scene15``): 4485 natural-scene images, 15 classes, three
+  feature views of 20, 59 and 40 features; a fixed test split of a stratified 20% of
+  every class (seed 0; 3588 training, 897 test images). Origin: the file
+  ``data/scene15_mtv.mat`` of the public RCML repository (jiajunsi/RCML, code of
+  "Reliable Conflictive Multi-view Learning", AAAI 2024). The same three-view feature
+  file is used by the trusted multi-view classification line of work (TMC, Han et al.,
+  ICLR 2021, and its successors), which report accuracy on random 80/20 splits; their
+  published figures come from splits other than this one, so they are context, not a
+  like-for-like comparison.
+- ROSMAP (``../shared/data/rosmap``): MOGONET's preprocessed release (Wang et al., Nature
+  Communications 2021), 351 patients, 2 classes, three omics views of 200 features.
+
+It prints, per dataset, the width search, a table (method, accuracy and macro F1 as mean
++- std in percent, chosen width, median seconds per epoch, mean epochs run) and the DEQ
+against concat line; it writes a JSON file (``{"datasets": [{"name", "samples",
+"classes", "methods": {METHOD: {"accuracy": [...], "f1_macro": [...], ...}}}]}``, one
+value per seed) and, where matplotlib is installed, a PNG of test accuracy per method and
+dataset with the seeds' standard deviation as error bars. Progress lines of each trial go
+to stderr, so ``--record`` keeps only the tables.
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+
+import numpy as np  # noqa: E402
+
+from keras_mmfusion.training import (  # noqa: E402
+    RECIPE, REFERENCE_RECIPE, Settings, load_splits, run_trial, select_views, units_for,
+)
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from timing import machine  # noqa: E402
+import report  # noqa: E402
+
+METHODS = ["deq", "reference", "concat", "dmf", "single"]
+WIDTH_GRIDS = ("neighbour", "full", "rule", "recipe")
+ENVIRONMENT = "MMFUSION_MULTIVIEW_DATA"
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+# The fields of run_trial's metrics kept per seed in the JSON file.
+PER_SEED = ("accuracy", "f1_macro", "best_validation", "best_epoch", "epochs_run", "epoch_seconds")
+
+
+def recipe_of(method):
+    """The recipe a method trains with."""
+    return REFERENCE_RECIPE if method == "reference" else RECIPE
+
+
+def candidate_widths(method, num_classes, widths, grid="neighbour"):
+    """The widths tried for ``method`` on views of ``widths`` features, in increasing order.
+
+    ``"neighbour"``: the width rule's ``w`` and ``2 w``; ``"full"``: those and the
+    recipe's width; ``"rule"``: ``w``; ``"recipe"``: the recipe's width.
+    """
+    if grid not in WIDTH_GRIDS:
+        raise ValueError(f"width grid must be one of {WIDTH_GRIDS}, got {grid!r}.")
+    rule = units_for(num_classes, widths)
+    own = recipe_of(method).units
+    return {"neighbour": [rule, 2 * rule], "full": sorted({rule, 2 * rule, own}), "rule": [rule],
+            "recipe": [own]}[grid]
+
+
+def settings_for(method, units, epochs=None):
+    """The method's recipe at width ``units``, with at most ``epochs`` epochs when given."""
+    recipe = recipe_of(method)
+    return Settings(**{**vars(recipe), "units": units, "epochs": epochs or recipe.epochs})
+
+
+def trial(splits, model, seed, settings, label):
+    """One ``run_trial``; a progress line on stderr; the per-seed metrics."""
+    started = time.time()
+    with report.unrecorded():
+        metrics = run_trial(splits, model, seed, settings)[2]
+        print(f"  {splits.name} {label} width {settings.units} seed {seed}: kept epoch {metrics['best_epoch']} of "
+              f"{metrics['epochs_run']} (validation loss {metrics['best_validation']:.4f}), "
+              f"{metrics['epoch_seconds']:.3f} s an epoch, {time.time() - started:.0f} s in all", flush=True)
+    return {k: metrics[k] for k in PER_SEED}
+
+
+def run_method(splits, method, seeds, grid, epochs, label=None):
+    """Choose the width on the first seed's validation split, then run every seed at it.
+
+    Returns:
+        A dict: ``units`` (the chosen width), ``width_search`` (``{width: validation
+        loss}`` of the first seed's trials) and, per seed, the lists of ``PER_SEED``.
+    """
+    label = label or method
+    first = {}
+    for units in candidate_widths(method, splits.num_classes, splits.widths, grid):
+        first[units] = trial(splits, method, seeds[0], settings_for(method, units, epochs), label)
+    units = min(first, key=lambda u: first[u]["best_validation"])
+    runs = [first[units]] + [trial(splits, method, seed, settings_for(method, units, epochs), label)
+                             for seed in seeds[1:]]
+    out = {"units": units, "width_search": {str(u): first[u]["best_validation"] for u in first}}
+    out.update({k: [r[k] for r in runs] for k in PER_SEED})
+    return out
+
+
+def best_single_view(splits, seeds, grid, epochs):
+    """Every view's one-view classifier, and the view of lowest mean validation loss.
+
+    Returns:
+        ``(entry, views)``: the chosen view's :func:`run_method` dict with ``view`` (its
+        number, from 1) and ``chosen_by`` added, and ``{view number: dict}`` of all views.
+    """
+    views = {}
+    for view in range(len(splits.widths)):
+        views[view + 1] = run_method(select_views(splits, [view]), "single", seeds, grid, epochs,
+                                     label=f"single view {view + 1}")
+    best = min(views, key=lambda v: np.mean(views[v]["best_validation"]))
+    entry = dict(views[best], view=best, chosen_by="lowest validation loss, mean over the seeds")
+    return entry, views
+
+
+def lead_over(methods, a="deq", b="concat", key="accuracy"):
+    """``a``'s lead over ``b`` in ``key``, seed by seed, and whether it exceeds the seeds' spread.
+
+    The lead counts as larger than the spread when the mean of the per-seed differences
+    is above the larger of the two methods' standard deviations over the seeds.
+    """
+    x, y = np.asarray(methods[a][key]), np.asarray(methods[b][key])
+    differences = x - y
+    spread = float(max(np.std(x), np.std(y)))
+    mean = float(np.mean(differences))
+    return {"mean_difference": mean, "per_seed": differences.tolist(), "spread": spread,
+            "wins": int(np.sum(differences > 0)), "exceeds_spread": bool(mean > spread)}
+
+
+def cell(values):
+    return f"{100 * np.mean(values):5.1f} +- {100 * np.std(values):4.1f}"
+
+
+def print_dataset(entry, seeds):
+    methods = entry["methods"]
+    print(f"\n{entry['name']}: {entry['samples']} samples ({entry['train']} training, {entry['test']} test), "
+          f"{entry['classes']} classes, views of {', '.join(map(str, entry['views']))} features; width rule "
+          f"units_for = {entry['rule_width']}; {len(seeds)} seeds ({seeds[0]}-{seeds[-1]}); test split once per seed, "
+          "mean +- std in %")
+    print("width search (first seed's validation loss at the kept epoch, per width; lowest kept):")
+    for name, m in methods.items():
+        if name != "single":  # its views' searches follow
+            tried = ", ".join(f"{u}: {loss:.4f}" for u, loss in m["width_search"].items())
+            print(f"  {name:<10} {tried}  -> {m['units']}")
+    for view, m in entry.get("single_views", {}).items():
+        tried = ", ".join(f"{u}: {loss:.4f}" for u, loss in m["width_search"].items())
+        print(f"  view {view:<5} {tried}  -> {m['units']}; mean validation loss over the seeds "
+              f"{np.mean(m['best_validation']):.4f}")
+    print(f"{'method':<16} {'ACC':>13} {'F1 macro':>13} {'width':>6} {'s/epoch':>8} {'epochs':>7}")
+    for name, m in methods.items():
+        label = f"single (view {m['view']})" if name == "single" else name
+        print(f"{label:<16} {cell(m['accuracy']):>13} {cell(m['f1_macro']):>13} {m['units']:>6} "
+              f"{np.median(m['epoch_seconds']):>8.3f} {np.mean(m['epochs_run']):>7.1f}")
+    if "deq_vs_concat" in entry:
+        lead = entry["deq_vs_concat"]
+        per_seed = ", ".join(f"{100 * d:+.1f}" for d in lead["per_seed"])
+        verdict = "larger" if lead["exceeds_spread"] else "not larger"
+        print(f"deq - concat, test accuracy: {100 * lead['mean_difference']:+.1f} points on average (per seed: "
+              f"{per_seed}; deq ahead on {lead['wins']} of {len(lead['per_seed'])}); {verdict} than the seeds' "
+              f"spread (rule: the mean difference against the larger std of the two, {100 * lead['spread']:.1f})")
+
+
+def plot(datasets, methods, path):
+    """Test accuracy per method and dataset, mean with the seeds' std as error bars."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 1.0 + 0.35 * len(datasets) * len(methods)), 4.5))
+    width = 0.8 / max(len(methods), 1)
+    for i, method in enumerate(methods):
+        xs, means, stds = [], [], []
+        for j, entry in enumerate(datasets):
+            if method in entry["methods"]:
+                xs.append(j - 0.4 + width * (i + 0.5))
+                means.append(100 * np.mean(entry["methods"][method]["accuracy"]))
+                stds.append(100 * np.std(entry["methods"][method]["accuracy"]))
+        ax.bar(xs, means, width, yerr=stds, capsize=3, label="best single view" if method == "single" else method)
+    ax.set_xticks(range(len(datasets)))
+    ax.set_xticklabels([f"{d['name']} ({d['classes']} classes)" for d in datasets])
+    lowest = min(100 * np.mean(m["accuracy"]) for d in datasets for m in d["methods"].values())
+    ax.set_ylim(max(0.0, lowest - 15), 100)
+    ax.set_ylabel("test accuracy (%)")
+    seeds = len(datasets[0]["methods"][methods[0]]["accuracy"])
+    ax.set_title(f"mean +- std over {seeds} seed{'s' if seeds > 1 else ''}", fontsize=10)
+    ax.legend(fontsize=8, ncol=min(len(methods), 5), loc="upper center", bbox_to_anchor=(0.5, -0.1))
+    # The legend sits below the axes; "tight" keeps it inside the saved image.
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+
+
+def data_folders(given):
+    """The folders to read: ``--data``, else ``$MMFUSION_MULTIVIEW_DATA``; exits with a
+    message when there are none or one is missing."""
+    folders = given or [f for f in os.environ.get(ENVIRONMENT, "").split(os.pathsep) if f]
+    if not folders:
+        sys.exit(f"No data: pass --data DIR (a folder in MOGONET's layout: 1_tr.csv, 1_te.csv, ..., labels_tr.csv, "
+                 f"labels_te.csv), or set ${ENVIRONMENT} to such folders separated by '{os.pathsep}'.")
+    missing = [f for f in folders if not os.path.isfile(os.path.join(f, "labels_tr.csv"))]
+    if missing:
+        sys.exit(f"Not a folder in MOGONET's layout (no labels_tr.csv): {', '.join(missing)}")
+    return folders
+
+
+def check_reference_views(data):
+    """Exit before any training when the reference recipe gives per-view loss weights
+    for another number of views than a dataset has (the official code's are for three)."""
+    for splits in data:
+        for key, value in REFERENCE_RECIPE.model_options.items():
+            if isinstance(value, (list, tuple)) and len(value) != len(splits.widths):
+                sys.exit(f"{splits.name} has {len(splits.widths)} views, but the reference recipe's {key} has one "
+                         f"entry for each of {len(value)}: leave 'reference' out of --methods for it.")
+
+
+def write_json(path, out, datasets):
+    with open(path, "w") as f:
+        json.dump(dict(out, datasets=datasets), f, indent=2)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    report.add_option(parser)
+    parser.add_argument("--data", action="append", metavar="DIR",
+                        help=f"a folder in MOGONET's layout; repeat for several (default: ${ENVIRONMENT})")
+    parser.add_argument("--seeds", type=int, default=5)
+    parser.add_argument("--first-seed", type=int, default=0)
+    parser.add_argument("--methods", nargs="+", choices=METHODS, default=METHODS,
+                        help="methods to run ('single': the best single view); default: all")
+    parser.add_argument("--epochs", type=int, default=None,
+                        help=f"the most epochs of every method (default: the recipes', {RECIPE.epochs} with "
+                             f"patience {RECIPE.patience}; the reference classifier all {REFERENCE_RECIPE.epochs})")
+    parser.add_argument("--width-grid", choices=WIDTH_GRIDS, default="neighbour",
+                        help="neighbour: the width rule's w and 2w, chosen by the first seed's validation loss; "
+                             "full: w, 2w and the recipe's width, chosen so; rule: w; recipe: the recipe's width "
+                             "(default: neighbour)")
+    parser.add_argument("--json", default=os.path.join(RESULTS, "multiview.json"))
+    parser.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
+    args = parser.parse_args()
+    if args.seeds < 1:
+        parser.error("--seeds must be at least 1")
+    folders = data_folders(args.data)
+    seeds = list(range(args.first_seed, args.first_seed + args.seeds))
+    info = machine()
+    print(f"machine: {info['cpu_cores']} CPU cores, {', '.join(info['gpu']) if info['gpu'] else 'no GPU'}, "
+          f"TensorFlow {info['tensorflow']}, Keras {info['keras']}")
+    chosen = "the lowest validation loss of the first seed's trial chosen"
+    grid = {"neighbour": f"w = units_for(classes, view widths) and 2w; {chosen}",
+            "full": f"w = units_for(classes, view widths), 2w and the recipe's width; {chosen}",
+            "rule": "w = units_for(classes, view widths), no search",
+            "recipe": "the recipe's width, no search"}[args.width_grid]
+    print(f"methods: {', '.join(args.methods)}; width per method: {grid}; epochs: "
+          f"{args.epochs or 'the recipes'}")
+    data = [load_splits(folder) for folder in folders]
+    if "reference" in args.methods:
+        check_reference_views(data)
+    datasets = []
+    out = {"datasets": datasets, "seeds": seeds, "methods": args.methods, "width_grid": args.width_grid,
+           "width_rule": grid, "epochs": args.epochs,
+           "recipes": {m: {k: v for k, v in vars(recipe_of(m)).items() if k != "units"} for m in args.methods},
+           "lead_rule": "mean per-seed difference of test accuracy above the larger std of the two methods",
+           "machine": info}
+    os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
+    for folder, splits in zip(folders, data):
+        started = time.time()
+        entry = {"name": splits.name, "path": os.path.abspath(folder),
+                 "samples": len(splits.train[1]) + len(splits.test[1]), "train": len(splits.train[1]),
+                 "test": len(splits.test[1]), "classes": splits.num_classes, "views": splits.widths,
+                 "rule_width": units_for(splits.num_classes, splits.widths), "methods": {}}
+        for method in args.methods:
+            method_started = time.time()
+            if method == "single":
+                entry["methods"][method], entry["single_views"] = best_single_view(splits, seeds, args.width_grid,
+                                                                                   args.epochs)
+            else:
+                entry["methods"][method] = run_method(splits, method, seeds, args.width_grid, args.epochs)
+            entry["methods"][method]["minutes"] = (time.time() - method_started) / 60
+            # Written after every method, so that a long run stopped part-way keeps what it measured.
+            write_json(args.json, out, datasets + [entry])
+        if "deq" in entry["methods"] and "concat" in entry["methods"]:
+            entry["deq_vs_concat"] = lead_over(entry["methods"])
+        entry["minutes"] = (time.time() - started) / 60
+        datasets.append(entry)
+        write_json(args.json, out, datasets)
+        print_dataset(entry, seeds)
+    print(f"\nwrote {args.json}")
+    png = args.plot or os.path.splitext(args.json)[0] + ".png"
+    try:
+        plot(datasets, args.methods, png)
+    except ImportError:
+        print("matplotlib not installed: no plot")
+    else:
+        print(f"wrote {png}")
+
+
+if __name__ == "__main__":
+    report.run(main, "multiview")
