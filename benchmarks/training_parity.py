@@ -56,6 +56,8 @@ import report  # noqa: E402
 from timing import machine  # noqa: E402
 
 TARGET = {"float64": 1e-4, "float32": 1e-3}
+# A relative perturbation of the initial weights a little above each dtype's rounding.
+PERTURBATION = {"float64": 1e-12, "float32": 1e-6}
 NEVER = 1e-300  # a tolerance no residual meets
 VIEWS = 3
 TERMS = ["total", "cross_entropy"] + [f"sparsity_{v}" for v in range(VIEWS)] + \
@@ -266,17 +268,18 @@ def compare(args, dtype):
     print("weights after the last step, ||ours - official|| / ||official change||, largest three: " +
           ", ".join(f"{k} {v:.2e}" for k, v in largest))
     solves = official["steps"]
-    if args.perturbation:
+    perturbation = args.perturbation if args.perturbation is not None else PERTURBATION[dtype]
+    if perturbation:
         # The same side twice, from initial weights a relative `perturbation` apart: how
         # far rounding-sized differences grow in these training dynamics by themselves.
         rng = np.random.default_rng(0)
-        perturbed = {k: v * (1 + args.perturbation * rng.standard_normal(v.shape)) if v.dtype.kind == "f"
+        perturbed = {k: v * (1 + perturbation * rng.standard_normal(v.shape)) if v.dtype.kind == "f"
                      and not k.startswith("input_") else v for k, v in weights.items()}
         with report.unrecorded():
             again = keras_side(perturbed, settings, args.steps, args.probe_seed, dtype, [], [])
         itself = relative_differences(again, ours)
         largest = [max(itself[t][s] for t in TERMS) for s in shown]
-        print(f"the package against itself from weights a relative {args.perturbation:g} apart, largest term "
+        print(f"the package against itself from weights a relative {perturbation:g} apart, largest term "
               "difference at the steps above: " + ", ".join(f"{d:.1e}" for d in largest))
     print(f"official solves: forward residual (abs, whole batch) at step 0 {solves[0]['forward_residual']:.3g}, "
           f"last {solves[-1]['forward_residual']:.3g}; adjoint relative residual at step 0 "
@@ -300,8 +303,9 @@ def main():
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--probe-seed", type=int, default=1)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
-    parser.add_argument("--perturbation", type=float, default=1e-12,
-                        help="also train the package's side from weights this far apart (relative); 0: skip")
+    parser.add_argument("--perturbation", type=float, default=None,
+                        help="also train the package's side from weights this far apart (relative; default "
+                             "1e-12 in float64, 1e-6 in float32, a few roundings); 0: skip")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     official_rosmap.check_peer(args.peer_python, args.peer_code)
