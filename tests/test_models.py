@@ -160,7 +160,9 @@ def test_the_reference_recipe_runs_through_the_protocol_with_its_training_detail
     train, test = shifted_modalities(rng, 60) + [rng.normal(size=(60, 3))], shifted_modalities(rng, 20) + [
         rng.normal(size=(20, 3))]
     splits = Splits((train, np.arange(60) % 2), (test, np.arange(20) % 2), 2, "toy")
-    settings = Settings(**{**vars(REFERENCE_RECIPE), "units": 8, "epochs": 4, "lr_decay_every": 2})
+    # Without XLA, whose compile of the solver loops would take most of the test's time.
+    settings = Settings(**{**vars(REFERENCE_RECIPE), "units": 8, "epochs": 4, "lr_decay_every": 2,
+                           "jit_compile": False})
     model, history, metrics = run_trial(splits, "reference", 0, settings)
     assert metrics["epochs_run"] == 4  # patience 0: every epoch runs, the best is kept
     assert int(model.optimizer.iterations) == 4  # one full batch per epoch
