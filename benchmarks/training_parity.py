@@ -163,8 +163,9 @@ def first_step_gradients(model, xs, labels, loss_weight):
     return {name: (g.numpy().T if transposed else g.numpy()) for g, (_, name, transposed) in zip(grads, pairs)}
 
 
-def keras_side(weights, settings, steps, probe_seed, dtype, model_for_weights, first_gradients):
-    """The package's recipe trained for ``steps`` full-batch steps from the official weights."""
+def keras_side(weights, settings, steps, probe_seed, dtype):
+    """The package's recipe trained for ``steps`` full-batch steps from the official weights:
+    ``(rows of loss terms per step, the trained model, the first step's gradients)``."""
     from keras_mmfusion.layers import deq_fusion as deq_module
     from keras_mmfusion.training import build_model, fit_classifier, fit_options
     from keras_mmfusion.training.protocol import Splits
@@ -184,13 +185,12 @@ def keras_side(weights, settings, steps, probe_seed, dtype, model_for_weights, f
     deq_module.gaussian_probes = lambda z, n, seed=None: tf.identity(probes)
     recorder = StepRecorder(probes, state, probe_seed, num_probes)
     recorder.on_train_batch_begin(0)
-    first_gradients[:] = [first_step_gradients(model, xs, labels, settings.loss_weight)]
+    first_gradients = first_step_gradients(model, xs, labels, settings.loss_weight)
     try:
         fit_classifier(model, (xs, labels), steps, callbacks=[recorder],
                        **dict(fit_options(settings), batch_size=len(labels), shuffle=False))
     finally:
         deq_module.gaussian_probes = drawn
-    model_for_weights[:] = [model]
     gate_weights = [model.get_layer(f"feature_gate_{v}").sparsity_weight for v in range(VIEWS)]
     confidence_weights = [model.get_layer(f"confidence_{v}").loss_weight for v in range(VIEWS)]
     rows = []
@@ -205,7 +205,7 @@ def keras_side(weights, settings, steps, probe_seed, dtype, model_for_weights, f
         row["cross_entropy"] = (logs["loss"] - weighted) / settings.loss_weight
         row["logs"] = logs
         rows.append(row)
-    return rows
+    return rows, model, first_gradients
 
 
 def official_rows(steps):
@@ -240,13 +240,12 @@ def compare(args, dtype):
             weight_decay=settings.weight_decay, lr_decay_every=settings.lr_decay_every, weights=files["initial"],
             final_weights=files["final"], gradients=files["gradients"])
         weights, final, official_gradients = (dict(np.load(files[n])) for n in ("initial", "final", "gradients"))
-    trained, first = [], []
     with report.unrecorded():
-        ours = keras_side(weights, settings, args.steps, args.probe_seed, dtype, trained, first)
+        ours, trained, first = keras_side(weights, settings, args.steps, args.probe_seed, dtype)
     gradients_first = {name: float(np.linalg.norm(g - official_gradients[name]) /
                                    max(np.linalg.norm(official_gradients[name]), 1e-300))
-                       for name, g in first[0].items()}
-    weights_after = weight_differences(trained[0], weights, final)
+                       for name, g in first.items()}
+    weights_after = weight_differences(trained, weights, final)
     theirs = official_rows(official["steps"])
     differences = relative_differences(ours, theirs)
     target = TARGET[dtype]
@@ -276,7 +275,7 @@ def compare(args, dtype):
         perturbed = {k: v * (1 + perturbation * rng.standard_normal(v.shape)) if v.dtype.kind == "f"
                      and not k.startswith("input_") else v for k, v in weights.items()}
         with report.unrecorded():
-            again = keras_side(perturbed, settings, args.steps, args.probe_seed, dtype, [], [])
+            again, _, _ = keras_side(perturbed, settings, args.steps, args.probe_seed, dtype)
         itself = relative_differences(again, ours)
         largest = [max(itself[t][s] for t in TERMS) for s in shown]
         print(f"the package against itself from weights a relative {perturbation:g} apart, largest term "

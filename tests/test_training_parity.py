@@ -118,7 +118,7 @@ def float64():
 def test_the_harness_steps_are_pytorch_adams_steps(float64):
     weights = official_style_weights(np.random.default_rng(0))
     recipe = settings()
-    rows = training_parity.keras_side(weights, recipe, STEPS, PROBE_SEED, "float64", [], [])
+    rows, _, _ = training_parity.keras_side(weights, recipe, STEPS, PROBE_SEED, "float64")
     ours = [row["total"] for row in rows]
     expected = steps_by_hand(weights, recipe)
     # Keras keeps the learning rate in float32: 1e-4 is off by a relative 2.5e-8.
