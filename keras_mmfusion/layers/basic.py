@@ -318,7 +318,7 @@ class LowRankTensorFusion(FusionLayer):
         self.factors = [
             self.add_weight(
                 shape=(self.rank, w + 1, self.units),
-                initializer=self.kernel_initializer,
+                initializer=self.initializer(self.kernel_initializer),
                 regularizer=self.kernel_regularizer,
                 constraint=self.kernel_constraint,
                 name=f"factor_{i}",
@@ -330,7 +330,7 @@ class LowRankTensorFusion(FusionLayer):
         )
         self.bias = self.add_weight(
             shape=(self.units,),
-            initializer=self.bias_initializer,
+            initializer=self.initializer(self.bias_initializer),
             regularizer=self.bias_regularizer,
             constraint=self.bias_constraint,
             name="bias",

@@ -28,7 +28,8 @@ class FusionLayer(keras.layers.Layer):
     Args:
         kernel_initializer, bias_initializer, kernel_regularizer, bias_regularizer,
             kernel_constraint, bias_constraint: as ``keras.layers.Dense``'s, used by
-            every Dense sub-layer the subclass makes with :meth:`dense`.
+            every Dense sub-layer the subclass makes with :meth:`dense`. Each
+            sub-layer's weights are drawn independently (see :meth:`initializer`).
         **kwargs: base ``Layer`` arguments.
     """
 
@@ -50,6 +51,28 @@ class FusionLayer(keras.layers.Layer):
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
 
+    def initializer(self, initializer):
+        """An independent copy of ``initializer`` for one weight of this layer.
+
+        A Keras initializer object draws the same values at every call of the same
+        shape (an unseeded one fixes its seed when it is made), so one object shared by
+        several sub-layers would start them all equal: every modality block of a fusion
+        layer, say, with the same kernel. Each call returns a new object: an unseeded
+        initializer's copy draws its own seed (reproducible after
+        ``keras.utils.set_random_seed``); a seeded one's copy is seeded with its seed plus
+        the number of copies this layer has made before, so the layer's draws are
+        reproducible and still differ between its weights. Initializers without a seed
+        (zeros, constants) are returned as they are.
+        """
+        initializer = keras.initializers.get(initializer)
+        config = initializer.get_config()
+        if "seed" not in config:
+            return initializer
+        if isinstance(config["seed"], int):
+            self._seeded_copies = getattr(self, "_seeded_copies", 0) + 1
+            config["seed"] += self._seeded_copies - 1
+        return type(initializer).from_config(config)
+
     @property
     def label(self):
         return f"{type(self).__name__} '{self.name}'"
@@ -65,8 +88,8 @@ class FusionLayer(keras.layers.Layer):
             units,
             activation=activation,
             use_bias=use_bias,
-            kernel_initializer=kernel_initializer or self.kernel_initializer,
-            bias_initializer=self.bias_initializer,
+            kernel_initializer=self.initializer(kernel_initializer or self.kernel_initializer),
+            bias_initializer=self.initializer(self.bias_initializer),
             kernel_regularizer=self.kernel_regularizer,
             bias_regularizer=self.bias_regularizer,
             kernel_constraint=self.kernel_constraint,
