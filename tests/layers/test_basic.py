@@ -28,7 +28,9 @@ LAYERS = {
     "tensor": (lambda: TensorFusion(), 4 * 6 * 5),
     "tensor_projected": (lambda: TensorFusion(6), 6),
     "lowrank": (lambda: LowRankTensorFusion(6, rank=3), 6),
-    "dense": (lambda: DenseFusion(6, depth=3, modality_units=[5, 4, 3], normalization="layer", dropout=0.1, seed=1), 6),
+    "dense": (lambda: DenseFusion(6, depth=3, normalization="layer", dropout=0.05, seed=1), 6),
+    "dense_narrowing": (lambda: DenseFusion(6, depth=3, modality_units=[5, 4, 3], normalization="layer", dropout=0.1,
+                                            seed=1), 6),
 }
 
 
