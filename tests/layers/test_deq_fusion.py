@@ -230,7 +230,7 @@ def test_layer_implicit_gradients_match_unrolled_in_float64():
     inputs = [tf.constant(x) for x in random_inputs(batch=4, widths=(8, 8), dtype="float64")]
     grads = {}
     for backward in ("implicit", "unrolled"):
-        layer = contractive_layer(inputs, units=8, max_iter=250, tol=1e-13, backward=backward)
+        layer = contractive_layer(inputs, units=8, max_iter=170, tol=1e-13, backward=backward)
         grads[backward] = traced_gradients(layer, inputs)
         assert float(layer.last_stats["residual"]) < 1e-11, backward
     names = ["x0", "x1"] + [w.path for w in layer.trainable_weights]
