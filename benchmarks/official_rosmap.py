@@ -10,7 +10,7 @@ edits the official files: ``torch.solve`` (removed from PyTorch) becomes
 ``torch.linalg.solve`` with its arguments swapped, and ``Tensor.cuda()``,
 ``Module.cuda()`` and ``torch.cuda.synchronize`` do nothing (a CPU run).
 
-Two modes:
+Three modes:
 
 - ``recipe``: per seed, ``torch.manual_seed(seed)`` and the official ``train()`` with the
   ROSMAP settings of its ``main.py`` call (all three views, Jacobian weight 20, Anderson,
@@ -22,6 +22,9 @@ Two modes:
   steps; its initial weights and inputs, its first step's gradients and its final
   weights are written to npz files, and every step's loss terms, gradient norm and solver
   residuals to the JSON result.
+- ``evaluate``: the official ``MMDynamic`` loaded with given weights (a ``state_dict`` in an
+  npz file) scores the test patients as ``train()`` does (``model.eval()``,
+  ``test_epoch``); its probabilities and its solve's lowest relative residual are returned.
 """
 
 import json
@@ -186,7 +189,20 @@ def parity():
     return {"steps": steps}
 
 
-result = {"recipe": recipe, "parity": parity}[config["mode"]]()
+def evaluate():
+    """The official model with the given weights (a state_dict npz), scored as train()
+    scores it: model.eval() and test_epoch on the official test pipeline."""
+    _, data_te, _, _ = ttd.prepare_trte_data("ROSMAP")
+    model = mm_model.MMDynamic([x.shape[1] for x in data_te], [config["units"]], 2, dropout=0.5,
+                               jacobian_weight=config["jacobian_weight"], f_thres=config["f_thres"],
+                               b_thres=config["b_thres"], stop_mode="abs", solver="anderson")
+    weights = np.load(config["weights"])
+    model.load_state_dict({k: torch.from_numpy(weights[k]) for k in model.state_dict()})
+    probabilities, trace, _ = ttd.test_epoch(data_te, model)
+    return {"probabilities": probabilities.tolist(), "relative_residual": float(min(trace))}
+
+
+result = {"recipe": recipe, "parity": parity, "evaluate": evaluate}[config["mode"]]()
 result.update(torch=torch.__version__, threads=torch.get_num_threads())
 with open(config["out"], "w") as f:
     json.dump(result, f)

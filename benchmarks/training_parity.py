@@ -2,6 +2,7 @@
 
     python benchmarks/training_parity.py --peer-code DIR [--peer-python PYTHON] [--data DIR]
         [--steps 200] [--dtype float64 float32] [--seed 0] [--threads N] [--json FILE] [--record]
+    python benchmarks/training_parity.py --peer-code DIR --evaluate MODEL.keras [MODEL.keras ...]
 
 ``DIR`` is the ``experiments/BRCA`` folder of the official code of Ni et al. ("Deep
 Equilibrium Multimodal Fusion", arXiv 2306.16645, repository jinhong-ni/DEQFusion), used
@@ -35,6 +36,13 @@ also prints the first step's gradients and the weights after the last step again
 official ones, and the package's side against itself from initial weights a relative
 ``--perturbation`` apart, which shows how far rounding-sized differences grow in these
 training dynamics on their own.
+
+``--evaluate`` checks the other end of training, the scoring: each saved reference
+classifier (a ``.keras`` file, e.g. one trained with the recipe) predicts the test patients
+with its own min-max scaling and solves, and its weights, written under the official
+parameter names, go into the official model, which scores the same patients as its
+``train()`` does. It prints how far the two sets of probabilities are apart and both
+accuracies.
 """
 
 import argparse
@@ -290,6 +298,36 @@ def compare(args, dtype):
             "first_gradient_differences": gradients_first}
 
 
+def evaluate(args, path):
+    """One saved reference classifier scored on the test patients by the package (its own
+    min-max scaling and solves) and, with the same weights, by the official code."""
+    from keras_mmfusion.training import classification_metrics, load_splits
+
+    model = keras.models.load_model(path)
+    splits = load_splits(args.data)
+    ours = model.predict(splits.test[0], batch_size=len(splits.test[1]), verbose=0)
+    fusion = model.get_layer("deq_fusion")
+    with tempfile.TemporaryDirectory() as scratch:
+        weights = os.path.join(scratch, "weights.npz")
+        np.savez(weights, **{name: (v.numpy().T if transposed else v.numpy())
+                             for v, name, transposed in paired_variables(model)})
+        official = official_rosmap.run_official(
+            args.peer_python, args.peer_code, args.data, "evaluate", args.threads, weights=weights,
+            units=fusion._state_units, f_thres=fusion.max_iter, b_thres=fusion.max_iter + 1,
+            jacobian_weight=fusion.jacobian_weight)
+    theirs = np.asarray(official["probabilities"])
+    row = {"model": path, "max_probability_difference": float(np.max(np.abs(ours - theirs))),
+           "same_class": float(np.mean(ours.argmax(-1) == theirs.argmax(-1))),
+           "accuracy": classification_metrics(splits.test[1], ours)["accuracy"],
+           "official_accuracy": classification_metrics(splits.test[1], theirs)["accuracy"],
+           "official_relative_residual": official["relative_residual"]}
+    print(f"{path}: test probabilities within {row['max_probability_difference']:.2e} of the official code's "
+          f"(same class for {100 * row['same_class']:.1f}% of patients); accuracy {100 * row['accuracy']:.1f} "
+          f"(official {100 * row['official_accuracy']:.1f}); official solve's lowest relative residual "
+          f"{row['official_relative_residual']:.2e}", flush=True)
+    return row
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     report.add_option(parser)
@@ -305,6 +343,9 @@ def main():
     parser.add_argument("--perturbation", type=float, default=None,
                         help="also train the package's side from weights this far apart (relative; default "
                              "1e-12 in float64, 1e-6 in float32, a few roundings); 0: skip")
+    parser.add_argument("--evaluate", nargs="+", default=None, metavar="MODEL",
+                        help="instead of the training runs: score these saved reference classifiers (.keras) "
+                             "with the package and, with their weights, with the official code")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     official_rosmap.check_peer(args.peer_python, args.peer_code)
@@ -312,7 +353,10 @@ def main():
         sys.exit("ROSMAP is needed: pass --data or set MMFUSION_ROSMAP to a folder in MOGONET's layout.")
     tf.config.threading.set_intra_op_parallelism_threads(args.threads)
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
-    runs = [compare(args, dtype) for dtype in args.dtype]
+    if args.evaluate:
+        runs = [evaluate(args, path) for path in args.evaluate]
+    else:
+        runs = [compare(args, dtype) for dtype in args.dtype]
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"runs": runs, "steps": args.steps, "seed": args.seed, "machine": machine()}, f)
