@@ -43,10 +43,13 @@ def test_one_mirrored_step_equals_the_single_device_step(kind, reports):
         assert {"feature_gate_0_sparsity", "confidence_2_loss", "deq_steps"} <= set(single["logs"])
         assert set(mirrored["logs"]) == set(single["logs"])
         for key, value in single["logs"].items():
-            # The largest adjoint residual is that of a sample whose solve did not converge,
-            # where the Anderson iterates carry the replicas' rounding furthest.
-            rel = 0.3 if key == "deq_backward_residual" else 1e-5
-            assert mirrored["logs"][key] == pytest.approx(value, rel=rel, abs=1e-6), key
+            # The adjoint solves that end near their tolerance are where the Anderson
+            # iterates carry the replicas' rounding furthest: the largest residual is
+            # compared to 30%, and the converged fraction may differ by one of the 64
+            # samples (a sum over the 2 replicas would double it).
+            rel, tolerance = {"deq_backward_residual": (0.3, 1e-6),
+                              "deq_backward_converged": (0.0, 1 / 64 + 1e-6)}.get(key, (1e-5, 1e-6))
+            assert mirrored["logs"][key] == pytest.approx(value, rel=rel, abs=tolerance), key
     if kind == "deq":
         # Each sample's solve is its own, so the global batch's steps are the most any
         # replica took (a sum over the 2 replicas would double them) and its converged
