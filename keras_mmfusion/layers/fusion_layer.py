@@ -50,6 +50,7 @@ class FusionLayer(keras.layers.Layer):
         self.bias_regularizer = keras.regularizers.get(bias_regularizer)
         self.kernel_constraint = keras.constraints.get(kernel_constraint)
         self.bias_constraint = keras.constraints.get(bias_constraint)
+        self._seeded_copies = 0  # seeded initializer copies made by initializer()
 
     def initializer(self, initializer):
         """An independent copy of ``initializer`` for one weight of this layer.
@@ -69,8 +70,8 @@ class FusionLayer(keras.layers.Layer):
         if "seed" not in config:
             return initializer
         if isinstance(config["seed"], int):
-            self._seeded_copies = getattr(self, "_seeded_copies", 0) + 1
-            config["seed"] += self._seeded_copies - 1
+            config["seed"] += self._seeded_copies
+            self._seeded_copies += 1
         return type(initializer).from_config(config)
 
     @property
