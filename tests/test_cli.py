@@ -83,11 +83,26 @@ def test_export_verifies_the_artefact_on_the_recorded_data(trained_run, capsys, 
     printed = capsys.readouterr().out
     assert "verified on 256 test samples of synthetic: max abs difference" in printed
     steps = re.search(r"deq_fusion: (\d+) solver steps, Keras (\d+)", printed)
-    assert steps and steps.group(1) == steps.group(2), printed
-    # Outside its tolerance, the command fails and says why.
+    # A sample whose residual lands within float rounding of the tolerance may converge one
+    # step apart in ONNX Runtime; the command allows that one step and no more.
+    assert steps and abs(int(steps.group(1)) - int(steps.group(2))) <= 1, printed
+    # Outside its tolerances, the command fails and says why: here an output difference and
+    # a solve two steps longer than Keras's.
+    from keras_mmfusion import export
+
+    run_export = export.run_export
+
+    def two_steps_more(path, feed):
+        got = run_export(path, feed)
+        return dict(got, deq_fusion_steps=got["deq_fusion_steps"] + 2)
+
+    monkeypatch.setattr(export, "run_export", two_steps_more)
     monkeypatch.setitem(cli.EXPORT_TOLERANCES, None, {"max_abs": -1.0})
     assert cli.main(args + ["--overwrite"]) == 1
-    assert "verification failed: max_abs" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "verification failed: max_abs" in err
+    assert re.search(r"deq_fusion took (\d+) solver steps, Keras \1", err) is None
+    assert re.search(r"deq_fusion took \d+ solver steps, Keras \d+", err), err
 
 
 @pytest.mark.parametrize(

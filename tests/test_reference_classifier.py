@@ -78,7 +78,10 @@ def test_saves_in_safe_mode_and_exports_probabilities_only(trained, data, tmp_pa
     for path in (export.to_saved_model(model, tmp_path / "serving"), export.to_tflite(model, tmp_path / "r.tflite")):
         outputs = export.run_export(path, dict(zip(export.input_names(model), xs)))
         assert list(outputs) == ["probabilities"]
-        assert export.verify_export(model, path, xs)["probabilities"]["max_abs"] <= 1e-4
+        # The solve stops at a relative residual of 1e-4. A runtime that rounds differently
+        # may stop one step earlier or later (test_export_solver.py compares the steps),
+        # which moves these probabilities by about 1e-4; a wrong weight or scaling moves them by far more.
+        assert export.verify_export(model, path, xs)["probabilities"]["max_abs"] <= 1e-3
 
 
 def test_fusion_options_can_set_a_narrower_deq_state_than_the_encoders(data):
