@@ -3,7 +3,7 @@
     python benchmarks/multiview.py --data DIR [--data DIR ...] [--seeds 5] [--first-seed 0]
                                    [--methods deq reference concat dmf single] [--epochs N]
                                    [--width-grid neighbour|full|rule|recipe] [--json FILE] [--plot FILE]
-                                   [--record]
+                                   [--jobs N] [--record]
 
 Each ``DIR`` holds ``1_tr.csv``, ``1_te.csv``, ..., ``labels_tr.csv`` and ``labels_te.csv``
 (read with ``keras_mmfusion.training.load_splits``). Without ``--data`` the script reads
@@ -69,6 +69,12 @@ against concat line; it writes a JSON file (``{"datasets": [{"name", "samples",
 value per seed) and, where matplotlib is installed, a PNG of test accuracy per method and
 dataset with the seeds' standard deviation as error bars. Progress lines of each trial go
 to stderr, so ``--record`` keeps only the tables.
+
+``--jobs N`` runs N units of work at a time (a method on a dataset; each view of
+``single``), each in a fresh process with one TensorFlow thread: on 2 cores, ``deq`` on
+one core and the other methods on the other. The seeds and settings are the same as one
+after another; the results differ only by the float rounding of one thread against
+several.
 """
 
 import argparse
@@ -88,6 +94,7 @@ from keras_mmfusion.training import (  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import machine  # noqa: E402
 import report  # noqa: E402
+from processes import in_processes  # noqa: E402
 
 METHODS = ["deq", "reference", "concat", "dmf", "single"]
 WIDTH_GRIDS = ("neighbour", "full", "rule", "recipe")
@@ -152,6 +159,18 @@ def run_method(splits, method, seeds, grid, epochs, label=None):
     return out
 
 
+def run_view(splits, view, seeds, grid, epochs):
+    """:func:`run_method` of the one-view classifier on view ``view`` (from 0)."""
+    return run_method(select_views(splits, [view]), "single", seeds, grid, epochs, label=f"single view {view + 1}")
+
+
+def choose_single_view(views):
+    """``(entry, views)``: the view of lowest mean validation loss over the seeds, from
+    ``{view number (from 1): run_method dict}``, with ``view`` and ``chosen_by`` added."""
+    best = min(views, key=lambda v: np.mean(views[v]["best_validation"]))
+    return dict(views[best], view=best, chosen_by="lowest validation loss, mean over the seeds"), views
+
+
 def best_single_view(splits, seeds, grid, epochs):
     """Every view's one-view classifier, and the view of lowest mean validation loss.
 
@@ -159,13 +178,18 @@ def best_single_view(splits, seeds, grid, epochs):
         ``(entry, views)``: the chosen view's :func:`run_method` dict with ``view`` (its
         number, from 1) and ``chosen_by`` added, and ``{view number: dict}`` of all views.
     """
-    views = {}
-    for view in range(len(splits.widths)):
-        views[view + 1] = run_method(select_views(splits, [view]), "single", seeds, grid, epochs,
-                                     label=f"single view {view + 1}")
-    best = min(views, key=lambda v: np.mean(views[v]["best_validation"]))
-    entry = dict(views[best], view=best, chosen_by="lowest validation loss, mean over the seeds")
-    return entry, views
+    return choose_single_view({view + 1: run_view(splits, view, seeds, grid, epochs)
+                               for view in range(len(splits.widths))})
+
+
+def run_task(folder, method, view, seeds, grid, epochs):
+    """One method's runs (or, for ``"single"``, one view's) on the folder's dataset, with
+    the minutes they took: the unit of work of ``--jobs``."""
+    started = time.time()
+    splits = load_splits(folder)
+    result = run_method(splits, method, seeds, grid, epochs) if view is None else run_view(
+        splits, view, seeds, grid, epochs)
+    return dict(result, minutes=(time.time() - started) / 60)
 
 
 def lead_over(methods, a="deq", b="concat", key="accuracy"):
@@ -268,6 +292,35 @@ def check_reference_views(data):
                          f"entry for each of {len(value)}: leave 'reference' out of --methods for it.")
 
 
+def dataset_entries(folders, data, methods, finished):
+    """The JSON file's dataset entries from the finished units of work.
+
+    ``finished`` maps ``(folder, method, view)`` to :func:`run_task`'s dict (``view`` is
+    None but for ``"single"``). A method appears once all its units have finished; an
+    entry's ``minutes`` add up its methods' (on several processes, more than the wall time).
+    """
+    entries = []
+    for folder, splits in zip(folders, data):
+        entry = {"name": splits.name, "path": os.path.abspath(folder),
+                 "samples": len(splits.train[1]) + len(splits.test[1]), "train": len(splits.train[1]),
+                 "test": len(splits.test[1]), "classes": splits.num_classes, "views": splits.widths,
+                 "rule_width": units_for(splits.num_classes, splits.widths), "methods": {}}
+        for method in methods:
+            if method != "single":
+                if (folder, method, None) in finished:
+                    entry["methods"][method] = finished[folder, method, None]
+                continue
+            views = {view + 1: finished.get((folder, method, view)) for view in range(len(splits.widths))}
+            if all(views.values()):
+                entry["methods"][method], entry["single_views"] = choose_single_view(views)
+                entry["methods"][method]["minutes"] = sum(v["minutes"] for v in views.values())
+        if "deq" in entry["methods"] and "concat" in entry["methods"]:
+            entry["deq_vs_concat"] = lead_over(entry["methods"])
+        entry["minutes"] = sum(m["minutes"] for m in entry["methods"].values())
+        entries.append(entry)
+    return entries
+
+
 def write_json(path, out, datasets):
     with open(path, "w") as f:
         json.dump(dict(out, datasets=datasets), f, indent=2)
@@ -289,11 +342,16 @@ def main():
                         help="neighbour: the width rule's w and 2w, chosen by the first seed's validation loss; "
                              "full: w, 2w and the recipe's width, chosen so; rule: w; recipe: the recipe's width "
                              "(default: neighbour)")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="units of work (a method on a dataset; one view of 'single') run at a time, each in "
+                             "a process of one TensorFlow thread (default 1: one after another in this process)")
     parser.add_argument("--json", default=os.path.join(RESULTS, "multiview.json"))
     parser.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
     args = parser.parse_args()
     if args.seeds < 1:
         parser.error("--seeds must be at least 1")
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     folders = data_folders(args.data)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     info = machine()
@@ -309,34 +367,27 @@ def main():
     data = [load_splits(folder) for folder in folders]
     if "reference" in args.methods:
         check_reference_views(data)
-    datasets = []
-    out = {"datasets": datasets, "seeds": seeds, "methods": args.methods, "width_grid": args.width_grid,
-           "width_rule": grid, "epochs": args.epochs,
+    out = {"seeds": seeds, "methods": args.methods, "width_grid": args.width_grid, "width_rule": grid,
+           "epochs": args.epochs, "jobs": args.jobs,
            "recipes": {m: {k: v for k, v in vars(recipe_of(m)).items() if k != "units"} for m in args.methods},
            "lead_rule": "mean per-seed difference of test accuracy above the larger std of the two methods",
            "machine": info}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
-    for folder, splits in zip(folders, data):
-        started = time.time()
-        entry = {"name": splits.name, "path": os.path.abspath(folder),
-                 "samples": len(splits.train[1]) + len(splits.test[1]), "train": len(splits.train[1]),
-                 "test": len(splits.test[1]), "classes": splits.num_classes, "views": splits.widths,
-                 "rule_width": units_for(splits.num_classes, splits.widths), "methods": {}}
-        for method in args.methods:
-            method_started = time.time()
-            if method == "single":
-                entry["methods"][method], entry["single_views"] = best_single_view(splits, seeds, args.width_grid,
-                                                                                   args.epochs)
-            else:
-                entry["methods"][method] = run_method(splits, method, seeds, args.width_grid, args.epochs)
-            entry["methods"][method]["minutes"] = (time.time() - method_started) / 60
-            # Written after every method, so that a long run stopped part-way keeps what it measured.
-            write_json(args.json, out, datasets + [entry])
-        if "deq" in entry["methods"] and "concat" in entry["methods"]:
-            entry["deq_vs_concat"] = lead_over(entry["methods"])
-        entry["minutes"] = (time.time() - started) / 60
-        datasets.append(entry)
-        write_json(args.json, out, datasets)
+    # The units of work: each method on each dataset, and each view of "single" on its own.
+    tasks = [(folder, method, view) for folder, splits in zip(folders, data) for method in args.methods
+             for view in (range(len(splits.widths)) if method == "single" else [None])]
+    calls = [(*task, seeds, args.width_grid, args.epochs) for task in tasks]
+    if args.jobs > 1:
+        results = in_processes(run_task, calls, args.jobs)
+    else:
+        results = ((i, run_task(*call)) for i, call in enumerate(calls))
+    finished = {}
+    for i, result in results:
+        finished[tasks[i]] = result
+        # Written after every unit, so that a long run stopped part-way keeps what it measured.
+        write_json(args.json, out, dataset_entries(folders, data, args.methods, finished))
+    datasets = dataset_entries(folders, data, args.methods, finished)
+    for entry in datasets:
         print_dataset(entry, seeds)
     print(f"\nwrote {args.json}")
     png = args.plot or os.path.splitext(args.json)[0] + ".png"

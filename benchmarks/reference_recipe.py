@@ -35,9 +35,7 @@ scored at its last epoch, not the package's protocol with validation selection
 """
 
 import argparse
-import concurrent.futures
 import json
-import multiprocessing
 import os
 import sys
 import threading
@@ -56,6 +54,7 @@ from keras_mmfusion.training import (  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import machine, rosmap_available  # noqa: E402
 import official_rosmap  # noqa: E402
+from processes import in_processes  # noqa: E402
 import report  # noqa: E402
 
 def train_once(splits, seed, epochs):
@@ -82,11 +81,8 @@ def train_seed(seed, epochs):
 
 def train_seeds(seeds, epochs, jobs):
     """The rows of ``seeds``, trained ``jobs`` at a time in fresh processes of one thread each."""
-    # The workers start from a fresh interpreter ("spawn") and read these at TensorFlow's start.
-    os.environ.update(TF_NUM_INTRAOP_THREADS="1", TF_NUM_INTEROP_THREADS="1")
-    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = [pool.submit(train_seed, seed, epochs) for seed in seeds]
-        return [future.result() for future in futures]
+    done = dict(in_processes(train_seed, [(seed, epochs) for seed in seeds], jobs))
+    return [done[i] for i in range(len(seeds))]
 
 
 def print_runs(name, runs, keys):
