@@ -171,22 +171,10 @@ def choose_single_view(views):
     return dict(views[best], view=best, chosen_by="lowest validation loss, mean over the seeds"), views
 
 
-def best_single_view(splits, seeds, grid, epochs):
-    """Every view's one-view classifier, and the view of lowest mean validation loss.
-
-    Returns:
-        ``(entry, views)``: the chosen view's :func:`run_method` dict with ``view`` (its
-        number, from 1) and ``chosen_by`` added, and ``{view number: dict}`` of all views.
-    """
-    return choose_single_view({view + 1: run_view(splits, view, seeds, grid, epochs)
-                               for view in range(len(splits.widths))})
-
-
-def run_task(folder, method, view, seeds, grid, epochs):
-    """One method's runs (or, for ``"single"``, one view's) on the folder's dataset, with
-    the minutes they took: the unit of work of ``--jobs``."""
+def run_task(splits, method, view, seeds, grid, epochs):
+    """One method's runs (or, for ``"single"``, one view's) on a dataset, with the minutes
+    they took: the unit of work of ``--jobs``."""
     started = time.time()
-    splits = load_splits(folder)
     result = run_method(splits, method, seeds, grid, epochs) if view is None else run_view(
         splits, view, seeds, grid, epochs)
     return dict(result, minutes=(time.time() - started) / 60)
@@ -295,22 +283,22 @@ def check_reference_views(data):
 def dataset_entries(folders, data, methods, finished):
     """The JSON file's dataset entries from the finished units of work.
 
-    ``finished`` maps ``(folder, method, view)`` to :func:`run_task`'s dict (``view`` is
-    None but for ``"single"``). A method appears once all its units have finished; an
+    ``finished`` maps ``(dataset index, method, view)`` to :func:`run_task`'s dict
+    (``view`` is None but for ``"single"``). A method appears once all its units have finished; an
     entry's ``minutes`` add up its methods' (on several processes, more than the wall time).
     """
     entries = []
-    for folder, splits in zip(folders, data):
+    for d, (folder, splits) in enumerate(zip(folders, data)):
         entry = {"name": splits.name, "path": os.path.abspath(folder),
                  "samples": len(splits.train[1]) + len(splits.test[1]), "train": len(splits.train[1]),
                  "test": len(splits.test[1]), "classes": splits.num_classes, "views": splits.widths,
                  "rule_width": units_for(splits.num_classes, splits.widths), "methods": {}}
         for method in methods:
             if method != "single":
-                if (folder, method, None) in finished:
-                    entry["methods"][method] = finished[folder, method, None]
+                if (d, method, None) in finished:
+                    entry["methods"][method] = finished[d, method, None]
                 continue
-            views = {view + 1: finished.get((folder, method, view)) for view in range(len(splits.widths))}
+            views = {view + 1: finished.get((d, method, view)) for view in range(len(splits.widths))}
             if all(views.values()):
                 entry["methods"][method], entry["single_views"] = choose_single_view(views)
                 entry["methods"][method]["minutes"] = sum(v["minutes"] for v in views.values())
@@ -374,9 +362,9 @@ def main():
            "machine": info}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     # The units of work: each method on each dataset, and each view of "single" on its own.
-    tasks = [(folder, method, view) for folder, splits in zip(folders, data) for method in args.methods
+    tasks = [(d, method, view) for d, splits in enumerate(data) for method in args.methods
              for view in (range(len(splits.widths)) if method == "single" else [None])]
-    calls = [(*task, seeds, args.width_grid, args.epochs) for task in tasks]
+    calls = [(data[d], method, view, seeds, args.width_grid, args.epochs) for d, method, view in tasks]
     if args.jobs > 1:
         results = in_processes(run_task, calls, args.jobs)
     else:

@@ -314,5 +314,6 @@ def test_multiview_benchmark_chooses_widths_and_the_view_on_validation_and_reuse
     assert calls == [("concat", 8, 3), ("concat", 16, 3), ("concat", 16, 4), ("concat", 16, 5)]
     assert entry["units"] == 16 and entry["width_search"] == {"8": 1.0, "16": 0.5}
     assert entry["accuracy"] == pytest.approx([0.7] * 3)
-    single, views = multiview.best_single_view(splits, [0, 1], "rule", None)
+    single, views = multiview.choose_single_view({v + 1: multiview.run_view(splits, v, [0, 1], "rule", None)
+                                                  for v in range(3)})
     assert sorted(views) == [1, 2, 3] and single["view"] == 2

@@ -101,8 +101,8 @@ def test_export_verifies_the_artefact_on_the_recorded_data(trained_run, capsys, 
     assert cli.main(args + ["--overwrite"]) == 1
     err = capsys.readouterr().err
     assert "verification failed: max_abs" in err
-    assert re.search(r"deq_fusion took (\d+) solver steps, Keras \1", err) is None
-    assert re.search(r"deq_fusion took \d+ solver steps, Keras \d+", err), err
+    steps = re.search(r"deq_fusion took (\d+) solver steps, Keras (\d+)", err)
+    assert steps and int(steps.group(1)) - int(steps.group(2)) >= 2, err
 
 
 @pytest.mark.parametrize(
