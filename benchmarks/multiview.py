@@ -88,13 +88,12 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
 import numpy as np  # noqa: E402
 
 from keras_mmfusion.training import (  # noqa: E402
-    RECIPE, REFERENCE_RECIPE, Settings, load_splits, run_trial, select_views, units_for,
+    RECIPE, REFERENCE_RECIPE, Settings, in_processes, load_splits, run_trial, select_views, units_for,
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import machine  # noqa: E402
 import report  # noqa: E402
-from processes import in_processes  # noqa: E402
 
 METHODS = ["deq", "reference", "concat", "dmf", "single"]
 WIDTH_GRIDS = ("neighbour", "full", "rule", "recipe")

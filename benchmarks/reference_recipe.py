@@ -47,14 +47,13 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_mmfusion.training import (  # noqa: E402
-    REFERENCE_RECIPE, build_model, classification_metrics, converged_last_10, fit_classifier, fit_options, load_splits,
-    summarise,
+    REFERENCE_RECIPE, build_model, classification_metrics, converged_last_10, fit_classifier, fit_options, in_processes,
+    load_splits, summarise,
 )
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import machine, rosmap_available  # noqa: E402
 import official_rosmap  # noqa: E402
-from processes import in_processes  # noqa: E402
 import report  # noqa: E402
 
 def train_once(splits, seed, epochs):

@@ -1,7 +1,7 @@
 """ROSMAP (Alzheimer's disease vs control, 3 omics views): an honest comparison.
 
     python examples/rosmap.py [--seeds 5] [--methods deq reference reference_narrow dmf concat single]
-                              [--out runs/rosmap] [--progress-every 100]
+                              [--out runs/rosmap] [--progress-every 100] [--jobs 1]
 
 Also reachable as ``mmfusion train --data rosmap`` for a single model.
 
@@ -25,6 +25,8 @@ training samples whose solve converged over the last 10 epochs of each seed's ru
 the same of the adjoint solves of their gradients.
 While it runs, it prints a line every 100 epochs of each run (``--progress-every``) and
 one when a run ends, with its kept epoch, its validation loss and its test scores.
+``--jobs N`` trains N runs at a time, each in a fresh process of one TensorFlow thread: the
+models are small, so one process per core finishes sooner than one process on all cores.
 The data are MOGONET's preprocessed release (Wang et al., Nature Communications 2021),
 read from ``$MMFUSION_ROSMAP`` or downloaded once into the Keras cache (see
 ``keras_mmfusion.datasets.mogonet_folder``).
@@ -44,8 +46,8 @@ import keras  # noqa: E402
 import numpy as np  # noqa: E402
 
 from keras_mmfusion.training import (  # noqa: E402
-    RECIPE, REFERENCE_NARROW_RECIPE, REFERENCE_RECIPE, Settings, converged_keys, load_splits, run_trial, select_views,
-    summarise,
+    RECIPE, REFERENCE_NARROW_RECIPE, REFERENCE_RECIPE, Settings, converged_keys, in_processes, load_splits, run_trial,
+    select_views, summarise,
 )
 
 PUBLISHED = {"MOGONET (published)": {"accuracy": 0.815, "f1_binary": 0.821, "auc": 0.874}}
@@ -89,6 +91,14 @@ def seed_line(name, seed, seeds, metrics):
             f"AUC {100 * metrics['auc']:.1f}; {metrics['epoch_seconds']:.2f} s an epoch")
 
 
+def trial(name, model, data, seed, seeds, settings, every):
+    """One seed of one method under the protocol: its metrics, with a line when it ends."""
+    watch = progress(name, seed, seeds, settings.epochs, every)
+    metrics = run_trial(data, model, seed, settings, callbacks=[watch])[2]
+    print(seed_line(name, seed, seeds, metrics), flush=True)
+    return metrics
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--verbose", action="store_true", help="also show TensorFlow's C++ log lines")
@@ -104,6 +114,9 @@ def main():
     parser.add_argument("--out", default="runs/rosmap")
     parser.add_argument("--progress-every", type=int, default=100, metavar="N",
                         help="print a line every N epochs of each run (0: only when a run ends)")
+    parser.add_argument("--jobs", type=int, default=1, metavar="N",
+                        help="train N runs at a time, each in a fresh process of one TensorFlow thread "
+                             "(the seeds and methods are independent; the results do not depend on N)")
     args = parser.parse_args()
     def settings_of(name):
         recipe = {"reference": REFERENCE_RECIPE, "reference_narrow": REFERENCE_NARROW_RECIPE}.get(name, SETTINGS)
@@ -115,22 +128,23 @@ def main():
     splits = load_splits("rosmap")
     seeds = list(range(args.seeds))
 
-    def trial(name, model, data, seed):
-        settings = settings_of(name)
-        watch = progress(name, seed, len(seeds), settings.epochs, args.progress_every)
-        metrics = run_trial(data, model, seed, settings, callbacks=[watch])[2]
-        print(seed_line(name, seed, len(seeds), metrics), flush=True)
-        return metrics
+    # The units of work: one seed of one method, and of each view for "single".
+    tasks = [(name, model_of(name), splits) for name in args.methods if name != "single"]
+    if "single" in args.methods:
+        tasks += [(f"view {view + 1}", "single", select_views(splits, [view])) for view in range(len(splits.widths))]
+    calls = [(name, model, data, seed, len(seeds), settings_of(name),
+              args.progress_every) for name, model, data in tasks for seed in seeds]
+    if args.jobs > 1:
+        done = dict(in_processes(trial, calls, args.jobs))
+    else:
+        done = {i: trial(*call) for i, call in enumerate(calls)}
+    runs_of = {name: [done[i] for i, call in enumerate(calls) if call[0] == name] for name, _, _ in tasks}
 
     results = {}
     for name in [m for m in args.methods if m != "single"]:
-        runs = [trial(name, model_of(name), splits, seed) for seed in seeds]
-        results[name] = {"runs": runs, "summary": summarise(runs)}
+        results[name] = {"runs": runs_of[name], "summary": summarise(runs_of[name])}
     if "single" in args.methods:
-        views = {}
-        for view in range(len(splits.widths)):
-            views[view] = [trial(f"view {view + 1}", "single", select_views(splits, [view]), seed)
-                           for seed in seeds]
+        views = {view: runs_of[f"view {view + 1}"] for view in range(len(splits.widths))}
         best = min(views, key=lambda v: np.mean([r["best_validation"] for r in views[v]]))
         results[f"single view {best + 1}"] = {"runs": views[best], "summary": summarise(views[best]),
                                               "chosen_by": "lowest mean validation loss"}

@@ -26,7 +26,6 @@ try:
     import deq_scaling
     import multiview
     import perf_vs_peer
-    import processes
     import report
 finally:
     sys.path.remove(BENCHMARKS)
@@ -112,16 +111,6 @@ def test_gpu_check_reads_the_deq_training_step_as_one_xla_program_with_its_solve
     hlo = 'recv.1 = (f32[4], u32[], token[]) recv(token.2), channel_id=1, is_host_transfer=true'
     assert len(gpu_check.HOST_TRANSFER.findall(hlo)) == 1
     assert not gpu_check.HOST_TRANSFER.findall("while.3 = (s32[], f32[16,32]) while(tuple.5), condition=cond")
-
-
-def test_in_processes_yields_every_call_from_one_thread_workers_and_restores_the_environment(monkeypatch):
-    monkeypatch.setenv("TF_NUM_INTRAOP_THREADS", "7")
-    monkeypatch.delenv("TF_NUM_INTEROP_THREADS", raising=False)
-    calls = [("TF_NUM_INTRAOP_THREADS",), ("TF_NUM_INTEROP_THREADS",), ("MMFUSION_UNSET_VARIABLE",)]
-    assert dict(processes.in_processes(os.getenv, calls, 2)) == {0: "1", 1: "1", 2: None}
-    assert os.environ["TF_NUM_INTRAOP_THREADS"] == "7" and "TF_NUM_INTEROP_THREADS" not in os.environ
-    with pytest.raises(ValueError):
-        list(processes.in_processes(int, [("12",), ("not a number",)], 2))
 
 
 def test_missing_modality_benchmark_feeds_nan_views_masked_out():

@@ -8,6 +8,7 @@ split at the end. The library itself (layers, models, export) does not depend on
 
 from keras_mmfusion.training.fitting import build_before_tracing, compile_classifier, fit_classifier
 from keras_mmfusion.training.optimizers import CoupledDecayAdam
+from keras_mmfusion.training.processes import in_processes
 from keras_mmfusion.training.protocol import (
     RECIPE,
     REFERENCE_NARROW_RECIPE,
@@ -36,6 +37,7 @@ __all__ = [
     "Splits",
     "build_before_tracing",
     "build_model",
+    "in_processes",
     "model_inputs",
     "classification_metrics",
     "compile_classifier",

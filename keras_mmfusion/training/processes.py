@@ -1,4 +1,4 @@
-"""Benchmark runs in worker processes of one TensorFlow thread each.
+"""Trials in worker processes of one TensorFlow thread each.
 
 Small models train faster as several one-thread processes, one per core, than as one
 process whose TensorFlow thread pools share the cores: their ops are too small to split.
