@@ -3,7 +3,7 @@
     python benchmarks/multiview.py --data DIR [--data DIR ...] [--seeds 5] [--first-seed 0]
                                    [--methods deq reference concat dmf single] [--epochs N]
                                    [--width-grid neighbour|full|rule|recipe] [--json FILE] [--plot FILE]
-                                   [--jobs N] [--record]
+                                   [--jobs N] [--deq-options JSON] [--record]
 
 Each ``DIR`` holds ``1_tr.csv``, ``1_te.csv``, ..., ``labels_tr.csv`` and ``labels_te.csv``
 (read with ``keras_mmfusion.training.load_splits``). Without ``--data`` the script reads
@@ -62,13 +62,19 @@ Datasets used in ``benchmarks/RESULTS.md``:
 - ROSMAP (``../shared/data/rosmap``): MOGONET's preprocessed release (Wang et al., Nature
   Communications 2021), 351 patients, 2 classes, three omics views of 200 features.
 
-It prints, per dataset, the width search, a table (method, accuracy and macro F1 as mean
-+- std in percent, chosen width, median seconds per epoch, mean epochs run) and the DEQ
-against concat line; it writes a JSON file (``{"datasets": [{"name", "samples",
+It prints, per dataset, the width search, a table (method, test accuracy and macro F1 as
+mean +- std in percent; at the kept epoch, the mean accuracy on the training part as
+``fit`` logs it, over the epoch with dropout on, and on the validation split, and the
+mean validation loss; chosen width, median seconds per epoch, mean epochs run) and the
+DEQ against concat line. The training and validation columns tell a method that fits
+its data less well from one that fits it and generalises less well; it writes a JSON file (``{"datasets": [{"name", "samples",
 "classes", "methods": {METHOD: {"accuracy": [...], "f1_macro": [...], ...}}}]}``, one
 value per seed) and, where matplotlib is installed, a PNG of test accuracy per method and
 dataset with the seeds' standard deviation as error bars. Progress lines of each trial go
 to stderr, so ``--record`` keeps only the tables.
+
+``--deq-options JSON`` passes further keyword arguments to the ``deq`` method's
+``DEQFusion`` (an ablation, e.g. ``'{"jacobian_weight": 0}'``); they are recorded in the JSON.
 
 ``--jobs N`` runs N units of work at a time (a method on a dataset; each view of
 ``single``), each in a fresh process with one TensorFlow thread: on 2 cores, ``deq`` on
@@ -100,7 +106,8 @@ WIDTH_GRIDS = ("neighbour", "full", "rule", "recipe")
 ENVIRONMENT = "MMFUSION_MULTIVIEW_DATA"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
 # The fields of run_trial's metrics kept per seed in the JSON file.
-PER_SEED = ("accuracy", "f1_macro", "best_validation", "best_epoch", "epochs_run", "epoch_seconds")
+PER_SEED = ("accuracy", "f1_macro", "best_validation", "best_epoch", "epochs_run", "epoch_seconds", "fit_accuracy",
+            "validation_accuracy")
 
 
 def recipe_of(method):
@@ -122,10 +129,13 @@ def candidate_widths(method, num_classes, widths, grid="neighbour"):
             "recipe": [own]}[grid]
 
 
-def settings_for(method, units, epochs=None):
-    """The method's recipe at width ``units``, with at most ``epochs`` epochs when given."""
+def settings_for(method, units, epochs=None, deq_options=None):
+    """The method's recipe at width ``units``, with at most ``epochs`` epochs when given;
+    for ``deq``, ``deq_options`` are further keyword arguments of its ``DEQFusion``."""
     recipe = recipe_of(method)
-    return Settings(**{**vars(recipe), "units": units, "epochs": epochs or recipe.epochs})
+    fusion_options = {**recipe.fusion_options, **(deq_options or {})} if method == "deq" else recipe.fusion_options
+    return Settings(**{**vars(recipe), "units": units, "epochs": epochs or recipe.epochs,
+                       "fusion_options": fusion_options})
 
 
 def trial(splits, model, seed, settings, label):
@@ -136,10 +146,10 @@ def trial(splits, model, seed, settings, label):
         print(f"  {splits.name} {label} width {settings.units} seed {seed}: kept epoch {metrics['best_epoch']} of "
               f"{metrics['epochs_run']} (validation loss {metrics['best_validation']:.4f}), "
               f"{metrics['epoch_seconds']:.3f} s an epoch, {time.time() - started:.0f} s in all", flush=True)
-    return {k: metrics[k] for k in PER_SEED}
+    return {k: metrics.get(k) for k in PER_SEED}
 
 
-def run_method(splits, method, seeds, grid, epochs, label=None):
+def run_method(splits, method, seeds, grid, epochs, label=None, deq_options=None):
     """Choose the width on the first seed's validation split, then run every seed at it.
 
     Returns:
@@ -149,9 +159,9 @@ def run_method(splits, method, seeds, grid, epochs, label=None):
     label = label or method
     first = {}
     for units in candidate_widths(method, splits.num_classes, splits.widths, grid):
-        first[units] = trial(splits, method, seeds[0], settings_for(method, units, epochs), label)
+        first[units] = trial(splits, method, seeds[0], settings_for(method, units, epochs, deq_options), label)
     units = min(first, key=lambda u: first[u]["best_validation"])
-    runs = [first[units]] + [trial(splits, method, seed, settings_for(method, units, epochs), label)
+    runs = [first[units]] + [trial(splits, method, seed, settings_for(method, units, epochs, deq_options), label)
                              for seed in seeds[1:]]
     out = {"units": units, "width_search": {str(u): first[u]["best_validation"] for u in first}}
     out.update({k: [r[k] for r in runs] for k in PER_SEED})
@@ -170,11 +180,11 @@ def choose_single_view(views):
     return dict(views[best], view=best, chosen_by="lowest validation loss, mean over the seeds"), views
 
 
-def run_task(splits, method, view, seeds, grid, epochs):
+def run_task(splits, method, view, seeds, grid, epochs, deq_options=None):
     """One method's runs (or, for ``"single"``, one view's) on a dataset, with the minutes
     they took: the unit of work of ``--jobs``."""
     started = time.time()
-    result = run_method(splits, method, seeds, grid, epochs) if view is None else run_view(
+    result = run_method(splits, method, seeds, grid, epochs, deq_options=deq_options) if view is None else run_view(
         splits, view, seeds, grid, epochs)
     return dict(result, minutes=(time.time() - started) / 60)
 
@@ -191,6 +201,12 @@ def lead_over(methods, a="deq", b="concat", key="accuracy"):
     mean = float(np.mean(differences))
     return {"mean_difference": mean, "per_seed": differences.tolist(), "spread": spread,
             "wins": int(np.sum(differences > 0)), "exceeds_spread": bool(mean > spread)}
+
+
+def mean_percent(method, key):
+    """The mean over the seeds of ``method[key]`` in percent; ``-`` where a run lacks it."""
+    values = method.get(key, [])
+    return "-" if not values or None in values else f"{100 * np.mean(values):.1f}"
 
 
 def cell(values):
@@ -212,10 +228,12 @@ def print_dataset(entry, seeds):
         tried = ", ".join(f"{u}: {loss:.4f}" for u, loss in m["width_search"].items())
         print(f"  view {view:<5} {tried}  -> {m['units']}; mean validation loss over the seeds "
               f"{np.mean(m['best_validation']):.4f}")
-    print(f"{'method':<16} {'ACC':>13} {'F1 macro':>13} {'width':>6} {'s/epoch':>8} {'epochs':>7}")
+    print(f"{'method':<16} {'ACC':>13} {'F1 macro':>13} {'fit ACC':>8} {'val ACC':>8} {'val loss':>8} {'width':>6} "
+          f"{'s/epoch':>8} {'epochs':>7}")
     for name, m in methods.items():
         label = f"single (view {m['view']})" if name == "single" else name
-        print(f"{label:<16} {cell(m['accuracy']):>13} {cell(m['f1_macro']):>13} {m['units']:>6} "
+        print(f"{label:<16} {cell(m['accuracy']):>13} {cell(m['f1_macro']):>13} {mean_percent(m, 'fit_accuracy'):>8} "
+              f"{mean_percent(m, 'validation_accuracy'):>8} {np.mean(m['best_validation']):>8.4f} {m['units']:>6} "
               f"{np.median(m['epoch_seconds']):>8.3f} {np.mean(m['epochs_run']):>7.1f}")
     if "deq_vs_concat" in entry:
         lead = entry["deq_vs_concat"]
@@ -332,6 +350,9 @@ def main():
     parser.add_argument("--jobs", type=int, default=1,
                         help="units of work (a method on a dataset; one view of 'single') run at a time, each in "
                              "a process of one TensorFlow thread (default 1: one after another in this process)")
+    parser.add_argument("--deq-options", type=json.loads, default={}, metavar="JSON",
+                        help="further keyword arguments of the deq method's DEQFusion, for ablations, e.g. "
+                             "'{\"jacobian_weight\": 0}' (default: none, the layer's defaults)")
     parser.add_argument("--json", default=os.path.join(RESULTS, "multiview.json"))
     parser.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
     args = parser.parse_args()
@@ -350,12 +371,12 @@ def main():
             "rule": "w = units_for(classes, view widths), no search",
             "recipe": "the recipe's width, no search"}[args.width_grid]
     print(f"methods: {', '.join(args.methods)}; width per method: {grid}; epochs: "
-          f"{args.epochs or 'the recipes'}")
+          f"{args.epochs or 'the recipes'}" + (f"; deq's DEQFusion options: {args.deq_options}" if args.deq_options else ""))
     data = [load_splits(folder) for folder in folders]
     if "reference" in args.methods:
         check_reference_views(data)
     out = {"seeds": seeds, "methods": args.methods, "width_grid": args.width_grid, "width_rule": grid,
-           "epochs": args.epochs, "jobs": args.jobs,
+           "epochs": args.epochs, "jobs": args.jobs, "deq_options": args.deq_options,
            "recipes": {m: {k: v for k, v in vars(recipe_of(m)).items() if k != "units"} for m in args.methods},
            "lead_rule": "mean per-seed difference of test accuracy above the larger std of the two methods",
            "machine": info}
@@ -363,7 +384,8 @@ def main():
     # The units of work: each method on each dataset, and each view of "single" on its own.
     tasks = [(d, method, view) for d, splits in enumerate(data) for method in args.methods
              for view in (range(len(splits.widths)) if method == "single" else [None])]
-    calls = [(data[d], method, view, seeds, args.width_grid, args.epochs) for d, method, view in tasks]
+    calls = [(data[d], method, view, seeds, args.width_grid, args.epochs, args.deq_options)
+             for d, method, view in tasks]
     if args.jobs > 1:
         results = in_processes(run_task, calls, args.jobs)
     else:

@@ -14,6 +14,7 @@ import pytest
 import tensorflow as tf
 
 from keras_mmfusion.equilibrium import get_solver
+from keras_mmfusion.training import RECIPE, REFERENCE_RECIPE
 
 BENCHMARKS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "benchmarks")
 sys.path.insert(0, BENCHMARKS)
@@ -256,6 +257,8 @@ def test_multiview_benchmark_runs_a_mogonet_folder_into_a_table_json_and_plot(tm
         assert len(method["accuracy"]) == len(method["f1_macro"]) == 1
         assert all(0.0 <= v <= 1.0 for v in method["accuracy"] + method["f1_macro"])
         assert method["epochs_run"] == [2] and np.isfinite(method["best_validation"]).all()
+        # The fused head's accuracy at the kept epoch, on the training part and on validation.
+        assert all(0.0 <= method[k][0] <= 1.0 for k in ("fit_accuracy", "validation_accuracy"))
         # The width rule: 4 units per class, at most the widest view rounded up to a power of two.
         assert method["units"] == 8 and list(method["width_search"]) == ["8"]
     # The best single view is the one of lowest validation loss, never chosen on test.
@@ -272,6 +275,13 @@ def test_multiview_benchmark_widths_lead_rule_and_missing_data(monkeypatch):
     assert multiview.candidate_widths("reference", 2, [200, 200, 200], "full") == [8, 16, 300]
     assert multiview.candidate_widths("reference", 2, [200, 200, 200], "recipe") == [300]
     assert multiview.candidate_widths("concat", 15, [20, 59, 40], "rule") == [64]
+    # --deq-options reach the deq method's fusion layer only, over its recipe's options.
+    assert multiview.settings_for("deq", 64, deq_options={"jacobian_weight": 0}).fusion_options == \
+        {**RECIPE.fusion_options, "jacobian_weight": 0}
+    assert multiview.settings_for("concat", 64, deq_options={"jacobian_weight": 0}).fusion_options == \
+        RECIPE.fusion_options
+    assert multiview.settings_for("reference", 64, deq_options={"jacobian_weight": 0}).fusion_options == \
+        REFERENCE_RECIPE.fusion_options
     lead = multiview.lead_over({"deq": {"accuracy": [0.80, 0.82, 0.84]}, "concat": {"accuracy": [0.78, 0.80, 0.81]}})
     assert lead["mean_difference"] == pytest.approx(0.0233, abs=1e-4) and lead["wins"] == 3
     assert lead["spread"] == pytest.approx(np.std([0.80, 0.82, 0.84])) and lead["exceeds_spread"]
@@ -294,7 +304,8 @@ def test_multiview_benchmark_chooses_widths_and_the_view_on_validation_and_reuse
         calls.append((label, settings.units, seed))
         loss = validation[label][seed] if label in validation else 1.0 - 0.5 * (settings.units == 16)
         return {"accuracy": 0.9 - 0.2 * (settings.units == 16), "f1_macro": 0.5, "best_validation": loss,
-                "best_epoch": 1, "epochs_run": 2, "epoch_seconds": 0.1}
+                "best_epoch": 1, "epochs_run": 2, "epoch_seconds": 0.1, "fit_accuracy": 0.95,
+                "validation_accuracy": 0.9}
 
     monkeypatch.setattr(multiview, "trial", fake_trial)
     x = [np.zeros((10, w)) for w in (5, 6, 7)]

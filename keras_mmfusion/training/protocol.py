@@ -287,7 +287,10 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
 
     Returns:
         ``(model, history, metrics)`` with test ``accuracy``, ``f1``, ``auc``, the
-        best validation value, the epochs run and the median seconds per epoch; for a DEQ
+        best validation value, the epochs run and the median seconds per epoch, the
+        accuracy at the kept epoch on the training part (``fit_accuracy``, as ``fit``
+        logs it: over the epoch, with dropout on) and on the validation split
+        (``validation_accuracy``); for a DEQ
         model also the converged fractions of its training solves over the last 10 epochs
         of the run on the validation split (see :func:`converged_last_10`).
     """
@@ -317,6 +320,11 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
         epoch_seconds=float(np.median(timer.times)),
         params=int(model.count_params()),
     )
+    # The fused head's accuracy at the kept epoch: on the training part as fit logs it
+    # (over the epoch, under dropout), and on the validation split.
+    for key, name in (("accuracy", "fit_accuracy"), ("val_accuracy", "validation_accuracy")):
+        if key in history:
+            metrics[name] = float(history[key][best_epoch - 1])
     metrics.update(converged_last_10(history))
     return model, history, metrics
 
