@@ -9,6 +9,7 @@ split at the end. The library itself (layers, models, export) does not depend on
 from keras_mmfusion.training.fitting import build_before_tracing, compile_classifier, fit_classifier
 from keras_mmfusion.training.optimizers import CoupledDecayAdam
 from keras_mmfusion.training.processes import in_processes
+from keras_mmfusion.training.reproducibility import fixed_summation_order
 from keras_mmfusion.training.protocol import (
     RECIPE,
     REFERENCE_NARROW_RECIPE,
@@ -37,6 +38,7 @@ __all__ = [
     "Splits",
     "build_before_tracing",
     "build_model",
+    "fixed_summation_order",
     "in_processes",
     "model_inputs",
     "classification_metrics",

@@ -7,6 +7,7 @@ import keras
 from keras_mmfusion.callbacks import ClassifierLogs, EpochTimer
 from keras_mmfusion.models import with_modality_heads
 from keras_mmfusion.training.optimizers import CoupledDecayAdam
+from keras_mmfusion.training.reproducibility import fixed_summation_order
 
 
 def _optimizer(lr, clipnorm, weight_decay, epsilon, torch_epsilon=False):
@@ -98,6 +99,10 @@ def fit_classifier(model, train, epochs, validation=None, batch_size=32, patienc
             means the same with and without modality heads.
         shuffle: whether ``fit`` shuffles the training rows every epoch.
 
+    ``fit`` runs with a fixed order of summation (:func:`~keras_mmfusion.training.fixed_summation_order`),
+    so that one seed gives one training run, bit for bit, however TensorFlow's threads
+    are scheduled.
+
     Returns:
         ``(history, timer)``: the Keras history dict and the :class:`~keras_mmfusion.callbacks.EpochTimer`.
     """
@@ -119,8 +124,9 @@ def fit_classifier(model, train, epochs, validation=None, batch_size=32, patienc
         order.append(keras.callbacks.EarlyStopping(monitor, patience=patience or epochs, mode=mode,
                                                    restore_best_weights=True))
     build_before_tracing(trainer, *train)
-    history = trainer.fit(*train, validation_data=validation, epochs=epochs, batch_size=batch_size,
-                          verbose=verbose, callbacks=order, shuffle=shuffle)
+    with fixed_summation_order():
+        history = trainer.fit(*train, validation_data=validation, epochs=epochs, batch_size=batch_size,
+                              verbose=verbose, callbacks=order, shuffle=shuffle)
     return history.history, timer
 
 

@@ -2,8 +2,6 @@
 
 Small models train faster as several one-thread processes, one per core, than as one
 process whose TensorFlow thread pools share the cores: their ops are too small to split.
-With one inter-op thread a worker also runs its ops in one order, so its training is
-bit-for-bit reproducible from a seed (docs/guide.md, "Notes on behaviour").
 """
 
 import concurrent.futures
