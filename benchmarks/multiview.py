@@ -3,7 +3,7 @@
     python benchmarks/multiview.py --data DIR [--data DIR ...] [--seeds 5] [--first-seed 0]
                                    [--methods deq reference concat dmf single] [--epochs N]
                                    [--width-grid neighbour|full|rule|recipe] [--json FILE] [--plot FILE]
-                                   [--jobs N] [--deq-options JSON] [--record]
+                                   [--jobs N] [--deq-options JSON] [--settings JSON] [--record]
 
 Each ``DIR`` holds ``1_tr.csv``, ``1_te.csv``, ..., ``labels_tr.csv`` and ``labels_te.csv``
 (read with ``keras_mmfusion.training.load_splits``). Without ``--data`` the script reads
@@ -74,7 +74,9 @@ dataset with the seeds' standard deviation as error bars. Progress lines of each
 to stderr, so ``--record`` keeps only the tables.
 
 ``--deq-options JSON`` passes further keyword arguments to the ``deq`` method's
-``DEQFusion`` (an ablation, e.g. ``'{"jacobian_weight": 0}'``); they are recorded in the JSON.
+``DEQFusion`` (an ablation, e.g. ``'{"jacobian_weight": 0}'``), and ``--settings JSON``
+replaces fields of every method's recipe (``training.Settings``, e.g. ``'{"dropout":
+0.2}'``); both are recorded in the JSON.
 
 ``--jobs N`` runs N units of work at a time (a method on a dataset; each view of
 ``single``), each in a fresh process with one TensorFlow thread: on 2 cores, ``deq`` on
@@ -129,10 +131,11 @@ def candidate_widths(method, num_classes, widths, grid="neighbour"):
             "recipe": [own]}[grid]
 
 
-def settings_for(method, units, epochs=None, deq_options=None):
+def settings_for(method, units, epochs=None, deq_options=None, overrides=None):
     """The method's recipe at width ``units``, with at most ``epochs`` epochs when given;
-    for ``deq``, ``deq_options`` are further keyword arguments of its ``DEQFusion``."""
-    recipe = recipe_of(method)
+    for ``deq``, ``deq_options`` are further keyword arguments of its ``DEQFusion``;
+    ``overrides`` replace fields of every method's recipe (an ablation)."""
+    recipe = Settings(**{**vars(recipe_of(method)), **(overrides or {})})
     fusion_options = {**recipe.fusion_options, **(deq_options or {})} if method == "deq" else recipe.fusion_options
     return Settings(**{**vars(recipe), "units": units, "epochs": epochs or recipe.epochs,
                        "fusion_options": fusion_options})
@@ -149,7 +152,7 @@ def trial(splits, model, seed, settings, label):
     return {k: metrics.get(k) for k in PER_SEED}
 
 
-def run_method(splits, method, seeds, grid, epochs, label=None, deq_options=None):
+def run_method(splits, method, seeds, grid, epochs, label=None, deq_options=None, overrides=None):
     """Choose the width on the first seed's validation split, then run every seed at it.
 
     Returns:
@@ -159,18 +162,20 @@ def run_method(splits, method, seeds, grid, epochs, label=None, deq_options=None
     label = label or method
     first = {}
     for units in candidate_widths(method, splits.num_classes, splits.widths, grid):
-        first[units] = trial(splits, method, seeds[0], settings_for(method, units, epochs, deq_options), label)
+        first[units] = trial(splits, method, seeds[0], settings_for(method, units, epochs, deq_options, overrides),
+                             label)
     units = min(first, key=lambda u: first[u]["best_validation"])
-    runs = [first[units]] + [trial(splits, method, seed, settings_for(method, units, epochs, deq_options), label)
-                             for seed in seeds[1:]]
+    runs = [first[units]] + [trial(splits, method, seed, settings_for(method, units, epochs, deq_options, overrides),
+                                   label) for seed in seeds[1:]]
     out = {"units": units, "width_search": {str(u): first[u]["best_validation"] for u in first}}
     out.update({k: [r[k] for r in runs] for k in PER_SEED})
     return out
 
 
-def run_view(splits, view, seeds, grid, epochs):
+def run_view(splits, view, seeds, grid, epochs, overrides=None):
     """:func:`run_method` of the one-view classifier on view ``view`` (from 0)."""
-    return run_method(select_views(splits, [view]), "single", seeds, grid, epochs, label=f"single view {view + 1}")
+    return run_method(select_views(splits, [view]), "single", seeds, grid, epochs, label=f"single view {view + 1}",
+                      overrides=overrides)
 
 
 def choose_single_view(views):
@@ -180,12 +185,14 @@ def choose_single_view(views):
     return dict(views[best], view=best, chosen_by="lowest validation loss, mean over the seeds"), views
 
 
-def run_task(splits, method, view, seeds, grid, epochs, deq_options=None):
+def run_task(splits, method, view, seeds, grid, epochs, deq_options=None, overrides=None):
     """One method's runs (or, for ``"single"``, one view's) on a dataset, with the minutes
     they took: the unit of work of ``--jobs``."""
     started = time.time()
-    result = run_method(splits, method, seeds, grid, epochs, deq_options=deq_options) if view is None else run_view(
-        splits, view, seeds, grid, epochs)
+    if view is None:
+        result = run_method(splits, method, seeds, grid, epochs, deq_options=deq_options, overrides=overrides)
+    else:
+        result = run_view(splits, view, seeds, grid, epochs, overrides)
     return dict(result, minutes=(time.time() - started) / 60)
 
 
@@ -353,6 +360,9 @@ def main():
     parser.add_argument("--deq-options", type=json.loads, default={}, metavar="JSON",
                         help="further keyword arguments of the deq method's DEQFusion, for ablations, e.g. "
                              "'{\"jacobian_weight\": 0}' (default: none, the layer's defaults)")
+    parser.add_argument("--settings", type=json.loads, default={}, metavar="JSON",
+                        help="fields of every method's recipe to replace, for ablations, e.g. '{\"dropout\": 0.2}' "
+                             "(default: none)")
     parser.add_argument("--json", default=os.path.join(RESULTS, "multiview.json"))
     parser.add_argument("--plot", default=None, help="PNG path (default: the JSON path with .png)")
     args = parser.parse_args()
@@ -371,20 +381,22 @@ def main():
             "rule": "w = units_for(classes, view widths), no search",
             "recipe": "the recipe's width, no search"}[args.width_grid]
     print(f"methods: {', '.join(args.methods)}; width per method: {grid}; epochs: "
-          f"{args.epochs or 'the recipes'}" + (f"; deq's DEQFusion options: {args.deq_options}" if args.deq_options else ""))
+          f"{args.epochs or 'the recipes'}" + (f"; deq's DEQFusion options: {args.deq_options}" if args.deq_options else "")
+          + (f"; every recipe with {args.settings}" if args.settings else ""))
     data = [load_splits(folder) for folder in folders]
     if "reference" in args.methods:
         check_reference_views(data)
     out = {"seeds": seeds, "methods": args.methods, "width_grid": args.width_grid, "width_rule": grid,
-           "epochs": args.epochs, "jobs": args.jobs, "deq_options": args.deq_options,
-           "recipes": {m: {k: v for k, v in vars(recipe_of(m)).items() if k != "units"} for m in args.methods},
+           "epochs": args.epochs, "jobs": args.jobs, "deq_options": args.deq_options, "settings": args.settings,
+           "recipes": {m: {k: v for k, v in vars(settings_for(m, 0, args.epochs, args.deq_options, args.settings)).items()
+                           if k != "units"} for m in args.methods},
            "lead_rule": "mean per-seed difference of test accuracy above the larger std of the two methods",
            "machine": info}
     os.makedirs(os.path.dirname(os.path.abspath(args.json)), exist_ok=True)
     # The units of work: each method on each dataset, and each view of "single" on its own.
     tasks = [(d, method, view) for d, splits in enumerate(data) for method in args.methods
              for view in (range(len(splits.widths)) if method == "single" else [None])]
-    calls = [(data[d], method, view, seeds, args.width_grid, args.epochs, args.deq_options)
+    calls = [(data[d], method, view, seeds, args.width_grid, args.epochs, args.deq_options, args.settings)
              for d, method, view in tasks]
     if args.jobs > 1:
         results = in_processes(run_task, calls, args.jobs)

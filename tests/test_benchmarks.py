@@ -282,6 +282,9 @@ def test_multiview_benchmark_widths_lead_rule_and_missing_data(monkeypatch):
         RECIPE.fusion_options
     assert multiview.settings_for("reference", 64, deq_options={"jacobian_weight": 0}).fusion_options == \
         REFERENCE_RECIPE.fusion_options
+    # --settings replace recipe fields of every method.
+    assert [multiview.settings_for(m, 64, overrides={"dropout": 0.2}).dropout for m in ("deq", "concat")] == [0.2, 0.2]
+    assert multiview.settings_for("concat", 64).dropout == RECIPE.dropout != 0.2
     lead = multiview.lead_over({"deq": {"accuracy": [0.80, 0.82, 0.84]}, "concat": {"accuracy": [0.78, 0.80, 0.81]}})
     assert lead["mean_difference"] == pytest.approx(0.0233, abs=1e-4) and lead["wins"] == 3
     assert lead["spread"] == pytest.approx(np.std([0.80, 0.82, 0.84])) and lead["exceeds_spread"]
