@@ -6,9 +6,10 @@ and 8 features, 64 samples, implicit adjoint) takes the gradient of its summed c
 probability with respect to its weights, ``--calls`` times in one process, in three
 modes: a ``tf.function`` with TensorFlow's default graph optimisations; the same traced
 and run inside ``keras_mmfusion.training.fixed_summation_order()`` (Grappler's arithmetic
-rewrites off); and the same compiled with XLA. The table gives, per mode, how many calls
-differed from the call before in any bit, the largest absolute difference, and the
-median time of a call.
+rewrites off); and the same compiled with XLA. Each mode's function is traced and first
+run in its own setting, then the modes' calls alternate. The table gives, per mode, how
+many calls differed from the call before in any bit, the largest absolute difference,
+and the median time of a call.
 
     python benchmarks/reproducibility.py [--calls 100] [--json FILE]
 
@@ -41,34 +42,46 @@ MODES = {"default": (contextlib.nullcontext, False), "rewrite off": (fixed_summa
          "xla": (contextlib.nullcontext, True)}
 
 
-def measure(solver, mode, calls):
-    """``{"differing", "max_difference", "ms"}`` of ``calls`` gradient calls in ``mode``."""
+def measure(solver, calls):
+    """``{mode: {"differing", "max_difference", "ms"}}`` of ``calls`` gradient calls per mode.
+
+    One model; each mode's function is traced and first run in its own setting, then the
+    modes' calls alternate, so that a change of the machine's load reaches every mode alike.
+    """
     keras.utils.set_random_seed(0)
     x, _ = mmf.make_synthetic(64, num_modalities=3, widths=WIDTHS, noise=0.5, seed=0)
     xs = [tf.constant(a) for a in x]
     fusion = mmf.DEQFusion(8, solver=solver, jacobian_weight=0.0)
     model = mmf.models.build_classifier(fusion, WIDTHS, 2, encoder_units=8, head_units=8)
     model(xs)
-    scope, jit = MODES[mode]
 
-    @tf.function(jit_compile=jit)
-    def gradient():
-        with tf.GradientTape() as tape:
-            loss = tf.reduce_sum(model(xs, training=True)[:, 0])
-        return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(loss, model.trainable_weights)], 0)
+    def traced(jit):
+        @tf.function(jit_compile=jit)
+        def gradient():
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(model(xs, training=True)[:, 0])
+            return tf.concat([tf.reshape(g, [-1]) for g in tape.gradient(loss, model.trainable_weights)], 0)
 
-    with scope():
-        previous = gradient().numpy()
-        differing, largest, times = 0, 0.0, []
-        for _ in range(calls):
-            start = time.perf_counter()
-            current = gradient().numpy()
-            times.append(time.perf_counter() - start)
-            difference = float(np.max(np.abs(current - previous)))
-            differing += difference > 0 or not np.array_equal(current, previous)
-            largest = max(largest, difference)
-            previous = current
-    return {"differing": int(differing), "max_difference": largest, "ms": 1e3 * float(np.median(times))}
+        return gradient
+
+    functions, previous = {}, {}
+    for mode, (scope, jit) in MODES.items():
+        functions[mode] = traced(jit)
+        with scope():
+            previous[mode] = functions[mode]().numpy()
+    rows = {mode: {"differing": 0, "max_difference": 0.0, "times": []} for mode in MODES}
+    for _ in range(calls):
+        for mode, (scope, _) in MODES.items():
+            with scope():
+                start = time.perf_counter()
+                current = functions[mode]().numpy()
+                rows[mode]["times"].append(time.perf_counter() - start)
+            row = rows[mode]
+            row["differing"] += int(not np.array_equal(current, previous[mode]))
+            row["max_difference"] = max(row["max_difference"], float(np.max(np.abs(current - previous[mode]))))
+            previous[mode] = current
+    return {mode: {"differing": row["differing"], "max_difference": row["max_difference"],
+                   "ms": 1e3 * float(np.median(row.pop("times")))} for mode, row in rows.items()}
 
 
 def main():
@@ -86,9 +99,10 @@ def main():
     print(f"{'solver':<12} {'mode':<12} {'differing':>14} {'max |diff|':>11} {'ms/call':>8}")
     rows = []
     for solver in ("anderson", "broyden", "fixed_point"):
-        for mode in MODES:
-            with report.unrecorded():
-                row = dict(solver=solver, mode=mode, **measure(solver, mode, args.calls))
+        with report.unrecorded():
+            measured = measure(solver, args.calls)
+        for mode, values in measured.items():
+            row = dict(solver=solver, mode=mode, **values)
             rows.append(row)
             print(f"{solver:<12} {mode:<12} {row['differing']:>6} of {args.calls:<5} {row['max_difference']:>11.1e} "
                   f"{row['ms']:>8.2f}", flush=True)
