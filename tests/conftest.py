@@ -32,15 +32,17 @@ def _reset_keras_state():
     keras.config.set_dtype_policy("float32")
 
 
-# The longest test files, longest first (each 65-245 s in a full run on the 2-core CI
+# The longest test files, longest first (each 25-245 s in a full run on the 2-core CI
 # machine). ``--dist loadfile`` hands out whole files in collection order (setup.cfg
 # turns off xdist's reordering by test count), so the long ones start first and no
 # worker is left running one of them alone at the end.
 LONGEST_FIRST = (
-    "test_export.py", "layers/test_deq_fusion.py", "layers/test_basic.py", "test_export_solver.py",
-    "test_mixed_precision.py", "test_cli.py", "test_export_quantized.py", "distribute/test_mirrored.py",
-    "test_examples.py", "test_benchmarks.py", "distribute/test_multi_worker.py", "test_models.py",
-    "test_cli_runs.py",
+    "layers/test_deq_fusion.py", "test_export.py", "layers/test_basic.py", "test_export_solver.py",
+    "test_mixed_precision.py", "distribute/test_mirrored.py", "test_export_quantized.py", "test_cli.py",
+    "test_examples.py", "test_benchmarks.py", "test_models.py", "test_cli_runs.py", "test_reference_classifier.py",
+    "distribute/test_multi_worker.py", "layers/test_dynamic.py", "equilibrium/test_gradients.py",
+    "test_training_parity.py", "equilibrium/test_solvers.py", "layers/test_modality_mask.py",
+    "layers/test_weight_normalization.py",
 )
 
 
