@@ -14,8 +14,10 @@ Measurements:
   which is what a solve of the whole batch runs, since it stops only when every sample
   has converged. A last table repeats the plain-iteration and Anderson counts on models
   trained from further seeds (``--models``): how contractive the trained update is
-  differs from one training run to the next, and multi-threaded training is not
-  bit-for-bit repeatable, so a rerun with the same seed can give another model.
+  differs from one training run to the next, and its ``model.fit`` runs with
+  Grappler's arithmetic rewrites on, which add some sums in a thread-dependent order
+  (``keras_mmfusion.training.fixed_summation_order``), so a rerun with the same seed can
+  give another model.
 - acceleration bound: the seed-0 update linearised at its fixed point, for 8 samples:
   the steps of plain iteration and of GMRES (the least-residual point of the Krylov
   space) to the same threshold, and each Jacobian's spectral radius. On a linear map no
