@@ -135,10 +135,11 @@ def settings_for(method, units, epochs=None, deq_options=None, overrides=None):
     """The method's recipe at width ``units``, with at most ``epochs`` epochs when given;
     for ``deq``, ``deq_options`` are further keyword arguments of its ``DEQFusion``;
     ``overrides`` replace fields of every method's recipe (an ablation)."""
-    recipe = Settings(**{**vars(recipe_of(method)), **(overrides or {})})
-    fusion_options = {**recipe.fusion_options, **(deq_options or {})} if method == "deq" else recipe.fusion_options
-    return Settings(**{**vars(recipe), "units": units, "epochs": epochs or recipe.epochs,
-                       "fusion_options": fusion_options})
+    fields = {**vars(recipe_of(method)), **(overrides or {}), "units": units}
+    fields["epochs"] = epochs or fields["epochs"]
+    if method == "deq":
+        fields["fusion_options"] = {**fields["fusion_options"], **(deq_options or {})}
+    return Settings(**fields)
 
 
 def trial(splits, model, seed, settings, label):

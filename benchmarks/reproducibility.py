@@ -69,19 +69,19 @@ def measure(solver, calls):
         functions[mode] = traced(jit)
         with scope():
             previous[mode] = functions[mode]().numpy()
-    rows = {mode: {"differing": 0, "max_difference": 0.0, "times": []} for mode in MODES}
+    rows = {mode: {"differing": 0, "max_difference": 0.0} for mode in MODES}
+    times = {mode: [] for mode in MODES}
     for _ in range(calls):
         for mode, (scope, _) in MODES.items():
             with scope():
                 start = time.perf_counter()
                 current = functions[mode]().numpy()
-                rows[mode]["times"].append(time.perf_counter() - start)
+                times[mode].append(time.perf_counter() - start)
             row = rows[mode]
             row["differing"] += int(not np.array_equal(current, previous[mode]))
             row["max_difference"] = max(row["max_difference"], float(np.max(np.abs(current - previous[mode]))))
             previous[mode] = current
-    return {mode: {"differing": row["differing"], "max_difference": row["max_difference"],
-                   "ms": 1e3 * float(np.median(row.pop("times")))} for mode, row in rows.items()}
+    return {mode: dict(row, ms=1e3 * float(np.median(times[mode]))) for mode, row in rows.items()}
 
 
 def main():
