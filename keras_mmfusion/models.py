@@ -286,6 +286,7 @@ def build_reference_classifier(
     input_names=None,
     standardize_with=None,
     scaling="standardize",
+    kernel_initializer="glorot_normal",
 ):
     """The classifier of DEQ fusion's multi-omics experiments (Ni et al., arXiv 2306.16645).
 
@@ -321,6 +322,13 @@ def build_reference_classifier(
         standardize_with: optional training arrays, one per modality, to scale the
             inputs with (as in :func:`build_classifier`).
         scaling: ``"standardize"`` or ``"min_max"`` (as in :func:`build_classifier`).
+        kernel_initializer: initializer of the kernels of the gates, encoders,
+            confidence heads and classifier (a name or a config; the DEQ update's are
+            ``fusion_options``'s). Every layer gets its own copy, so an unseeded
+            initializer draws every kernel anew. Glorot normal by default, which Keras
+            truncates at two standard deviations; PyTorch's ``xavier_normal_``, which
+            the reference code uses, is
+            ``VarianceScaling(1.0, "fan_avg", "untruncated_normal")``.
 
     Returns:
         A :class:`ReferenceClassifier`.
@@ -333,16 +341,25 @@ def build_reference_classifier(
         check_int(f"input_widths[{i}]", width)
     gate_weights = _per_modality("gate_weight", gate_weight, len(input_widths))
     confidence_weights = _per_modality("confidence_weight", confidence_weight, len(input_widths))
+    if isinstance(kernel_initializer, keras.initializers.Initializer):
+        kernel_initializer = keras.initializers.serialize(kernel_initializer)
+
+    def initializer():
+        # A new object per layer: one unseeded instance shared by layers of one shape
+        # would give them all the same kernel.
+        return keras.initializers.get(kernel_initializer)
+
     inputs, present, features = _modality_inputs(input_widths, input_names, standardize_with, scaling=scaling)
     encoded = []
     for i, (raw, x) in enumerate(zip(present, features)):
-        x = FeatureGate(gate_weights[i], name=f"feature_gate_{i}")(x)
-        h = keras.layers.Dense(units, activation="relu", kernel_initializer="glorot_normal", name=f"encoder_{i}")(x)
+        x = FeatureGate(gate_weights[i], kernel_initializer=initializer(), name=f"feature_gate_{i}")(x)
+        h = keras.layers.Dense(units, activation="relu", kernel_initializer=initializer(), name=f"encoder_{i}")(x)
         h = PropagateNonFinite(name=f"non_finite_{i}")([h, raw])
         if dropout:
             h = keras.layers.Dropout(dropout, name=f"encoder_dropout_{i}")(h)
-        encoded.append(ConfidenceHead(num_classes, confidence_weights[i], name=f"confidence_{i}")(h))
+        encoded.append(ConfidenceHead(num_classes, confidence_weights[i], kernel_initializer=kernel_initializer,
+                                      name=f"confidence_{i}")(h))
     fused = DEQFusion(**{"units": units, **(fusion_options or {})}, name="deq_fusion")(encoded)
-    outputs = keras.layers.Dense(num_classes, activation="softmax", kernel_initializer="glorot_normal",
+    outputs = keras.layers.Dense(num_classes, activation="softmax", kernel_initializer=initializer(),
                                  name="probabilities", dtype=_head_dtype())(fused)
     return ReferenceClassifier(inputs, outputs, name="reference_classifier")

@@ -118,9 +118,50 @@ def test_layers_shapes_and_configs_round_trip():
     gate = FeatureGate(sparsity_weight=0.5, name="g")
     assert tuple(gate(np.ones((3, 5), "float32")).shape) == (3, 5)
     assert FeatureGate.from_config(gate.get_config()).get_config() == gate.get_config()
-    head = ConfidenceHead(num_classes=4, loss_weight=0.25, name="c")
+    head = ConfidenceHead(num_classes=4, loss_weight=0.25, name="c",
+                          kernel_initializer=keras.initializers.RandomNormal(stddev=0.5))
     assert tuple(head(np.ones((3, 7), "float32")).shape) == (3, 7)
     assert ConfidenceHead.from_config(head.get_config()).get_config() == head.get_config()
+    assert head.get_config()["kernel_initializer"]["config"]["stddev"] == 0.5
+    assert head.classifier.kernel_initializer is not head.confidence.kernel_initializer
+
+
+def test_kernel_initializer_reaches_every_kernel_outside_the_update_with_its_own_draws(tmp_path):
+    """The reference code's untruncated Xavier normal: tails past two standard deviations,
+    which Keras's Glorot normal cuts off, and no two kernels of one shape equal."""
+    xavier_normal = {"class_name": "VarianceScaling",
+                     "config": {"scale": 1.0, "mode": "fan_avg", "distribution": "untruncated_normal"}}
+    keras.utils.set_random_seed(0)
+    widths = [200, 200, 200]
+    model = mmf.models.build_reference_classifier(widths, 2, units=300, kernel_initializer=xavier_normal,
+                                       fusion_options={"max_iter": 2})
+    kernels = {}
+    for i in range(3):
+        kernels[f"gate_{i}"] = model.get_layer(f"feature_gate_{i}").dense.kernel
+        kernels[f"encoder_{i}"] = model.get_layer(f"encoder_{i}").kernel
+        head = model.get_layer(f"confidence_{i}")
+        kernels[f"classifier_{i}"], kernels[f"confidence_{i}"] = head.classifier.kernel, head.confidence.kernel
+    kernels["probabilities"] = model.get_layer("probabilities").kernel
+    for name, kernel in kernels.items():
+        w = np.asarray(kernel.numpy())
+        fan_in, fan_out = w.shape
+        std = np.sqrt(2.0 / (fan_in + fan_out))
+        assert np.std(w) == pytest.approx(std, rel=0.25 if w.size < 1000 else 0.03), name
+        if w.size >= 40000:  # P(|w| > 2.5 std) = 1.2%: hundreds of such values
+            assert np.mean(np.abs(w) > 2.5 * std) > 0.008, name
+    values = [np.asarray(k.numpy()) for k in kernels.values()]
+    assert not any(a.shape == b.shape and np.array_equal(a, b) for i, a in enumerate(values) for b in values[:i])
+    # The default keeps Keras's truncated Glorot normal.
+    truncated = mmf.models.build_reference_classifier(widths, 2, units=300, fusion_options={"max_iter": 2})
+    w = np.asarray(truncated.get_layer("encoder_0").kernel.numpy())
+    assert np.max(np.abs(w)) < 2.01 * np.sqrt(2.0 / 500) / 0.87962566103423978
+    # The option is in the saved config: a loaded model is built with it.
+    path = tmp_path / "model.keras"
+    model.save(path)
+    loaded = keras.saving.load_model(path, safe_mode=True)
+    for layer in ("confidence_1", "feature_gate_1", "encoder_1", "probabilities"):
+        config = loaded.get_layer(layer).get_config()
+        assert config["kernel_initializer"]["config"]["distribution"] == "untruncated_normal", layer
 
 
 def test_confidence_head_without_labels_in_training_names_the_problem():

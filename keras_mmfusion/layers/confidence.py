@@ -57,6 +57,9 @@ class ConfidenceHead(keras.layers.Layer):
     Args:
         num_classes: the number of classes, at least 2.
         loss_weight: the weight of the head's loss.
+        kernel_initializer: initializer of both ``Dense`` kernels (a name, a config or
+            an initializer; each ``Dense`` gets its own copy). Glorot normal by default,
+            as in the reference code.
         **kwargs: base ``Layer`` arguments.
 
     Input shape:
@@ -72,12 +75,17 @@ class ConfidenceHead(keras.layers.Layer):
     TensorShape([2, 8])
     """
 
-    def __init__(self, num_classes, loss_weight=1.0, **kwargs):
+    def __init__(self, num_classes, loss_weight=1.0, kernel_initializer="glorot_normal", **kwargs):
         super().__init__(**kwargs)
         check_int("num_classes", num_classes, minimum=2)
         check_non_negative("loss_weight", loss_weight)
         self.num_classes = num_classes
         self.loss_weight = loss_weight
+        # Kept as a name or config, so that each Dense deserialises its own initializer
+        # (an unseeded one then draws its own seed) when the head is built.
+        if isinstance(kernel_initializer, keras.initializers.Initializer):
+            kernel_initializer = keras.initializers.serialize(kernel_initializer)
+        self.kernel_initializer = kernel_initializer
         self.head_loss = keras.metrics.Mean(name=f"{self.name}_loss")
 
     def build(self, input_shape):
@@ -86,9 +94,14 @@ class ConfidenceHead(keras.layers.Layer):
                 f"ConfidenceHead '{self.name}' reads (batch, units) encodings; got an input of shape "
                 f"{tuple(input_shape)}."
             )
-        dense = dict(kernel_initializer="glorot_normal", dtype=self.dtype_policy)
-        self.classifier = keras.layers.Dense(self.num_classes, name="classifier", **dense)
-        self.confidence = keras.layers.Dense(1, name="confidence", **dense)
+        self.classifier = keras.layers.Dense(
+            self.num_classes, kernel_initializer=keras.initializers.get(self.kernel_initializer), name="classifier",
+            dtype=self.dtype_policy,
+        )
+        self.confidence = keras.layers.Dense(
+            1, kernel_initializer=keras.initializers.get(self.kernel_initializer), name="confidence",
+            dtype=self.dtype_policy,
+        )
         self.classifier.build(input_shape)
         self.confidence.build(input_shape)
 
@@ -123,5 +136,7 @@ class ConfidenceHead(keras.layers.Layer):
 
     def get_config(self):
         config = super().get_config()
-        config.update(num_classes=self.num_classes, loss_weight=self.loss_weight)
+        config.update(
+            num_classes=self.num_classes, loss_weight=self.loss_weight, kernel_initializer=self.kernel_initializer
+        )
         return config

@@ -153,7 +153,8 @@ RECIPE = Settings(**_RECIPES["settings"])
 # groups, the plain sum as the fused injection, the DEQ reference code's Anderson
 # (30 evaluations, whole-batch absolute residual 1e-5), an adjoint solve of 31
 # evaluations from zero (whole-batch relative residual 1e-5), f(z*) as the training
-# output, and the update's kernels initialised as PyTorch's Linear layers.
+# output, the update's kernels initialised as PyTorch's Linear layers, and every other
+# kernel drawn from PyTorch's untruncated Xavier normal.
 REFERENCE_RECIPE = Settings(**_RECIPES["reference"])
 # The reference recipe with two changes chosen on the ROSMAP validation splits: a 64-wide
 # DEQ state (``DEQFusion(units=64)``, which projects the 300-wide encodings to it) and 60

@@ -24,7 +24,12 @@ def test_the_file_holds_the_official_values():
     # The official loss multiplies its running total by 1.5 once per view: 1.5**3
     # cross-entropy + (1.5**2, 1.5, 1) x the views' gate and confidence losses.
     assert reference["loss_weight"] == 3.375 == 1.5**3
-    assert reference["model_options"] == {"gate_weight": [2.25, 1.5, 1.0], "confidence_weight": [2.25, 1.5, 1.0]}
+    # PyTorch's xavier_normal_ (untruncated, std sqrt(2 / (fan_in + fan_out))) for the
+    # gates, encoders, confidence heads and classifier.
+    xavier_normal = {"class_name": "VarianceScaling",
+                     "config": {"scale": 1.0, "mode": "fan_avg", "distribution": "untruncated_normal"}}
+    assert reference["model_options"] == {"gate_weight": [2.25, 1.5, 1.0], "confidence_weight": [2.25, 1.5, 1.0],
+                                          "kernel_initializer": xavier_normal}
     assert (reference["weight_decay"], reference["clipnorm"], reference["adam_epsilon"]) == (1e-4, 30, 1e-8)
     assert reference["torch_epsilon"] is True
     fusion = reference["fusion_options"]
