@@ -1,4 +1,8 @@
 import os
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 
@@ -13,3 +17,52 @@ def test_in_processes_yields_every_call_from_one_thread_workers_and_restores_the
     assert os.environ["TF_NUM_INTRAOP_THREADS"] == "7" and "TF_NUM_INTEROP_THREADS" not in os.environ
     with pytest.raises(ValueError):
         list(in_processes(int, [("12",), ("not a number",)], 2))
+
+
+def _children(pid):
+    """The pids of the processes whose parent is ``pid`` (from /proc)."""
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    stat = f.read()
+            except OSError:
+                continue
+            if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+                found.append(int(entry))
+    return found
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_exit_when_the_process_that_started_them_is_killed():
+    """A killed parent (Ctrl-C twice, `kill -9`) leaves no workers behind, busy or idle."""
+    script = ("import time; from keras_mmfusion.training import in_processes; "
+              "list(in_processes(time.sleep, [(120,), (0,)], 2))")
+    parent = subprocess.Popen([sys.executable, "-c", script])
+    workers = []
+    try:
+        deadline = time.time() + 60
+        while time.time() < deadline and len(workers) < 2:
+            time.sleep(0.2)
+            workers = [p for p in _children(parent.pid) if "spawn_main" in open(f"/proc/{p}/cmdline").read()]
+        assert len(workers) == 2, "the pool did not start its two workers"
+        time.sleep(1.0)  # one worker is in its call, the other waits for work
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        deadline = time.time() + 15
+        while time.time() < deadline and any(_alive(p) for p in workers):
+            time.sleep(0.2)
+        assert not any(_alive(p) for p in workers), "workers outlived their parent"
+    finally:
+        parent.kill()
+        for p in workers:
+            if _alive(p):
+                os.kill(p, signal.SIGKILL)
