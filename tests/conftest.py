@@ -41,8 +41,8 @@ LONGEST_FIRST = (
     "test_mixed_precision.py", "distribute/test_mirrored.py", "test_export_quantized.py", "test_cli.py",
     "test_examples.py", "test_benchmarks.py", "test_models.py", "test_cli_runs.py", "test_reference_classifier.py",
     "distribute/test_multi_worker.py", "layers/test_dynamic.py", "equilibrium/test_gradients.py",
-    "test_training_parity.py", "equilibrium/test_solvers.py", "layers/test_modality_mask.py",
-    "layers/test_weight_normalization.py",
+    "training/test_processes.py", "test_training_parity.py", "equilibrium/test_solvers.py",
+    "layers/test_modality_mask.py", "layers/test_weight_normalization.py",
 )
 
 
