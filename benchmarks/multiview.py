@@ -3,7 +3,8 @@
     python benchmarks/multiview.py --data DIR [--data DIR ...] [--seeds 5] [--first-seed 0]
                                    [--methods deq reference concat dmf single] [--epochs N]
                                    [--width-grid neighbour|full|rule|recipe] [--json FILE] [--plot FILE]
-                                   [--jobs N] [--deq-options JSON] [--settings JSON] [--record]
+                                   [--dropout-grid RATE [RATE ...]] [--jobs N] [--deq-options JSON]
+                                   [--settings JSON] [--record]
 
 Each ``DIR`` holds ``1_tr.csv``, ``1_te.csv``, ..., ``labels_tr.csv`` and ``labels_te.csv``
 (read with ``keras_mmfusion.training.load_splits``). Without ``--data`` the script reads
@@ -42,7 +43,10 @@ candidates (8 for ``RECIPE``; 300 for ``REFERENCE_RECIPE``, the official code's 
 which costs about 7 times 64's per epoch on Scene15); ``--width-grid rule`` uses ``w``
 alone and ``--width-grid recipe`` the recipe's width alone, without a search. The width
 is that of the encoders, the fusion layer and the head's hidden layer (for
-``reference``: of the encoders and the DEQ state).
+``reference``: of the encoders and the DEQ state). ``--dropout-grid RATE ...`` searches
+the dropout on the encoders' outputs the same way, for every method: every pair of a
+candidate width and a rate is tried on the first seed and the pair of lowest validation
+loss kept (without it, every method keeps its recipe's rate).
 
 DEQ against concat: the per-seed differences of test accuracy (same seed, same
 validation split) are printed, and DEQ's lead counts as larger than the seeds' spread
@@ -65,7 +69,7 @@ Datasets used in ``benchmarks/RESULTS.md``:
 It prints, per dataset, the width search, a table (method, test accuracy and macro F1 as
 mean +- std in percent; at the kept epoch, the mean accuracy on the training part as
 ``fit`` logs it, over the epoch with dropout on, and on the validation split, and the
-mean validation loss; chosen width, median seconds per epoch, mean epochs run) and the
+mean validation loss; chosen width and dropout, median seconds per epoch, mean epochs run) and the
 DEQ against concat line. The training and validation columns tell a method that fits
 its data less well from one that fits it and generalises less well; it writes a JSON file (``{"datasets": [{"name", "samples",
 "classes", "methods": {METHOD: {"accuracy": [...], "f1_macro": [...], ...}}}]}``, one
@@ -153,30 +157,39 @@ def trial(splits, model, seed, settings, label):
     return {k: metrics.get(k) for k in PER_SEED}
 
 
-def run_method(splits, method, seeds, grid, epochs, label=None, deq_options=None, overrides=None):
-    """Choose the width on the first seed's validation split, then run every seed at it.
+def run_method(splits, method, seeds, grid, epochs, label=None, deq_options=None, overrides=None, dropouts=None):
+    """Choose the width (and, given ``dropouts``, the dropout rate) on the first seed's
+    validation split, then run every seed with it.
 
     Returns:
-        A dict: ``units`` (the chosen width), ``width_search`` (``{width: validation
-        loss}`` of the first seed's trials) and, per seed, the lists of ``PER_SEED``.
+        A dict: ``units`` and ``dropout`` (the chosen width and rate), ``width_search``
+        (the first seed's validation loss per candidate: keyed by the width, or by
+        ``"<width>, dropout <rate>"`` when rates are searched) and, per seed, the lists
+        of ``PER_SEED``.
     """
     label = label or method
+
+    def settings(units, rate):
+        return settings_for(method, units, epochs, deq_options,
+                            overrides if rate is None else {**(overrides or {}), "dropout": rate})
+
     first = {}
     for units in candidate_widths(method, splits.num_classes, splits.widths, grid):
-        first[units] = trial(splits, method, seeds[0], settings_for(method, units, epochs, deq_options, overrides),
-                             label)
-    units = min(first, key=lambda u: first[u]["best_validation"])
-    runs = [first[units]] + [trial(splits, method, seed, settings_for(method, units, epochs, deq_options, overrides),
-                                   label) for seed in seeds[1:]]
-    out = {"units": units, "width_search": {str(u): first[u]["best_validation"] for u in first}}
+        for rate in dropouts or [None]:
+            first[units, rate] = trial(splits, method, seeds[0], settings(units, rate), label)
+    units, rate = min(first, key=lambda c: first[c]["best_validation"])
+    runs = [first[units, rate]] + [trial(splits, method, seed, settings(units, rate), label) for seed in seeds[1:]]
+    out = {"units": units, "dropout": settings(units, rate).dropout,
+           "width_search": {(str(u) if r is None else f"{u}, dropout {r}"): first[u, r]["best_validation"]
+                            for u, r in first}}
     out.update({k: [r[k] for r in runs] for k in PER_SEED})
     return out
 
 
-def run_view(splits, view, seeds, grid, epochs, overrides=None):
+def run_view(splits, view, seeds, grid, epochs, overrides=None, dropouts=None):
     """:func:`run_method` of the one-view classifier on view ``view`` (from 0)."""
     return run_method(select_views(splits, [view]), "single", seeds, grid, epochs, label=f"single view {view + 1}",
-                      overrides=overrides)
+                      overrides=overrides, dropouts=dropouts)
 
 
 def choose_single_view(views):
@@ -186,14 +199,15 @@ def choose_single_view(views):
     return dict(views[best], view=best, chosen_by="lowest validation loss, mean over the seeds"), views
 
 
-def run_task(splits, method, view, seeds, grid, epochs, deq_options=None, overrides=None):
+def run_task(splits, method, view, seeds, grid, epochs, deq_options=None, overrides=None, dropouts=None):
     """One method's runs (or, for ``"single"``, one view's) on a dataset, with the minutes
     they took: the unit of work of ``--jobs``."""
     started = time.time()
     if view is None:
-        result = run_method(splits, method, seeds, grid, epochs, deq_options=deq_options, overrides=overrides)
+        result = run_method(splits, method, seeds, grid, epochs, deq_options=deq_options, overrides=overrides,
+                            dropouts=dropouts)
     else:
-        result = run_view(splits, view, seeds, grid, epochs, overrides)
+        result = run_view(splits, view, seeds, grid, epochs, overrides, dropouts)
     return dict(result, minutes=(time.time() - started) / 60)
 
 
@@ -227,22 +241,22 @@ def print_dataset(entry, seeds):
           f"{entry['classes']} classes, views of {', '.join(map(str, entry['views']))} features; width rule "
           f"units_for = {entry['rule_width']}; {len(seeds)} seeds ({seeds[0]}-{seeds[-1]}); test split once per seed, "
           "mean +- std in %")
-    print("width search (first seed's validation loss at the kept epoch, per width; lowest kept):")
+    print("width search (first seed's validation loss at the kept epoch, per candidate; lowest kept):")
     for name, m in methods.items():
         if name != "single":  # its views' searches follow
             tried = ", ".join(f"{u}: {loss:.4f}" for u, loss in m["width_search"].items())
-            print(f"  {name:<10} {tried}  -> {m['units']}")
+            print(f"  {name:<10} {tried}  -> {m['units']}, dropout {m['dropout']}")
     for view, m in entry.get("single_views", {}).items():
         tried = ", ".join(f"{u}: {loss:.4f}" for u, loss in m["width_search"].items())
-        print(f"  view {view:<5} {tried}  -> {m['units']}; mean validation loss over the seeds "
+        print(f"  view {view:<5} {tried}  -> {m['units']}, dropout {m['dropout']}; mean validation loss over the seeds "
               f"{np.mean(m['best_validation']):.4f}")
     print(f"{'method':<16} {'ACC':>13} {'F1 macro':>13} {'fit ACC':>8} {'val ACC':>8} {'val loss':>8} {'width':>6} "
-          f"{'s/epoch':>8} {'epochs':>7}")
+          f"{'dropout':>7} {'s/epoch':>8} {'epochs':>7}")
     for name, m in methods.items():
         label = f"single (view {m['view']})" if name == "single" else name
         print(f"{label:<16} {cell(m['accuracy']):>13} {cell(m['f1_macro']):>13} {mean_percent(m, 'fit_accuracy'):>8} "
               f"{mean_percent(m, 'validation_accuracy'):>8} {np.mean(m['best_validation']):>8.4f} {m['units']:>6} "
-              f"{np.median(m['epoch_seconds']):>8.3f} {np.mean(m['epochs_run']):>7.1f}")
+              f"{m['dropout']:>7} {np.median(m['epoch_seconds']):>8.3f} {np.mean(m['epochs_run']):>7.1f}")
     if "deq_vs_concat" in entry:
         lead = entry["deq_vs_concat"]
         per_seed = ", ".join(f"{100 * d:+.1f}" for d in lead["per_seed"])
@@ -355,6 +369,9 @@ def main():
                         help="neighbour: the width rule's w and 2w, chosen by the first seed's validation loss; "
                              "full: w, 2w and the recipe's width, chosen so; rule: w; recipe: the recipe's width "
                              "(default: neighbour)")
+    parser.add_argument("--dropout-grid", type=float, nargs="+", default=None, metavar="RATE",
+                        help="dropout rates searched with the widths, on the first seed's validation loss, for "
+                             "every method (default: each recipe's rate, no search)")
     parser.add_argument("--jobs", type=int, default=1,
                         help="units of work (a method on a dataset; one view of 'single') run at a time, each in "
                              "a process of one TensorFlow thread (default 1: one after another in this process)")
@@ -371,6 +388,11 @@ def main():
         parser.error("--seeds must be at least 1")
     if args.jobs < 1:
         parser.error("--jobs must be at least 1")
+    if args.dropout_grid is not None:
+        if not all(0.0 <= rate < 1.0 for rate in args.dropout_grid):
+            parser.error(f"--dropout-grid rates must be in [0, 1); got {args.dropout_grid}")
+        if "dropout" in args.settings:
+            parser.error("--dropout-grid searches the dropout: leave it out of --settings")
     folders = data_folders(args.data)
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     info = machine()
@@ -383,12 +405,14 @@ def main():
             "recipe": "the recipe's width, no search"}[args.width_grid]
     print(f"methods: {', '.join(args.methods)}; width per method: {grid}; epochs: "
           f"{args.epochs or 'the recipes'}" + (f"; deq's DEQFusion options: {args.deq_options}" if args.deq_options else "")
-          + (f"; every recipe with {args.settings}" if args.settings else ""))
+          + (f"; every recipe with {args.settings}" if args.settings else "")
+          + (f"; dropout searched over {args.dropout_grid} with the width" if args.dropout_grid else ""))
     data = [load_splits(folder) for folder in folders]
     if "reference" in args.methods:
         check_reference_views(data)
     out = {"seeds": seeds, "methods": args.methods, "width_grid": args.width_grid, "width_rule": grid,
            "epochs": args.epochs, "jobs": args.jobs, "deq_options": args.deq_options, "settings": args.settings,
+           "dropout_grid": args.dropout_grid,
            "recipes": {m: {k: v for k, v in vars(settings_for(m, 0, args.epochs, args.deq_options, args.settings)).items()
                            if k != "units"} for m in args.methods},
            "lead_rule": "mean per-seed difference of test accuracy above the larger std of the two methods",
@@ -397,8 +421,8 @@ def main():
     # The units of work: each method on each dataset, and each view of "single" on its own.
     tasks = [(d, method, view) for d, splits in enumerate(data) for method in args.methods
              for view in (range(len(splits.widths)) if method == "single" else [None])]
-    calls = [(data[d], method, view, seeds, args.width_grid, args.epochs, args.deq_options, args.settings)
-             for d, method, view in tasks]
+    calls = [(data[d], method, view, seeds, args.width_grid, args.epochs, args.deq_options, args.settings,
+              args.dropout_grid) for d, method, view in tasks]
     if args.jobs > 1:
         results = in_processes(run_task, calls, args.jobs)
     else:

@@ -317,6 +317,24 @@ def test_multiview_benchmark_chooses_widths_and_the_view_on_validation_and_reuse
     assert calls == [("concat", 8, 3), ("concat", 16, 3), ("concat", 16, 4), ("concat", 16, 5)]
     assert entry["units"] == 16 and entry["width_search"] == {"8": 1.0, "16": 0.5}
     assert entry["accuracy"] == pytest.approx([0.7] * 3)
+    assert entry["dropout"] == RECIPE.dropout
+    # --dropout-grid: every width with every rate on the first seed, the pair of lowest
+    # validation loss for every seed (here width 8 at rate 0.2).
+    calls.clear()
+    dropped = []
+
+    def fake_dropout_trial(splits, model, seed, settings, label):
+        dropped.append((settings.units, settings.dropout, seed))
+        loss = {(8, 0.2): 0.3, (8, 0.5): 0.6, (16, 0.2): 0.4, (16, 0.5): 0.5}[settings.units, settings.dropout]
+        return dict(fake_trial(splits, model, seed, settings, label), best_validation=loss)
+
+    monkeypatch.setattr(multiview, "trial", fake_dropout_trial)
+    entry = multiview.run_method(splits, "deq", [3, 4], "neighbour", None, dropouts=[0.2, 0.5])
+    assert dropped == [(8, 0.2, 3), (8, 0.5, 3), (16, 0.2, 3), (16, 0.5, 3), (8, 0.2, 4)]
+    assert (entry["units"], entry["dropout"]) == (8, 0.2)
+    assert entry["width_search"] == {"8, dropout 0.2": 0.3, "8, dropout 0.5": 0.6, "16, dropout 0.2": 0.4,
+                                     "16, dropout 0.5": 0.5}
+    monkeypatch.setattr(multiview, "trial", fake_trial)
     single, views = multiview.choose_single_view({v + 1: multiview.run_view(splits, v, [0, 1], "rule", None)
                                                   for v in range(3)})
     assert sorted(views) == [1, 2, 3] and single["view"] == 2
