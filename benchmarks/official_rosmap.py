@@ -10,7 +10,7 @@ edits the official files: ``torch.solve`` (removed from PyTorch) becomes
 ``torch.linalg.solve`` with its arguments swapped, and ``Tensor.cuda()``,
 ``Module.cuda()`` and ``torch.cuda.synchronize`` do nothing (a CPU run).
 
-Three modes:
+Four modes:
 
 - ``recipe``: per seed, ``torch.manual_seed(seed)`` and the official ``train()`` with the
   ROSMAP settings of its ``main.py`` call (all three views, Jacobian weight 20, Anderson,
@@ -22,6 +22,9 @@ Three modes:
   steps; its initial weights and inputs, its first step's gradients and its final
   weights are written to npz files, and every step's loss terms, gradient norm and solver
   residuals to the JSON result.
+- ``initial``: per seed, the initial weights the ``recipe`` mode's run of that seed starts
+  from (``torch.manual_seed(seed)``, then the official ``train()`` up to the model's
+  construction), written to ``<weights>/seed<seed>.npz``; nothing is trained.
 - ``evaluate``: the official ``MMDynamic`` loaded with given weights (a ``state_dict`` in an
   npz file) scores the test patients as ``train()`` does (``model.eval()``,
   ``test_epoch``); its probabilities and its solve's lowest relative residual are returned.
@@ -64,6 +67,15 @@ if not os.path.exists("ROSMAP"):
     os.symlink(config["data"], "ROSMAP")
 
 
+def recipe_args(seed):
+    """The arguments of the official train() call for ROSMAP, as its main.py passes them."""
+    return argparse.Namespace(
+        name=f"seed{seed}", mode="train", use_mrna=True, use_dna=True, use_mirna=True,
+        learning_rate=1e-4, train_epoch=1000, no_deq=False, jacobian_weight=config["jacobian_weight"],
+        num_layers=1, f_thres=config["f_thres"], b_thres=config["b_thres"], stop_mode="abs",
+        cosine_scheduler=False, use_default_fuse=False, no_print=True, solver="anderson")
+
+
 def recipe():
     probabilities = []
     test_epoch = ttd.test_epoch
@@ -78,13 +90,8 @@ def recipe():
     for seed in config["seeds"]:
         probabilities.clear()
         torch.manual_seed(seed)
-        args = argparse.Namespace(
-            name=f"seed{seed}", mode="train", use_mrna=True, use_dna=True, use_mirna=True,
-            learning_rate=1e-4, train_epoch=1000, no_deq=False, jacobian_weight=config["jacobian_weight"],
-            num_layers=1, f_thres=config["f_thres"], b_thres=config["b_thres"], stop_mode="abs",
-            cosine_scheduler=False, use_default_fuse=False, no_print=True, solver="anderson")
         started = time.time()
-        ttd.train("ROSMAP", "./model/", args)
+        ttd.train("ROSMAP", "./model/", recipe_args(seed))
         runs.append({"seed": seed, "seconds": time.time() - started,
                      "probabilities": probabilities[-1].tolist(), "test_calls": len(probabilities)})
         print(json.dumps({"seed": seed, "seconds": runs[-1]["seconds"]}), file=sys.stderr, flush=True)
@@ -189,6 +196,30 @@ def parity():
     return {"steps": steps}
 
 
+class Built(Exception):
+    """Raised with the model as soon as train() has constructed it."""
+
+
+def initial():
+    construct = ttd.MMDynamic
+
+    def constructed(*a, **k):
+        raise Built(construct(*a, **k))
+
+    ttd.MMDynamic = constructed
+    for seed in config["seeds"]:
+        torch.manual_seed(seed)
+        try:
+            ttd.train("ROSMAP", "./model/", recipe_args(seed))
+        except Built as built:
+            model = built.args[0]
+        else:
+            raise AssertionError("train() did not construct MMDynamic")
+        np.savez(os.path.join(config["weights"], f"seed{seed}.npz"),
+                 **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()})
+    return {"seeds": config["seeds"]}
+
+
 def evaluate():
     """The official model with the given weights (a state_dict npz), scored as train()
     scores it: model.eval() and test_epoch on the official test pipeline."""
@@ -202,7 +233,7 @@ def evaluate():
     return {"probabilities": probabilities.tolist(), "relative_residual": float(min(trace))}
 
 
-result = {"recipe": recipe, "parity": parity, "evaluate": evaluate}[config["mode"]]()
+result = {"recipe": recipe, "initial": initial, "parity": parity, "evaluate": evaluate}[config["mode"]]()
 result.update(torch=torch.__version__, threads=torch.get_num_threads())
 with open(config["out"], "w") as f:
     json.dump(result, f)

@@ -20,7 +20,7 @@ zero, ``f(z*)`` as the training output), whose results the recipe trains on alth
 they do not converge.
 
     MMFUSION_ROSMAP=/path/to/rosmap python benchmarks/reference_recipe.py [--seeds 5] [--jobs N]
-        [--peer-code DIR [--peer-python PYTHON]] [--json FILE] [--record]
+        [--peer-code DIR [--peer-python PYTHON] [--official-start]] [--record]
 
 It prints a table (accuracy, F1, AUC per seed; mean +- std; the fractions of training
 samples whose forward and adjoint solves met their tolerance over the last 10 epochs) and
@@ -30,7 +30,11 @@ itself on the same seeds (``torch.manual_seed(seed)``), scores its last-epoch te
 probabilities with the same scorer, and prints both. ``--jobs N`` trains N seeds at a time,
 each in a process of its own with one TensorFlow thread (small full-batch steps use a second
 core poorly, so on a 2-core machine two such processes finish five seeds sooner than one
-process with two threads). This is the paper's fixed recipe
+process with two threads). With ``--official-start`` the official code only draws each
+seed's initial weights (those its own run of the seed starts from) and every Keras run
+starts from them (``training_parity.official_weights_into``); the official code is not
+trained. The two codes' runs of a seed then differ only in their training: dropout
+masks, Jacobian probes and rounding. This is the paper's fixed recipe
 scored at its last epoch, not the package's protocol with validation selection
 (``examples/rosmap.py``).
 """
@@ -39,6 +43,7 @@ import argparse
 import json
 import os
 import sys
+import tempfile
 import threading
 import time
 
@@ -56,14 +61,18 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from timing import machine, rosmap_available  # noqa: E402
 import official_rosmap  # noqa: E402
 import report  # noqa: E402
+import training_parity  # noqa: E402
 
-def train_once(splits, seed, epochs):
-    """One model trained with the recipe on all training patients; its test metrics, with the
+def train_once(splits, seed, epochs, initial=None):
+    """One model trained with the recipe on all training patients, from the weights in the
+    npz file ``initial`` (an official ``state_dict``) when given; its test metrics, with the
     converged fractions of its last 10 epochs' solves, and its training time."""
     keras.utils.set_random_seed(seed)
     settings = REFERENCE_RECIPE
     # Min-max scaled with all training patients, as the official code scales the views.
     model = build_model("reference", splits, settings)
+    if initial:
+        training_parity.official_weights_into(model, np.load(initial))
     started = time.time()
     history, _ = fit_classifier(model, splits.train, epochs,
                                 **dict(fit_options(settings), batch_size=len(splits.train[1])))
@@ -72,17 +81,25 @@ def train_once(splits, seed, epochs):
     return {**classification_metrics(splits.test[1], probabilities), **converged_last_10(history)}, seconds
 
 
-def train_seed(seed, epochs):
+def train_seed(seed, epochs, initial=None):
     """``train_once`` for one seed, in a worker process: the row of the table."""
-    metrics, seconds = train_once(load_splits("rosmap"), seed, epochs)
+    metrics, seconds = train_once(load_splits("rosmap"), seed, epochs, initial)
     print(f"seed {seed}: accuracy {metrics['accuracy']:.3f} in {seconds:.0f} s", file=sys.stderr, flush=True)
     return {**metrics, "seed": seed, "seconds": seconds}
 
 
-def train_seeds(seeds, epochs, jobs):
-    """The rows of ``seeds``, trained ``jobs`` at a time in fresh processes of one thread each."""
-    done = dict(in_processes(train_seed, [(seed, epochs) for seed in seeds], jobs))
+def train_seeds(seeds, epochs, jobs, initial):
+    """The rows of ``seeds``, trained ``jobs`` at a time in fresh processes of one thread each;
+    ``initial`` maps a seed to its initial weights' npz file, or is empty."""
+    done = dict(in_processes(train_seed, [(seed, epochs, initial.get(seed)) for seed in seeds], jobs))
     return [done[i] for i in range(len(seeds))]
+
+
+def official_config():
+    """The official code's solver budgets and Jacobian weight, from the recipe."""
+    fusion = REFERENCE_RECIPE.fusion_options
+    return {"f_thres": fusion["max_iter"], "b_thres": fusion["backward"]["config"]["max_iter"],
+            "jacobian_weight": fusion["jacobian_weight"]}
 
 
 def print_runs(name, runs, keys):
@@ -110,35 +127,48 @@ def main():
     parser.add_argument("--peer-python", default=official_rosmap.DEFAULT_PEER_PYTHON,
                         help="a Python with PyTorch for the official code (default: $MMFUSION_PEER_PYTHON)")
     parser.add_argument("--peer-threads", type=int, default=1, help="PyTorch threads of the official runs")
+    parser.add_argument("--official-start", action="store_true",
+                        help="start every Keras run from the official code's initial weights for its seed "
+                             "(drawn with --peer-code, which then trains nothing)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     if not rosmap_available():
         sys.exit("ROSMAP is needed: set MMFUSION_ROSMAP to a folder in MOGONET's layout.")
+    if args.official_start and not args.peer_code:
+        parser.error("--official-start draws the weights with the official code: give --peer-code")
     if args.peer_code:
         official_rosmap.check_peer(args.peer_python, args.peer_code)
     splits = load_splits("rosmap")
     seeds = list(range(args.first_seed, args.first_seed + args.seeds))
     keys = ("accuracy", "f1_binary", "auc")
     official = []
-    if args.peer_code:
+    initial = {}
+    scratch = tempfile.TemporaryDirectory()
+    if args.official_start:
+        official_rosmap.run_official(
+            args.peer_python, args.peer_code, os.environ["MMFUSION_ROSMAP"], "initial", args.peer_threads,
+            seeds=seeds, weights=scratch.name, **official_config())
+        initial = {seed: os.path.join(scratch.name, f"seed{seed}.npz") for seed in seeds}
+    elif args.peer_code:
         # The official runs go on in their subprocess while the Keras runs train here.
         peer = threading.Thread(target=lambda: official.append(official_rosmap.run_official(
             args.peer_python, args.peer_code, os.environ["MMFUSION_ROSMAP"], "recipe", args.peer_threads,
-            seeds=seeds, f_thres=REFERENCE_RECIPE.fusion_options["max_iter"],
-            b_thres=REFERENCE_RECIPE.fusion_options["backward"]["config"]["max_iter"],
-            jacobian_weight=REFERENCE_RECIPE.fusion_options["jacobian_weight"])))
+            seeds=seeds, **official_config())))
         peer.start()
     if args.jobs > 1:
-        runs = train_seeds(seeds, args.epochs, args.jobs)
+        runs = train_seeds(seeds, args.epochs, args.jobs, initial)
     else:
         runs = []
         for seed in seeds:
-            metrics, seconds = train_once(splits, seed, args.epochs)
+            metrics, seconds = train_once(splits, seed, args.epochs, initial.get(seed))
             runs.append({**metrics, "seed": seed, "seconds": seconds})
             print(f"seed {seed}: accuracy {metrics['accuracy']:.3f} in {seconds:.0f} s", file=sys.stderr, flush=True)
-    summary = print_runs("keras_mmfusion, REFERENCE_RECIPE:", runs, keys)
-    result = {"runs": runs, "summary": summary, "epochs": args.epochs, "jobs": args.jobs, "machine": machine()}
-    if args.peer_code:
+    scratch.cleanup()
+    start = ", from the official code's initial weights of each seed" if args.official_start else ""
+    summary = print_runs(f"keras_mmfusion, REFERENCE_RECIPE{start}:", runs, keys)
+    result = {"runs": runs, "summary": summary, "epochs": args.epochs, "jobs": args.jobs,
+              "official_start": args.official_start, "machine": machine()}
+    if args.peer_code and not args.official_start:
         peer.join()
         if not official:
             sys.exit("The official code's runs did not finish; see above.")
