@@ -20,7 +20,7 @@ zero, ``f(z*)`` as the training output), whose results the recipe trains on alth
 they do not converge.
 
     MMFUSION_ROSMAP=/path/to/rosmap python benchmarks/reference_recipe.py [--seeds 5] [--jobs N]
-        [--peer-code DIR [--peer-python PYTHON] [--official-start]] [--record]
+        [--peer-code DIR [--peer-python PYTHON] [--official-start]] [--out DIR] [--record]
 
 It prints a table (accuracy, F1, AUC per seed; mean +- std; the fractions of training
 samples whose forward and adjoint solves met their tolerance over the last 10 epochs) and
