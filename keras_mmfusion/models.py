@@ -323,8 +323,8 @@ def build_reference_classifier(
             inputs with (as in :func:`build_classifier`).
         scaling: ``"standardize"`` or ``"min_max"`` (as in :func:`build_classifier`).
         kernel_initializer: initializer of the kernels of the gates, encoders,
-            confidence heads and classifier (a name, a config or an initializer; the DEQ update's are
-            ``fusion_options``'s). Every layer gets its own copy, so an unseeded
+            confidence heads and classifier (a name, a config or an initializer; the
+            DEQ update's are ``fusion_options``'s). Every layer gets its own copy, so an unseeded
             initializer draws every kernel anew. Glorot normal by default, which Keras
             truncates at two standard deviations; PyTorch's ``xavier_normal_``, which
             the reference code uses, is

@@ -43,8 +43,8 @@ def _alive(pid):
 
 
 def test_workers_exit_when_the_process_that_started_them_is_killed():
-    """A killed parent (`kill -9`) leaves no worker behind, busy or idle: the worker sleeps
-    in its first call and then would wait for the second."""
+    """A killed parent (`kill -9`) leaves no worker behind: the worker is in its first call,
+    with a second call queued."""
     script = ("import time; from keras_mmfusion.training import in_processes; "
               "list(in_processes(time.sleep, [(120,), (0,)], 1))")
     parent = subprocess.Popen([sys.executable, "-c", script])
