@@ -16,7 +16,8 @@ Four modes:
   ROSMAP settings of its ``main.py`` call (all three views, Jacobian weight 20, Anderson,
   absolute stopping, ``f_thres``/``b_thres`` as given); the test probabilities of its last
   test call (epoch 1000) are returned, to be scored by this project's scorer.
-- ``parity``: the official ``MMDynamic`` on the official data pipeline, with dropout 0,
+- ``parity``: the official ``MMDynamic`` on the official data pipeline, with dropout off
+  or with given masks (each step's from NumPy's ``default_rng([mask_seed, step])``),
   solvers that never stop early, fixed Jacobian probes, and the official ``train_epoch``
   (Adam with coupled weight decay, global-norm clipping at 30, ``StepLR``) for a number of
   steps; its initial weights and inputs, its first step's gradients and its final
@@ -119,6 +120,31 @@ def probes_for(step, shape, dtype):
     return [torch.from_numpy(rng.standard_normal(shape)).to(dtype) for _ in range(config["probes"])]
 
 
+class FixedDropout:
+    """Stands for torch.nn.functional inside the official mm_model.py: dropout multiplies
+    by the mask given for the step and view, every other name is torch's."""
+
+    def __init__(self):
+        self.queue = []
+
+    def dropout(self, x, p, training=True, inplace=False):
+        if not training or p == 0:
+            return x
+        mask = self.queue.pop(0)
+        assert tuple(mask.shape) == tuple(x.shape), (mask.shape, x.shape)
+        return x * mask
+
+    def __getattr__(self, name):
+        return getattr(torch.nn.functional, name)
+
+
+def masks_for(step, shape, views, dtype):
+    """Each view's dropout mask at ``step``: kept units scaled by 1 / (1 - rate)."""
+    rate = config["dropout"]
+    rng = np.random.default_rng([config["mask_seed"], step])
+    return [torch.from_numpy((rng.random(shape) >= rate) / (1 - rate)).to(dtype) for _ in range(views)]
+
+
 def parity():
     dtype = {"float64": torch.float64, "float32": torch.float32}[config["dtype"]]
     torch.set_default_dtype(dtype)  # the solver's zero start follows the default dtype
@@ -135,6 +161,8 @@ def parity():
     mm_model.anderson = recorded("forward")
     probes = FixedProbes()
     jacobian.torch = probes
+    dropout = FixedDropout()
+    mm_model.F = dropout
     norms = []
     clip = torch.nn.utils.clip_grad_norm_
 
@@ -152,7 +180,7 @@ def parity():
     data_tr, _, index, labels = ttd.prepare_trte_data("ROSMAP")
     xs = [x.to(dtype) for x in data_tr]
     y = torch.LongTensor(labels[index["tr"]])
-    model = mm_model.MMDynamic([x.shape[1] for x in xs], [config["units"]], 2, dropout=0.0,
+    model = mm_model.MMDynamic([x.shape[1] for x in xs], [config["units"]], 2, dropout=config["dropout"],
                                jacobian_weight=config["jacobian_weight"], f_thres=config["f_thres"],
                                b_thres=config["b_thres"], stop_mode="abs", solver="anderson").to(dtype)
     model.deq_fusion.b_solver = recorded("backward")
@@ -177,9 +205,12 @@ def parity():
     for step in range(config["steps"]):
         solves.clear()
         probes.queue = probes_for(step, state, dtype)
+        if config["dropout"]:
+            dropout.queue = masks_for(step, (xs[0].shape[0], config["units"]), len(xs), dtype)
         ttd.train_epoch(xs, y, model, optimizer, None, step)
         scheduler.step()
         assert not probes.queue, "the step did not use every probe"
+        assert not dropout.queue, "the step did not use every dropout mask"
         forward_solve = [s for s in solves if s[0] == "forward"]
         backward_solve = [s for s in solves if s[0] == "backward"]
         steps.append({

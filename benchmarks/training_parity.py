@@ -1,7 +1,8 @@
 """Step-for-step training parity with the official DEQ-fusion ROSMAP code.
 
     python benchmarks/training_parity.py --peer-code DIR [--peer-python PYTHON] [--data DIR]
-        [--steps 200] [--dtype float64 float32] [--seed 0] [--threads N] [--json FILE] [--record]
+        [--steps 200] [--dtype float64 float32] [--seed 0] [--dropout 0.5] [--threads N] [--json FILE]
+        [--record]
     python benchmarks/training_parity.py --peer-code DIR --evaluate MODEL.keras [MODEL.keras ...]
 
 ``DIR`` is the ``experiments/BRCA`` folder of the official code of Ni et al. ("Deep
@@ -18,7 +19,10 @@ on the other, with
   heads, the DEQ update, the classifier);
 - the same inputs: all 245 training patients as one batch, min-max scaled by the official
   code's ``prepare_trte_data`` (the Keras model is built without its own scaling);
-- dropout off, and solves that never stop early: the official Anderson gets a tolerance
+- dropout off (or, with ``--dropout``, the same masks on both sides: each step's from
+  NumPy's ``default_rng([mask_seed, step])``, passed to the official ``mm_model.py`` in
+  place of ``F.dropout``'s draw and to the package's ``encoder_dropout_<v>`` layers in
+  place of theirs), and solves that never stop early: the official Anderson gets a tolerance
   below zero, the package's solves one no residual meets, so both run their whole budgets
   (the recipe's 30 forward evaluations and 31 adjoint ones);
 - the same Jacobian probes: at step ``t`` both sides draw them with NumPy's
@@ -72,15 +76,16 @@ TERMS = ["total", "cross_entropy"] + [f"sparsity_{v}" for v in range(VIEWS)] + \
         [f"confidence_{v}" for v in range(VIEWS)] + ["jacobian"]
 
 
-def parity_settings(recipe):
-    """The recipe with dropout off, no scaling inside the model, and forward and adjoint
-    solves whose tolerance no residual meets."""
+def parity_settings(recipe, dropout=0.0):
+    """The recipe with dropout at ``dropout`` (its masks are then set per step, see
+    :class:`StepRecorder`), no scaling inside the model, and forward and adjoint solves
+    whose tolerance no residual meets."""
     from keras_mmfusion.equilibrium.adjoint import as_adjoint
 
     adjoint = as_adjoint(recipe.fusion_options["backward"])
     fusion = dict(recipe.fusion_options, tol=NEVER,
                   backward=type(adjoint).from_config({**adjoint.get_config(), "tol": NEVER}))
-    return dataclasses.replace(recipe, dropout=0.0, standardize=False, fusion_options=fusion)
+    return dataclasses.replace(recipe, dropout=dropout, standardize=False, fusion_options=fusion)
 
 
 def paired_variables(model):
@@ -140,18 +145,39 @@ def weight_differences(model, initial, final):
     return out
 
 
-class StepRecorder(keras.callbacks.Callback):
-    """Sets each step's Jacobian probes before the step and keeps its logged loss terms."""
+def step_masks(mask_seed, step, shape, rate):
+    """Each view's dropout mask at ``step``, as the official side's driver draws them:
+    NumPy's ``default_rng([mask_seed, step])``, kept units scaled by ``1 / (1 - rate)``."""
+    rng = np.random.default_rng([mask_seed, step])
+    return [(rng.random(shape) >= rate) / (1 - rate) for _ in range(VIEWS)]
 
-    def __init__(self, probes, probe_shape, probe_seed, num_probes):
+
+def fix_dropout(model, masks):
+    """Make each ``encoder_dropout_<v>`` layer multiply by the variable ``masks[v]`` in
+    training instead of drawing a mask."""
+    for v, mask in enumerate(masks):
+        layer = model.get_layer(f"encoder_dropout_{v}")
+        layer.call = lambda inputs, training=False, fixed=mask: inputs * fixed if training else inputs
+
+
+class StepRecorder(keras.callbacks.Callback):
+    """Sets each step's Jacobian probes (and dropout masks) before the step and keeps its
+    logged loss terms."""
+
+    def __init__(self, probes, probe_shape, probe_seed, num_probes, masks=(), mask_seed=None, rate=0.0):
         super().__init__()
         self.probes, self.shape, self.seed, self.num_probes = probes, probe_shape, probe_seed, num_probes
+        self.masks, self.mask_seed, self.rate = masks, mask_seed, rate
         self.steps = []
 
     def on_train_batch_begin(self, batch, logs=None):
         step = len(self.steps)
         rng = np.random.default_rng([self.seed, step])
         self.probes.assign(np.stack([rng.standard_normal(self.shape) for _ in range(self.num_probes)]))
+        if self.masks:
+            drawn = step_masks(self.mask_seed, step, tuple(self.masks[0].shape), self.rate)
+            for variable, mask in zip(self.masks, drawn):
+                variable.assign(mask)
 
     def on_train_batch_end(self, batch, logs=None):
         self.steps.append({k: float(v) for k, v in (logs or {}).items()})
@@ -171,9 +197,10 @@ def first_step_gradients(model, xs, labels, loss_weight):
     return {name: (g.numpy().T if transposed else g.numpy()) for g, (_, name, transposed) in zip(grads, pairs)}
 
 
-def keras_side(weights, settings, steps, probe_seed, dtype):
+def keras_side(weights, settings, steps, probe_seed, dtype, mask_seed=None):
     """The package's recipe trained for ``steps`` full-batch steps from the official weights:
-    ``(rows of loss terms per step, the trained model, the first step's gradients)``."""
+    ``(rows of loss terms per step, the trained model, the first step's gradients)``. With
+    ``settings.dropout``, each step's masks come from ``step_masks(mask_seed, ...)``."""
     from keras_mmfusion.layers import deq_fusion as deq_module
     from keras_mmfusion.training import build_model, fit_classifier, fit_options
     from keras_mmfusion.training.protocol import Splits
@@ -191,7 +218,11 @@ def keras_side(weights, settings, steps, probe_seed, dtype):
     probes = tf.Variable(tf.zeros((num_probes,) + state, dtype), trainable=False)
     drawn = deq_module.gaussian_probes
     deq_module.gaussian_probes = lambda z, n, seed=None: tf.identity(probes)
-    recorder = StepRecorder(probes, state, probe_seed, num_probes)
+    masks = []
+    if settings.dropout:
+        masks = [tf.Variable(tf.zeros((len(labels), settings.units), dtype), trainable=False) for _ in range(VIEWS)]
+        fix_dropout(model, masks)
+    recorder = StepRecorder(probes, state, probe_seed, num_probes, masks, mask_seed, settings.dropout)
     recorder.on_train_batch_begin(0)
     first_gradients = first_step_gradients(model, xs, labels, settings.loss_weight)
     try:
@@ -236,7 +267,7 @@ def compare(args, dtype):
     """One parity run in ``dtype``: prints its table and returns what the JSON keeps."""
     from keras_mmfusion.training import REFERENCE_RECIPE
 
-    settings = parity_settings(REFERENCE_RECIPE)
+    settings = parity_settings(REFERENCE_RECIPE, args.dropout)
     with tempfile.TemporaryDirectory() as scratch:
         files = {name: os.path.join(scratch, f"{name}.npz") for name in ("initial", "final", "gradients")}
         official = official_rosmap.run_official(
@@ -245,11 +276,12 @@ def compare(args, dtype):
             b_thres=settings.fusion_options["backward"].max_iter,
             jacobian_weight=settings.fusion_options["jacobian_weight"],
             probes=settings.fusion_options["jacobian_probes"], probe_seed=args.probe_seed, lr=settings.lr,
+            dropout=args.dropout, mask_seed=args.mask_seed,
             weight_decay=settings.weight_decay, lr_decay_every=settings.lr_decay_every, weights=files["initial"],
             final_weights=files["final"], gradients=files["gradients"])
         weights, final, official_gradients = (dict(np.load(files[n])) for n in ("initial", "final", "gradients"))
     with report.unrecorded():
-        ours, trained, first = keras_side(weights, settings, args.steps, args.probe_seed, dtype)
+        ours, trained, first = keras_side(weights, settings, args.steps, args.probe_seed, dtype, args.mask_seed)
     gradients_first = {name: float(np.linalg.norm(g - official_gradients[name]) /
                                    max(np.linalg.norm(official_gradients[name]), 1e-300))
                        for name, g in first.items()}
@@ -259,7 +291,9 @@ def compare(args, dtype):
     target = TARGET[dtype]
     shown = sorted({s for s in (0, 1, 2, 5, 10, 20, 50, 100, 150, args.steps - 1) if s < args.steps})
     print(f"Training parity with the official code: ROSMAP, {len(weights['labels'])} patients in one batch, "
-          f"{dtype}, {args.steps} steps, seed {args.seed}; relative difference of each loss term")
+          f"{dtype}, {args.steps} steps, seed {args.seed}, "
+          + (f"dropout {args.dropout:g} with the same masks" if args.dropout else "dropout off")
+          + "; relative difference of each loss term")
     print(f"{'step':>5}  {'official total':>14}  " + "  ".join(f"{t[:12]:>12}" for t in TERMS))
     for s in shown:
         print(f"{s:>5}  {theirs[s]['total']:14.6f}  " + "  ".join(f"{differences[t][s]:12.2e}" for t in TERMS))
@@ -283,7 +317,7 @@ def compare(args, dtype):
         perturbed = {k: v * (1 + perturbation * rng.standard_normal(v.shape)) if v.dtype.kind == "f"
                      and not k.startswith("input_") else v for k, v in weights.items()}
         with report.unrecorded():
-            again, _, _ = keras_side(perturbed, settings, args.steps, args.probe_seed, dtype)
+            again, _, _ = keras_side(perturbed, settings, args.steps, args.probe_seed, dtype, args.mask_seed)
         itself = relative_differences(again, ours)
         largest = [max(itself[t][s] for t in TERMS) for s in shown]
         print(f"the package against itself from weights a relative {perturbation:g} apart, largest term "
@@ -339,6 +373,10 @@ def main():
     parser.add_argument("--dtype", nargs="+", choices=sorted(TARGET), default=["float64", "float32"])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--probe-seed", type=int, default=1)
+    parser.add_argument("--dropout", type=float, default=0.0,
+                        help="the encoders' dropout rate (the recipe's is 0.5); both sides multiply by the same "
+                             "masks, drawn per step with NumPy's default_rng([mask seed, step]) (default 0: off)")
+    parser.add_argument("--mask-seed", type=int, default=2)
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--perturbation", type=float, default=None,
                         help="also train the package's side from weights this far apart (relative; default "

@@ -1,5 +1,6 @@
 """The project side of benchmarks/training_parity.py, on a tiny model whose steps are
-checked against PyTorch's Adam computed by hand (clip, coupled decay, epsilon placement)."""
+checked against PyTorch's Adam computed by hand (clip, coupled decay, epsilon placement),
+with each step's dropout masks drawn by hand."""
 
 import dataclasses
 import os
@@ -20,7 +21,7 @@ finally:
 from keras_mmfusion.layers import deq_fusion as deq_module  # noqa: E402
 from keras_mmfusion.training import REFERENCE_RECIPE, Splits, build_model  # noqa: E402
 
-UNITS, WIDTH, BATCH, STEPS, PROBE_SEED = 8, 3, 6, 3, 5
+UNITS, WIDTH, BATCH, STEPS, PROBE_SEED, MASK_SEED, RATE = 8, 3, 6, 3, 5, 7, 0.5
 
 
 def official_style_weights(rng):
@@ -55,7 +56,7 @@ def settings():
     fusion = dict(REFERENCE_RECIPE.fusion_options, max_iter=6, backward=backward)
     recipe = dataclasses.replace(REFERENCE_RECIPE, units=UNITS, clipnorm=0.05, jit_compile=False,
                                  fusion_options=fusion)
-    return training_parity.parity_settings(recipe)
+    return training_parity.parity_settings(recipe, RATE)
 
 
 def loss_and_gradients(model, xs, labels, loss_weight, variables):
@@ -68,15 +69,19 @@ def loss_and_gradients(model, xs, labels, loss_weight, variables):
     return loss, tape.gradient(loss, variables)
 
 
-def steps_by_hand(weights, recipe, clip="global", epsilon=1e-8, steps=STEPS):
+def steps_by_hand(weights, recipe, clip="global", epsilon=1e-8, steps=STEPS, mask_seed=MASK_SEED):
     """The losses of ``steps`` full-batch steps: gradients from a tape, then PyTorch's Adam
-    written out (global clip, coupled decay, epsilon on the bias-corrected sqrt(v))."""
+    written out (global clip, coupled decay, epsilon on the bias-corrected sqrt(v)); the
+    dropout layers multiply by each step's masks from ``default_rng([mask_seed, step])``."""
     xs = [weights[f"input_{v}"] for v in range(3)]
     labels = weights["labels"]
     model = build_model("reference", Splits((xs, labels), (xs, labels), 2, "toy"), recipe)
     training_parity.official_weights_into(model, weights)
     pairs = training_parity.paired_variables(model)
     state = {name: (np.zeros(variable.shape), np.zeros(variable.shape)) for variable, name, _ in pairs}
+    masks = {}
+    for v in range(3):
+        model.get_layer(f"encoder_dropout_{v}").call = lambda h, training=False, v=v: h * masks[v] if training else h
     losses = []
     drawn = deq_module.gaussian_probes
     try:
@@ -84,6 +89,8 @@ def steps_by_hand(weights, recipe, clip="global", epsilon=1e-8, steps=STEPS):
             rng = np.random.default_rng([PROBE_SEED, step])
             probes = tf.constant(np.stack([rng.standard_normal((BATCH, 4 * UNITS)) for _ in range(2)]))
             deq_module.gaussian_probes = lambda z, n, seed=None: probes
+            rng = np.random.default_rng([mask_seed, step])
+            masks.update({v: tf.constant((rng.random((BATCH, UNITS)) >= RATE) / (1 - RATE)) for v in range(3)})
             loss, grads = loss_and_gradients(model, xs, labels, recipe.loss_weight, [v for v, _, _ in pairs])
             losses.append(float(loss))
             grads = [g.numpy() for g in grads]
@@ -118,15 +125,18 @@ def float64():
 def test_the_harness_steps_are_pytorch_adams_steps(float64):
     weights = official_style_weights(np.random.default_rng(0))
     recipe = settings()
-    rows, _, _ = training_parity.keras_side(weights, recipe, STEPS, PROBE_SEED, "float64")
+    rows, _, _ = training_parity.keras_side(weights, recipe, STEPS, PROBE_SEED, "float64", MASK_SEED)
     ours = [row["total"] for row in rows]
     expected = steps_by_hand(weights, recipe)
     # Keras keeps the learning rate in float32: 1e-4 is off by a relative 2.5e-8.
     np.testing.assert_allclose(ours, expected, rtol=1e-7)
-    # One changed detail moves the second step's loss by far more than that.
+    # One changed detail moves the second step's loss by far more than that; other masks
+    # move the first.
     for changed in (steps_by_hand(weights, recipe, epsilon=1e-3, steps=2),
                     steps_by_hand(weights, recipe, clip="per_variable", steps=2)):
         assert abs(changed[1] / expected[1] - 1) > 1e-5
+    other_masks = steps_by_hand(weights, recipe, steps=1, mask_seed=MASK_SEED + 1)
+    assert abs(other_masks[0] / expected[0] - 1) > 1e-5
     assert rows[0]["cross_entropy"] > 0 and rows[0]["jacobian"] > 0
 
 
