@@ -20,14 +20,15 @@ zero, ``f(z*)`` as the training output), whose results the recipe trains on alth
 they do not converge.
 
     MMFUSION_ROSMAP=/path/to/rosmap python benchmarks/reference_recipe.py [--seeds 5] [--jobs N]
-        [--peer-code DIR [--peer-python PYTHON] [--official-start]] [--out DIR] [--record]
+        [--peer-code DIR [--peer-python PYTHON] [--peer-jobs N] [--official-start]] [--out DIR] [--record]
 
 It prints a table (accuracy, F1, AUC per seed; mean +- std; the fractions of training
 samples whose forward and adjoint solves met their tolerance over the last 10 epochs) and
 writes ``results/reference_recipe.json``. With ``--peer-code`` (the official code's
 ``experiments/BRCA`` folder, see ``official_rosmap.py``) it also runs the official code
 itself on the same seeds (``torch.manual_seed(seed)``), scores its last-epoch test
-probabilities with the same scorer, and prints both. ``--jobs N`` trains N seeds at a time,
+probabilities with the same scorer, and prints both; ``--peer-jobs N`` runs N official
+seeds at a time, each in a process of its own (``--peer-threads`` PyTorch threads each). ``--jobs N`` trains N seeds at a time,
 each in a process of its own with one TensorFlow thread (small full-batch steps use a second
 core poorly, so on a 2-core machine two such processes finish five seeds sooner than one
 process with two threads). With ``--official-start`` the official code only draws each
@@ -126,7 +127,9 @@ def main():
     parser.add_argument("--peer-code", default=None, help="the official code's experiments/BRCA folder")
     parser.add_argument("--peer-python", default=official_rosmap.DEFAULT_PEER_PYTHON,
                         help="a Python with PyTorch for the official code (default: $MMFUSION_PEER_PYTHON)")
-    parser.add_argument("--peer-threads", type=int, default=1, help="PyTorch threads of the official runs")
+    parser.add_argument("--peer-threads", type=int, default=1, help="PyTorch threads of each official run")
+    parser.add_argument("--peer-jobs", type=int, default=1,
+                        help="official seeds run at a time, each in its own process (default 1: one after another)")
     parser.add_argument("--official-start", action="store_true",
                         help="start every Keras run from the official code's initial weights for its seed "
                              "(drawn with --peer-code, which then trains nothing)")
@@ -134,6 +137,8 @@ def main():
     args = parser.parse_args()
     if not rosmap_available():
         sys.exit("ROSMAP is needed: set MMFUSION_ROSMAP to a folder in MOGONET's layout.")
+    if args.peer_jobs < 1:
+        parser.error(f"--peer-jobs must be at least 1, got {args.peer_jobs}")
     if args.official_start and not args.peer_code:
         parser.error("--official-start draws the weights with the official code: give --peer-code")
     if args.peer_code:
@@ -150,11 +155,17 @@ def main():
             seeds=seeds, weights=scratch.name, **official_config())
         initial = {seed: os.path.join(scratch.name, f"seed{seed}.npz") for seed in seeds}
     elif args.peer_code:
-        # The official runs go on in their subprocess while the Keras runs train here.
-        peer = threading.Thread(target=lambda: official.append(official_rosmap.run_official(
-            args.peer_python, args.peer_code, os.environ["MMFUSION_ROSMAP"], "recipe", args.peer_threads,
-            seeds=seeds, **official_config())))
-        peer.start()
+        # The official runs go on in their subprocesses while the Keras runs train here:
+        # --peer-jobs subprocesses, each running its share of the seeds one after another.
+        def run_share(share):
+            official.append(official_rosmap.run_official(
+                args.peer_python, args.peer_code, os.environ["MMFUSION_ROSMAP"], "recipe", args.peer_threads,
+                seeds=share, **official_config()))
+
+        shares = [seeds[i::args.peer_jobs] for i in range(min(args.peer_jobs, len(seeds)))]
+        peers = [threading.Thread(target=run_share, args=(share,)) for share in shares]
+        for peer in peers:
+            peer.start()
     if args.jobs > 1:
         runs = train_seeds(seeds, args.epochs, args.jobs, initial)
     else:
@@ -169,10 +180,12 @@ def main():
     result = {"runs": runs, "summary": summary, "epochs": args.epochs, "jobs": args.jobs,
               "official_start": args.official_start, "machine": machine()}
     if args.peer_code and not args.official_start:
-        peer.join()
-        if not official:
+        for peer in peers:
+            peer.join()
+        if len(official) < len(peers):
             sys.exit("The official code's runs did not finish; see above.")
-        official = official[0]
+        finished = sorted((run for share in official for run in share["runs"]), key=lambda run: run["seed"])
+        official = {**official[0], "runs": finished}
         peer_runs = [{**classification_metrics(splits.test[1], np.asarray(run["probabilities"])), "seed": run["seed"],
                       "seconds": run["seconds"]} for run in official["runs"]]
         result["official"] = {"runs": peer_runs, "summary": print_runs(
