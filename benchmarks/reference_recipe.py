@@ -11,13 +11,14 @@ The recipe is ``keras_mmfusion.training.REFERENCE_RECIPE``, which trains on that
 loss with that code's optimiser step and initial draws: ``benchmarks/training_parity.py``
 compares, from the same weights, the two codes' steps (every loss term within 2e-8
 through step 50 in float64, with dropout off and with the same dropout masks on both
-sides; later the two drift apart as runs from weights 1e-12 apart do). It includes
-the details that decide whether the recipe works: the loss's per-view weights (3.375 x
-cross-entropy, 2.25/1.5/1 x the views' gate and confidence losses), PyTorch's coupled weight decay added after clipping and its epsilon placement
-(``CoupledDecayAdam``), the plain-sum fused injection, and the DEQ reference code's
-Anderson solves (``"reference_anderson"``: whole-batch residuals, an adjoint solve from
-zero, ``f(z*)`` as the training output), whose results the recipe trains on although
-they do not converge.
+sides; later the two drift apart as runs from weights 1e-12 apart do). It includes the
+details that decide whether the recipe works: the loss's per-view weights (3.375 x
+cross-entropy, 2.25/1.5/1 x the views' gate and confidence losses), PyTorch's coupled
+weight decay added after clipping and its epsilon placement (``CoupledDecayAdam``), the
+plain-sum fused injection, and the DEQ reference code's Anderson solves
+(``"reference_anderson"``: whole-batch residuals, an adjoint solve from zero, ``f(z*)``
+as the training output), whose results the recipe trains on although they do not
+converge.
 
     MMFUSION_ROSMAP=/path/to/rosmap python benchmarks/reference_recipe.py [--seeds 5] [--jobs N]
         [--peer-code DIR [--peer-python PYTHON] [--peer-jobs N] [--official-start]] [--out DIR] [--record]
