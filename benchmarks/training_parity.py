@@ -376,7 +376,7 @@ def main():
     parser.add_argument("--dropout", type=float, default=0.0,
                         help="the encoders' dropout rate (the recipe's is 0.5); both sides multiply by the same "
                              "masks, drawn per step with NumPy's default_rng([mask seed, step]) (default 0: off)")
-    parser.add_argument("--mask-seed", type=int, default=2)
+    parser.add_argument("--mask-seed", type=int, default=2, help="seed of the dropout masks (with --dropout)")
     parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     parser.add_argument("--perturbation", type=float, default=None,
                         help="also train the package's side from weights this far apart (relative; default "
@@ -386,6 +386,8 @@ def main():
                              "with the package and, with their weights, with the official code")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
+    if not 0 <= args.dropout < 1:
+        parser.error(f"--dropout must be in [0, 1), got {args.dropout}")
     official_rosmap.check_peer(args.peer_python, args.peer_code)
     if not args.data or not os.path.isfile(os.path.join(args.data, "labels_tr.csv")):
         sys.exit("ROSMAP is needed: pass --data or set MMFUSION_ROSMAP to a folder in MOGONET's layout.")
@@ -397,7 +399,8 @@ def main():
         runs = [compare(args, dtype) for dtype in args.dtype]
     if args.json:
         with open(args.json, "w") as f:
-            json.dump({"runs": runs, "steps": args.steps, "seed": args.seed, "machine": machine()}, f)
+            json.dump({"runs": runs, "steps": args.steps, "seed": args.seed, "dropout": args.dropout,
+                       "mask_seed": args.mask_seed, "probe_seed": args.probe_seed, "machine": machine()}, f)
         print(f"wrote {args.json}")
 
 
