@@ -99,20 +99,27 @@ def recipe():
     return {"runs": runs}
 
 
-class FixedProbes:
-    """Stands for the torch module inside the official jacobian.py: randn returns the
-    probes given for the step, every other name is torch's."""
+class StandIn:
+    """Stands for a torch module inside an official file: the step's tensors, given in
+    ``queue``, replace one function's random draws; every other name is the module's."""
 
-    def __init__(self):
-        self.queue = []
+    def __init__(self, module):
+        self.module, self.queue = module, []
 
-    def randn(self, *shape, **kwargs):
-        probe = self.queue.pop(0)
-        assert tuple(probe.shape) == tuple(shape), (probe.shape, shape)
-        return probe
+    def next(self, shape):
+        tensor = self.queue.pop(0)
+        assert tuple(tensor.shape) == tuple(shape), (tensor.shape, shape)
+        return tensor
 
     def __getattr__(self, name):
-        return getattr(torch, name)
+        return getattr(self.module, name)
+
+
+class FixedProbes(StandIn):
+    """torch inside the official jacobian.py: randn returns the step's probes."""
+
+    def randn(self, *shape, **kwargs):
+        return self.next(shape)
 
 
 def probes_for(step, shape, dtype):
@@ -120,22 +127,12 @@ def probes_for(step, shape, dtype):
     return [torch.from_numpy(rng.standard_normal(shape)).to(dtype) for _ in range(config["probes"])]
 
 
-class FixedDropout:
-    """Stands for torch.nn.functional inside the official mm_model.py: dropout multiplies
-    by the mask given for the step and view, every other name is torch's."""
-
-    def __init__(self):
-        self.queue = []
+class FixedDropout(StandIn):
+    """torch.nn.functional inside the official mm_model.py: dropout multiplies by the
+    step's mask for the view."""
 
     def dropout(self, x, p, training=True, inplace=False):
-        if not training or p == 0:
-            return x
-        mask = self.queue.pop(0)
-        assert tuple(mask.shape) == tuple(x.shape), (mask.shape, x.shape)
-        return x * mask
-
-    def __getattr__(self, name):
-        return getattr(torch.nn.functional, name)
+        return x * self.next(x.shape) if training and p else x
 
 
 def masks_for(step, shape, views, dtype):
@@ -159,9 +156,9 @@ def parity():
         return solve
 
     mm_model.anderson = recorded("forward")
-    probes = FixedProbes()
+    probes = FixedProbes(torch)
     jacobian.torch = probes
-    dropout = FixedDropout()
+    dropout = FixedDropout(torch.nn.functional)
     mm_model.F = dropout
     norms = []
     clip = torch.nn.utils.clip_grad_norm_

@@ -29,16 +29,16 @@ writes ``results/reference_recipe.json``. With ``--peer-code`` (the official cod
 ``experiments/BRCA`` folder, see ``official_rosmap.py``) it also runs the official code
 itself on the same seeds (``torch.manual_seed(seed)``), scores its last-epoch test
 probabilities with the same scorer, and prints both; ``--peer-jobs N`` runs N official
-seeds at a time, each in a process of its own (``--peer-threads`` PyTorch threads each). ``--jobs N`` trains N seeds at a time,
-each in a process of its own with one TensorFlow thread (small full-batch steps use a second
-core poorly, so on a 2-core machine two such processes finish five seeds sooner than one
-process with two threads). With ``--official-start`` the official code only draws each
-seed's initial weights (those its own run of the seed starts from) and every Keras run
-starts from them (``training_parity.official_weights_into``); the official code is not
-trained. The two codes' runs of a seed then differ only in their training: dropout
-masks, Jacobian probes and rounding. This is the paper's fixed recipe
-scored at its last epoch, not the package's protocol with validation selection
-(``examples/rosmap.py``).
+seeds at a time, each in a process of its own (``--peer-threads`` PyTorch threads each).
+``--jobs N`` trains N seeds at a time, each in a process of its own with one TensorFlow
+thread (small full-batch steps use a second core poorly, so on a 2-core machine two such
+processes finish five seeds sooner than one process with two threads). With
+``--official-start`` the official code only draws each seed's initial weights (those its
+own run of the seed starts from) and every Keras run starts from them
+(``training_parity.official_weights_into``); the official code is not trained. The two
+codes' runs of a seed then differ only in their training: dropout masks, Jacobian probes
+and rounding. This is the paper's fixed recipe scored at its last epoch, not the
+package's protocol with validation selection (``examples/rosmap.py``).
 """
 
 import argparse
