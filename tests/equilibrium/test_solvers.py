@@ -243,3 +243,26 @@ def test_anderson_under_xla_takes_the_same_steps_as_without(mixing):
     assert int(np.count_nonzero(eager[2].numpy())) == 12
     for want, got in zip(eager, xla):
         np.testing.assert_allclose(got.numpy(), want.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_anderson_weights_are_accurate_in_float32_when_the_residuals_span_orders_of_magnitude():
+    # The Gram matrix of a non-converging solve's residuals, with the reference code's
+    # absolute ridge: nearly parallel residuals whose sizes fall from 200 to 0.7, so its
+    # diagonal spans five orders of magnitude and its condition number is about 4e7.
+    from keras_mmfusion.equilibrium.solvers import _spd_solve
+
+    grams = []
+    for seed in range(5):
+        rng = np.random.default_rng(seed)
+        base = rng.standard_normal((4, 1200))
+        sizes = [200.0, 40.0, 8.0, 2.0, 0.9, 0.7]
+        g = np.stack([s * (base + 0.05 * (i + 1) / 6 * rng.standard_normal((4, 1200))) for i, s in enumerate(sizes)], 1)
+        grams.append(np.einsum("bmd,bnd->bmn", g, g) + 1e-4 * np.eye(6))
+    gram = np.concatenate(grams)
+    ones = np.ones(gram.shape[:2])
+    exact = np.linalg.solve(gram, ones[..., None])[..., 0]
+    y = _spd_solve(tf.constant(gram, tf.float32), tf.constant(ones, tf.float32)).numpy().astype(np.float64)
+    # Anderson's mixing weights: float32 elimination on the unscaled system is 2e-2 off.
+    alpha, alpha_exact = y / y.sum(-1, keepdims=True), exact / exact.sum(-1, keepdims=True)
+    assert np.abs(alpha - alpha_exact).max() < 1e-3 * np.abs(alpha_exact).max()
+    assert np.abs(_spd_solve(tf.constant(gram), tf.constant(ones)).numpy() - exact).max() < 1e-9 * np.abs(exact).max()
