@@ -20,7 +20,8 @@ Four modes:
   or with given masks (each step's from NumPy's ``default_rng([mask_seed, step])``),
   solvers that never stop early, fixed Jacobian probes, and the official ``train_epoch``
   (Adam with coupled weight decay, global-norm clipping at 30, ``StepLR``) for a number of
-  steps; its initial weights and inputs, its first step's gradients and its final
+  steps, from the seed's initial weights or from given ones (``start``, a ``state_dict``
+  in an npz file); its initial weights and inputs, its first step's gradients and its final
   weights are written to npz files, and every step's loss terms, gradient norm and solver
   residuals to the JSON result.
 - ``initial``: per seed, the initial weights the ``recipe`` mode's run of that seed starts
@@ -181,6 +182,9 @@ def parity():
                                jacobian_weight=config["jacobian_weight"], f_thres=config["f_thres"],
                                b_thres=config["b_thres"], stop_mode="abs", solver="anderson").to(dtype)
     model.deq_fusion.b_solver = recorded("backward")
+    if config.get("start"):  # given initial weights (a state_dict npz) instead of the seed's draw
+        start = np.load(config["start"])
+        model.load_state_dict({k: torch.from_numpy(start[k]).to(dtype) for k in model.state_dict()})
     np.savez(config["weights"], **{k: v.detach().cpu().numpy() for k, v in model.state_dict().items()},
              **{f"input_{i}": x.numpy() for i, x in enumerate(xs)}, labels=y.numpy())
     sparsity = {}

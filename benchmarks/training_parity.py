@@ -4,6 +4,7 @@
         [--steps 200] [--dtype float64 float32] [--seed 0] [--dropout 0.5] [--threads N] [--json FILE]
         [--record]
     python benchmarks/training_parity.py --peer-code DIR --evaluate MODEL.keras [MODEL.keras ...]
+    python benchmarks/training_parity.py --peer-code DIR --precision [--dropout 0.5] [--mask-seed N]
 
 ``DIR`` is the ``experiments/BRCA`` folder of the official code of Ni et al. ("Deep
 Equilibrium Multimodal Fusion", arXiv 2306.16645, repository jinhong-ni/DEQFusion), used
@@ -47,6 +48,12 @@ with its own min-max scaling and solves, and its weights, written under the offi
 parameter names, go into the official model, which scores the same patients as its
 ``train()`` does. It prints how far the two sets of probabilities are apart and both
 accuracies.
+
+``--precision`` checks float32 arithmetic: from the official model's float32 initial weights
+(also loaded, in float64, into the official model), with the same inputs, masks and probes,
+it prints how far each code's float32 first-step gradients lie from the official code's
+float64 ones, per parameter and over all of them, with the package's float64 gradients as
+the check that both sides compute the same step.
 """
 
 import argparse
@@ -226,8 +233,9 @@ def keras_side(weights, settings, steps, probe_seed, dtype, mask_seed=None):
     recorder.on_train_batch_begin(0)
     first_gradients = first_step_gradients(model, xs, labels, settings.loss_weight)
     try:
-        fit_classifier(model, (xs, labels), steps, callbacks=[recorder],
-                       **dict(fit_options(settings), batch_size=len(labels), shuffle=False))
+        if steps:
+            fit_classifier(model, (xs, labels), steps, callbacks=[recorder],
+                           **dict(fit_options(settings), batch_size=len(labels), shuffle=False))
     finally:
         deq_module.gaussian_probes = drawn
     gate_weights = [model.get_layer(f"feature_gate_{v}").sparsity_weight for v in range(VIEWS)]
@@ -263,23 +271,66 @@ def relative_differences(ours, theirs):
     return {t: [abs(a[t] - b[t]) / max(abs(b[t]), 1e-300) for a, b in zip(ours, theirs)] for t in TERMS}
 
 
+def official_side(args, settings, dtype, steps, start=None):
+    """The official code's parity run: ``(its JSON result, initial weights and inputs, final
+    weights, first step's gradients)``, from the seed's draw or from the npz file ``start``."""
+    with tempfile.TemporaryDirectory() as scratch:
+        files = {name: os.path.join(scratch, f"{name}.npz") for name in ("initial", "final", "gradients")}
+        official = official_rosmap.run_official(
+            args.peer_python, args.peer_code, args.data, "parity", args.threads, dtype=dtype, seed=args.seed,
+            steps=steps, units=settings.units, f_thres=settings.fusion_options["max_iter"],
+            b_thres=settings.fusion_options["backward"].max_iter,
+            jacobian_weight=settings.fusion_options["jacobian_weight"],
+            probes=settings.fusion_options["jacobian_probes"], probe_seed=args.probe_seed, lr=settings.lr,
+            dropout=args.dropout, mask_seed=args.mask_seed, start=start,
+            weight_decay=settings.weight_decay, lr_decay_every=settings.lr_decay_every, weights=files["initial"],
+            final_weights=files["final"], gradients=files["gradients"])
+        return (official, *(dict(np.load(files[n])) for n in ("initial", "final", "gradients")))
+
+
+def precision(args):
+    """Each code's float32 first-step gradients against float64 ones from the same weights,
+    inputs, masks and probes: how much each side's float32 arithmetic moves a training step."""
+    from keras_mmfusion.training import REFERENCE_RECIPE
+
+    settings = parity_settings(REFERENCE_RECIPE, args.dropout)
+    _, weights, _, official32 = official_side(args, settings, "float32", 1)
+    wide = {k: v.astype(np.float64) if v.dtype.kind == "f" else v for k, v in weights.items()}
+    with tempfile.TemporaryDirectory() as scratch:
+        start = os.path.join(scratch, "start.npz")
+        np.savez(start, **{k: v for k, v in wide.items() if not k.startswith("input_") and k != "labels"})
+        _, _, _, official64 = official_side(args, settings, "float64", 1, start=start)
+    with report.unrecorded():
+        ours32 = keras_side(weights, settings, 0, args.probe_seed, "float32", args.mask_seed)[2]
+        ours64 = keras_side(wide, settings, 0, args.probe_seed, "float64", args.mask_seed)[2]
+
+    def error(gradients, name=None):
+        names = [name] if name else sorted(official64)
+        theirs = np.concatenate([official64[n].ravel() for n in names])
+        ours = np.concatenate([gradients[n].astype(np.float64).ravel() for n in names])
+        return float(np.linalg.norm(ours - theirs) / max(np.linalg.norm(theirs), 1e-300))
+
+    sides = {"official float32": official32, "package float32": ours32, "package float64": ours64}
+    rows = {name: {side: error(g, name) for side, g in sides.items()} for name in official64}
+    print(f"First step's gradients against the official code's float64 ones from the same weights: ROSMAP, "
+          f"{len(weights['labels'])} patients in one batch, seed {args.seed}, "
+          + (f"dropout {args.dropout:g} with the same masks" if args.dropout else "dropout off")
+          + "; ||g - g64|| / ||g64||, the ten parameters the package's float32 step moves most")
+    print(f"{'parameter':44}  " + "  ".join(f"{side:>16}" for side in sides))
+    for name in sorted(rows, key=lambda n: -rows[n]["package float32"])[:10]:
+        print(f"{name:44}  " + "  ".join(f"{rows[name][side]:16.2e}" for side in sides))
+    overall = {side: error(g) for side, g in sides.items()}
+    print(f"{'all parameters':44}  " + "  ".join(f"{overall[side]:16.2e}" for side in sides))
+    print()
+    return {"precision": True, "parameters": rows, "all": overall}
+
+
 def compare(args, dtype):
     """One parity run in ``dtype``: prints its table and returns what the JSON keeps."""
     from keras_mmfusion.training import REFERENCE_RECIPE
 
     settings = parity_settings(REFERENCE_RECIPE, args.dropout)
-    with tempfile.TemporaryDirectory() as scratch:
-        files = {name: os.path.join(scratch, f"{name}.npz") for name in ("initial", "final", "gradients")}
-        official = official_rosmap.run_official(
-            args.peer_python, args.peer_code, args.data, "parity", args.threads, dtype=dtype, seed=args.seed,
-            steps=args.steps, units=settings.units, f_thres=settings.fusion_options["max_iter"],
-            b_thres=settings.fusion_options["backward"].max_iter,
-            jacobian_weight=settings.fusion_options["jacobian_weight"],
-            probes=settings.fusion_options["jacobian_probes"], probe_seed=args.probe_seed, lr=settings.lr,
-            dropout=args.dropout, mask_seed=args.mask_seed,
-            weight_decay=settings.weight_decay, lr_decay_every=settings.lr_decay_every, weights=files["initial"],
-            final_weights=files["final"], gradients=files["gradients"])
-        weights, final, official_gradients = (dict(np.load(files[n])) for n in ("initial", "final", "gradients"))
+    official, weights, final, official_gradients = official_side(args, settings, dtype, args.steps)
     with report.unrecorded():
         ours, trained, first = keras_side(weights, settings, args.steps, args.probe_seed, dtype, args.mask_seed)
     gradients_first = {name: float(np.linalg.norm(g - official_gradients[name]) /
@@ -384,6 +435,9 @@ def main():
     parser.add_argument("--evaluate", nargs="+", default=None, metavar="MODEL",
                         help="instead of the training runs: score these saved reference classifiers (.keras) "
                              "with the package and, with their weights, with the official code")
+    parser.add_argument("--precision", action="store_true",
+                        help="instead of the training runs: each code's float32 first-step gradients against "
+                             "float64 ones from the same weights")
     parser.add_argument("--json", default=None)
     args = parser.parse_args()
     if not 0 <= args.dropout < 1:
@@ -395,6 +449,8 @@ def main():
     tf.config.threading.set_inter_op_parallelism_threads(args.threads)
     if args.evaluate:
         runs = [evaluate(args, path) for path in args.evaluate]
+    elif args.precision:
+        runs = [precision(args)]
     else:
         runs = [compare(args, dtype) for dtype in args.dtype]
     if args.json:

@@ -68,9 +68,9 @@ def _spd_solve(a, b):
     ``D = diag(a)^(-1/2)``, which leaves ``x`` unchanged. Without it, float32 elimination
     loses most of its digits when the diagonal spans many orders of magnitude, as the raw
     Gram matrix of a solve whose residuals fall from hundreds to below one does: on the
-    DEQ-fusion ROSMAP recipe's first step, the adjoint solves' weights then moved the
-    float32 gradients of the DEQ update 5e-3 away from float64 ones, against 6e-6 for the
-    official PyTorch code's pivoted solve.
+    DEQ-fusion ROSMAP recipe's first step, the float32 gradients then lay 1e-3 to 3e-3
+    from float64 ones, those of the official PyTorch code (a pivoted solve) 4e-6
+    (``benchmarks/training_parity.py --precision``).
     The diagonal is a masked sum, since ``diag_part`` has no TFLite builtin.
 
     Args:
