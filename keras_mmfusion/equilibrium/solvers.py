@@ -70,8 +70,8 @@ def _spd_solve(a, b):
     Gram matrix of a solve whose residuals fall from hundreds to below one does: on the
     DEQ-fusion ROSMAP recipe's first step, the float32 gradients then lay 1e-3 to 3e-3
     from float64 ones, those of the official PyTorch code (a pivoted solve) 4e-6
-    (``benchmarks/training_parity.py --precision``).
-    The diagonal is a masked sum, since ``diag_part`` has no TFLite builtin.
+    (``benchmarks/training_parity.py --precision``). The diagonal is a masked sum, since
+    ``diag_part`` has no TFLite builtin.
 
     Args:
         a: ``(batch, m, m)``.
