@@ -15,7 +15,9 @@ Four modes:
 - ``recipe``: per seed, ``torch.manual_seed(seed)`` and the official ``train()`` with the
   ROSMAP settings of its ``main.py`` call (all three views, Jacobian weight 20, Anderson,
   absolute stopping, ``f_thres``/``b_thres`` as given); the test probabilities of its last
-  test call (epoch 1000) are returned, to be scored by this project's scorer.
+  test call (epoch 1000) are returned, to be scored by this project's scorer, and those of
+  every test call (``train()`` tests every 50 epochs, from epoch 0) as
+  ``test_probabilities``.
 - ``parity``: the official ``MMDynamic`` on the official data pipeline, with dropout off
   or with given masks (each step's from NumPy's ``default_rng([mask_seed, step])``),
   solvers that never stop early, fixed Jacobian probes, and the official ``train_epoch``
@@ -95,7 +97,8 @@ def recipe():
         started = time.time()
         ttd.train("ROSMAP", "./model/", recipe_args(seed))
         runs.append({"seed": seed, "seconds": time.time() - started,
-                     "probabilities": probabilities[-1].tolist(), "test_calls": len(probabilities)})
+                     "probabilities": probabilities[-1].tolist(), "test_calls": len(probabilities),
+                     "test_probabilities": [p.tolist() for p in probabilities]})
         print(json.dumps({"seed": seed, "seconds": runs[-1]["seconds"]}), file=sys.stderr, flush=True)
     return {"runs": runs}
 

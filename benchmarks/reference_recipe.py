@@ -21,7 +21,8 @@ as the training output), whose results the recipe trains on although they do not
 converge.
 
     MMFUSION_ROSMAP=/path/to/rosmap python benchmarks/reference_recipe.py [--seeds 5] [--jobs N]
-        [--peer-code DIR [--peer-python PYTHON] [--peer-jobs N] [--official-start]] [--out DIR] [--record]
+        [--peer-code DIR [--peer-python PYTHON] [--peer-jobs N] [--official-start]] [--trajectory]
+        [--out DIR] [--record]
 
 It prints a table (accuracy, F1, AUC per seed; mean +- std; the fractions of training
 samples whose forward and adjoint solves met their tolerance over the last 10 epochs) and
@@ -37,7 +38,10 @@ processes finish five seeds sooner than one process with two threads). With
 own run of the seed starts from) and every Keras run starts from them
 (``training_parity.official_weights_into``); the official code is not trained. The two
 codes' runs of a seed then differ only in their training: dropout masks, Jacobian probes
-and rounding. This is the paper's fixed recipe scored at its last epoch, not the
+and rounding. With ``--trajectory`` both codes' runs also score the test split after every
+50th epoch, where the official ``train()`` scores it, and the script prints each run's
+accuracy there: whether a last-epoch score is a lasting state of the run or a passing one
+(a diagnostic; the recipe's score is still the last epoch's). This is the paper's fixed recipe scored at its last epoch, not the
 package's protocol with validation selection (``examples/rosmap.py``).
 """
 
@@ -65,35 +69,58 @@ import official_rosmap  # noqa: E402
 import report  # noqa: E402
 import training_parity  # noqa: E402
 
-def train_once(splits, seed, epochs, initial=None):
+# The official train() scores the test split after every 50th epoch, from the first.
+TEST_INTERVAL = 50
+
+
+class TestCalls(keras.callbacks.Callback):
+    """The test probabilities after every ``TEST_INTERVAL``-th epoch (0-based ``epoch %
+    TEST_INTERVAL == 0``), where the official ``train()`` calls its ``test_epoch``. Inference
+    draws no random numbers, so the training run is the same with and without it."""
+
+    def __init__(self, model, inputs):
+        super().__init__()
+        self.scored, self.inputs, self.probabilities = model, inputs, []
+
+    def on_epoch_end(self, epoch, logs=None):
+        if epoch % TEST_INTERVAL == 0:
+            self.probabilities.append(self.scored.predict(self.inputs, batch_size=256, verbose=0).tolist())
+
+
+def train_once(splits, seed, epochs, initial=None, trajectory=False):
     """One model trained with the recipe on all training patients, from the weights in the
     npz file ``initial`` (an official ``state_dict``) when given; its test metrics, with the
-    converged fractions of its last 10 epochs' solves, and its training time."""
+    converged fractions of its last 10 epochs' solves (and with ``trajectory`` the test
+    probabilities of every ``TestCalls`` epoch as ``test_probabilities``), and its training time."""
     keras.utils.set_random_seed(seed)
     settings = REFERENCE_RECIPE
     # Min-max scaled with all training patients, as the official code scales the views.
     model = build_model("reference", splits, settings)
     if initial:
         training_parity.official_weights_into(model, np.load(initial))
+    calls = [TestCalls(model, splits.test[0])] if trajectory else []
     started = time.time()
-    history, _ = fit_classifier(model, splits.train, epochs,
+    history, _ = fit_classifier(model, splits.train, epochs, callbacks=calls,
                                 **dict(fit_options(settings), batch_size=len(splits.train[1])))
     seconds = time.time() - started
     probabilities = model.predict(splits.test[0], batch_size=256, verbose=0)
-    return {**classification_metrics(splits.test[1], probabilities), **converged_last_10(history)}, seconds
+    metrics = {**classification_metrics(splits.test[1], probabilities), **converged_last_10(history)}
+    if trajectory:
+        metrics["test_probabilities"] = calls[0].probabilities
+    return metrics, seconds
 
 
-def train_seed(seed, epochs, initial=None):
+def train_seed(seed, epochs, initial=None, trajectory=False):
     """``train_once`` for one seed, in a worker process: the row of the table."""
-    metrics, seconds = train_once(load_splits("rosmap"), seed, epochs, initial)
+    metrics, seconds = train_once(load_splits("rosmap"), seed, epochs, initial, trajectory)
     print(f"seed {seed}: accuracy {metrics['accuracy']:.3f} in {seconds:.0f} s", file=sys.stderr, flush=True)
     return {**metrics, "seed": seed, "seconds": seconds}
 
 
-def train_seeds(seeds, epochs, jobs, initial):
+def train_seeds(seeds, epochs, jobs, initial, trajectory=False):
     """The rows of ``seeds``, trained ``jobs`` at a time in fresh processes of one thread each;
     ``initial`` maps a seed to its initial weights' npz file, or is empty."""
-    done = dict(in_processes(train_seed, [(seed, epochs, initial.get(seed)) for seed in seeds], jobs))
+    done = dict(in_processes(train_seed, [(seed, epochs, initial.get(seed), trajectory) for seed in seeds], jobs))
     return [done[i] for i in range(len(seeds))]
 
 
@@ -117,6 +144,31 @@ def print_runs(name, runs, keys):
     return summary
 
 
+def print_trajectory(name, runs, labels):
+    """Each run's test accuracy at every ``TestCalls`` epoch, and over the calls after the
+    rate's step (epochs 550-1000): the mean accuracy, the share of calls at which one class
+    takes at least 90% of the predictions, and the mean change between successive calls."""
+    epochs = [TEST_INTERVAL * i for i in range(len(runs[0]["test_probabilities"]))]
+    accuracy = np.array([[np.mean(np.argmax(p, -1) == labels) for p in run["test_probabilities"]] for run in runs])
+    one_class = np.array([[max(np.mean(np.argmax(p, -1)), 1 - np.mean(np.argmax(p, -1))) >= 0.9
+                           for p in run["test_probabilities"]] for run in runs])
+    print(f"{name}, test accuracy after the epochs at which the official train() tests (* one class >= 90%):")
+    print("epoch  " + "  ".join(f"{'seed ' + str(run['seed']):>8}" for run in runs))
+    for j, epoch in enumerate(epochs):
+        print(f"{epoch:>5}  " + "  ".join(f"{100 * accuracy[i, j]:7.1f}{'*' if one_class[i, j] else ' '}"
+                                          for i in range(len(runs))))
+    # The calls after the rate's step, or every call of a run too short to reach it.
+    late = [j for j, epoch in enumerate(epochs) if epoch > 500] or list(range(len(epochs)))
+    summary = {"epochs": [epochs[j] for j in late],
+               "mean_accuracy": float(np.mean(accuracy[:, late])),
+               "one_class_share": float(np.mean(one_class[:, late])),
+               "mean_change": float(np.mean(np.abs(np.diff(accuracy[:, late], axis=1))))}
+    print(f"epochs {epochs[late[0]]}-{epochs[late[-1]]}: mean accuracy {100 * summary['mean_accuracy']:.1f}, "
+          f"one class at {100 * summary['one_class_share']:.0f}% of the calls, mean change between calls "
+          f"{100 * summary['mean_change']:.1f} points")
+    return summary
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     report.add_option(parser)
@@ -134,6 +186,9 @@ def main():
     parser.add_argument("--official-start", action="store_true",
                         help="start every Keras run from the official code's initial weights for its seed "
                              "(drawn with --peer-code, which then trains nothing)")
+    parser.add_argument("--trajectory", action="store_true",
+                        help=f"also score the test split after every {TEST_INTERVAL}th epoch, as the official train() "
+                             "does, and print each run's trajectory (a diagnostic: nothing is selected on it)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     if not rosmap_available():
@@ -168,11 +223,11 @@ def main():
         for peer in peers:
             peer.start()
     if args.jobs > 1:
-        runs = train_seeds(seeds, args.epochs, args.jobs, initial)
+        runs = train_seeds(seeds, args.epochs, args.jobs, initial, args.trajectory)
     else:
         runs = []
         for seed in seeds:
-            metrics, seconds = train_once(splits, seed, args.epochs, initial.get(seed))
+            metrics, seconds = train_once(splits, seed, args.epochs, initial.get(seed), args.trajectory)
             runs.append({**metrics, "seed": seed, "seconds": seconds})
             print(f"seed {seed}: accuracy {metrics['accuracy']:.3f} in {seconds:.0f} s", file=sys.stderr, flush=True)
     scratch.cleanup()
@@ -180,6 +235,8 @@ def main():
     summary = print_runs(f"keras_mmfusion, REFERENCE_RECIPE{start}:", runs, keys)
     result = {"runs": runs, "summary": summary, "epochs": args.epochs, "jobs": args.jobs,
               "official_start": args.official_start, "machine": machine()}
+    if args.trajectory:
+        result["trajectory"] = print_trajectory("keras_mmfusion", runs, splits.test[1])
     if args.peer_code and not args.official_start:
         for peer in peers:
             peer.join()
@@ -188,10 +245,13 @@ def main():
         finished = sorted((run for share in official for run in share["runs"]), key=lambda run: run["seed"])
         official = {**official[0], "runs": finished}
         peer_runs = [{**classification_metrics(splits.test[1], np.asarray(run["probabilities"])), "seed": run["seed"],
-                      "seconds": run["seconds"]} for run in official["runs"]]
+                      "seconds": run["seconds"], "test_probabilities": run["test_probabilities"]}
+                     for run in official["runs"]]
         result["official"] = {"runs": peer_runs, "summary": print_runs(
             f"official code (PyTorch {official['torch']}, {official['threads']} threads), last epoch:", peer_runs,
             keys)}
+        if args.trajectory:
+            result["official"]["trajectory"] = print_trajectory("official code", peer_runs, splits.test[1])
     os.makedirs(args.out, exist_ok=True)
     path = os.path.join(args.out, "reference_recipe.json")
     with open(path, "w") as f:
