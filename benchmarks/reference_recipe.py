@@ -22,7 +22,7 @@ converge.
 
     MMFUSION_ROSMAP=/path/to/rosmap python benchmarks/reference_recipe.py [--seeds 5] [--jobs N]
         [--peer-code DIR [--peer-python PYTHON] [--peer-jobs N] [--official-start]] [--trajectory]
-        [--out DIR] [--record]
+        [--save DIR] [--out DIR] [--record]
 
 It prints a table (accuracy, F1, AUC per seed; mean +- std; the fractions of training
 samples whose forward and adjoint solves met their tolerance over the last 10 epochs) and
@@ -87,11 +87,12 @@ class TestCalls(keras.callbacks.Callback):
             self.probabilities.append(self.scored.predict(self.inputs, batch_size=256, verbose=0).tolist())
 
 
-def train_once(splits, seed, epochs, initial=None, trajectory=False):
+def train_once(splits, seed, epochs, initial=None, trajectory=False, save=None):
     """One model trained with the recipe on all training patients, from the weights in the
-    npz file ``initial`` (an official ``state_dict``) when given; its test metrics, with the
-    converged fractions of its last 10 epochs' solves (and with ``trajectory`` the test
-    probabilities of every ``TestCalls`` epoch as ``test_probabilities``), and its training time."""
+    npz file ``initial`` (an official ``state_dict``) when given, and saved to ``save``
+    (``.keras``) when given; its test metrics, with the converged fractions of its last 10
+    epochs' solves (and with ``trajectory`` the test probabilities of every ``TestCalls``
+    epoch as ``test_probabilities``), and its training time."""
     keras.utils.set_random_seed(seed)
     settings = REFERENCE_RECIPE
     # Min-max scaled with all training patients, as the official code scales the views.
@@ -105,23 +106,32 @@ def train_once(splits, seed, epochs, initial=None, trajectory=False):
     seconds = time.time() - started
     probabilities = model.predict(splits.test[0], batch_size=256, verbose=0)
     metrics = {**classification_metrics(splits.test[1], probabilities), **converged_last_10(history)}
+    if save:
+        model.save(save)
     if trajectory:
         metrics["test_probabilities"] = calls[0].probabilities
     return metrics, seconds
 
 
-def train_seed(seed, epochs, initial=None, trajectory=False):
+def train_seed(seed, epochs, initial=None, trajectory=False, save=None):
     """``train_once`` for one seed, in a worker process: the row of the table."""
-    metrics, seconds = train_once(load_splits("rosmap"), seed, epochs, initial, trajectory)
+    metrics, seconds = train_once(load_splits("rosmap"), seed, epochs, initial, trajectory, save)
     print(f"seed {seed}: accuracy {metrics['accuracy']:.3f} in {seconds:.0f} s", file=sys.stderr, flush=True)
     return {**metrics, "seed": seed, "seconds": seconds}
 
 
-def train_seeds(seeds, epochs, jobs, initial, trajectory=False):
+def train_seeds(seeds, epochs, jobs, initial, trajectory=False, save=None):
     """The rows of ``seeds``, trained ``jobs`` at a time in fresh processes of one thread each;
-    ``initial`` maps a seed to its initial weights' npz file, or is empty."""
-    done = dict(in_processes(train_seed, [(seed, epochs, initial.get(seed), trajectory) for seed in seeds], jobs))
+    ``initial`` maps a seed to its initial weights' npz file, or is empty; with ``save`` (a
+    folder) each model is saved there as ``seed<seed>.keras``."""
+    done = dict(in_processes(train_seed, [(seed, epochs, initial.get(seed), trajectory, saved_as(save, seed))
+                                          for seed in seeds], jobs))
     return [done[i] for i in range(len(seeds))]
+
+
+def saved_as(folder, seed):
+    """Where ``--save`` keeps the model of ``seed``, or None without it."""
+    return os.path.join(folder, f"seed{seed}.keras") if folder else None
 
 
 def official_config():
@@ -189,12 +199,17 @@ def main():
     parser.add_argument("--trajectory", action="store_true",
                         help=f"also score the test split after every {TEST_INTERVAL}th epoch, as the official train() "
                              "does, and print each run's trajectory (a diagnostic: nothing is selected on it)")
+    parser.add_argument("--save", default=None, metavar="DIR",
+                        help="save each seed's trained model as DIR/seed<seed>.keras (for training_parity.py "
+                             "--evaluate)")
     parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)), "results"))
     args = parser.parse_args()
     if not rosmap_available():
         sys.exit("ROSMAP is needed: set MMFUSION_ROSMAP to a folder in MOGONET's layout.")
     if args.peer_jobs < 1:
         parser.error(f"--peer-jobs must be at least 1, got {args.peer_jobs}")
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
     if args.official_start and not args.peer_code:
         parser.error("--official-start draws the weights with the official code: give --peer-code")
     if args.peer_code:
@@ -223,11 +238,12 @@ def main():
         for peer in peers:
             peer.start()
     if args.jobs > 1:
-        runs = train_seeds(seeds, args.epochs, args.jobs, initial, args.trajectory)
+        runs = train_seeds(seeds, args.epochs, args.jobs, initial, args.trajectory, args.save)
     else:
         runs = []
         for seed in seeds:
-            metrics, seconds = train_once(splits, seed, args.epochs, initial.get(seed), args.trajectory)
+            metrics, seconds = train_once(splits, seed, args.epochs, initial.get(seed), args.trajectory,
+                                          saved_as(args.save, seed))
             runs.append({**metrics, "seed": seed, "seconds": seconds})
             print(f"seed {seed}: accuracy {metrics['accuracy']:.3f} in {seconds:.0f} s", file=sys.stderr, flush=True)
     scratch.cleanup()
