@@ -41,8 +41,9 @@ codes' runs of a seed then differ only in their training: dropout masks, Jacobia
 and rounding. With ``--trajectory`` both codes' runs also score the test split after every
 50th epoch, where the official ``train()`` scores it, and the script prints each run's
 accuracy there: whether a last-epoch score is a lasting state of the run or a passing one
-(a diagnostic; the recipe's score is still the last epoch's). This is the paper's fixed recipe scored at its last epoch, not the
-package's protocol with validation selection (``examples/rosmap.py``).
+(a diagnostic; the recipe's score is still the last epoch's). This is the paper's fixed
+recipe scored at its last epoch, not the package's protocol with validation selection
+(``examples/rosmap.py``).
 """
 
 import argparse
@@ -159,9 +160,11 @@ def print_trajectory(name, runs, labels):
     rate's step (epochs 550-1000): the mean accuracy, the share of calls at which one class
     takes at least 90% of the predictions, and the mean change between successive calls."""
     epochs = [TEST_INTERVAL * i for i in range(len(runs[0]["test_probabilities"]))]
-    accuracy = np.array([[np.mean(np.argmax(p, -1) == labels) for p in run["test_probabilities"]] for run in runs])
-    one_class = np.array([[max(np.mean(np.argmax(p, -1)), 1 - np.mean(np.argmax(p, -1))) >= 0.9
-                           for p in run["test_probabilities"]] for run in runs])
+    # (runs, calls, patients): the class each call predicts for each test patient.
+    predicted = np.array([[np.argmax(p, -1) for p in run["test_probabilities"]] for run in runs])
+    accuracy = np.mean(predicted == labels, axis=-1)
+    share_of_class_1 = np.mean(predicted, axis=-1)
+    one_class = np.maximum(share_of_class_1, 1 - share_of_class_1) >= 0.9
     print(f"{name}, test accuracy after the epochs at which the official train() tests (* one class >= 90%):")
     print("epoch  " + "  ".join(f"{'seed ' + str(run['seed']):>8}" for run in runs))
     for j, epoch in enumerate(epochs):
@@ -208,10 +211,10 @@ def main():
         sys.exit("ROSMAP is needed: set MMFUSION_ROSMAP to a folder in MOGONET's layout.")
     if args.peer_jobs < 1:
         parser.error(f"--peer-jobs must be at least 1, got {args.peer_jobs}")
-    if args.save:
-        os.makedirs(args.save, exist_ok=True)
     if args.official_start and not args.peer_code:
         parser.error("--official-start draws the weights with the official code: give --peer-code")
+    if args.save:
+        os.makedirs(args.save, exist_ok=True)
     if args.peer_code:
         official_rosmap.check_peer(args.peer_python, args.peer_code)
     splits = load_splits("rosmap")

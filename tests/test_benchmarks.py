@@ -27,6 +27,7 @@ try:
     import deq_scaling
     import multiview
     import perf_vs_peer
+    import reference_recipe
     import report
 finally:
     sys.path.remove(BENCHMARKS)
@@ -338,3 +339,22 @@ def test_multiview_benchmark_chooses_widths_and_the_view_on_validation_and_reuse
     single, views = multiview.choose_single_view({v + 1: multiview.run_view(splits, v, [0, 1], "rule", None)
                                                   for v in range(3)})
     assert sorted(views) == [1, 2, 3] and single["view"] == 2
+
+
+def test_recipe_trajectory_counts_accuracy_and_one_class_calls_after_the_rate_step(capsys):
+    # Ten patients, half of each class; 21 test calls (epochs 0-1000). Run 0 predicts every
+    # label right at every call; run 1 predicts class 1 for every patient after epoch 500
+    # (one class, accuracy 0.5), and every label right before.
+    labels = np.array([0, 1] * 5)
+    right = np.eye(2)[labels]
+    all_one = np.eye(2)[np.ones(10, int)]
+    runs = [{"seed": 0, "test_probabilities": [right] * 21},
+            {"seed": 1, "test_probabilities": [right] * 11 + [all_one] * 10}]
+    summary = reference_recipe.print_trajectory("toy", runs, labels)
+    assert summary["epochs"] == list(range(550, 1001, 50))
+    assert summary["mean_accuracy"] == pytest.approx((1.0 + 0.5) / 2)
+    assert summary["one_class_share"] == pytest.approx(0.5)
+    assert summary["mean_change"] == 0.0  # neither run changes after epoch 550
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[2].split() == ["0", "100.0", "100.0"]
+    assert rows[-2].split() == ["1000", "100.0", "50.0*"]
