@@ -60,6 +60,10 @@ class _Parser(argparse.ArgumentParser):
         raise CommandError(f"{self.prog}: {message}")
 
 
+#: Set to "1" beside ``TF_CPP_MIN_LOG_LEVEL`` when :func:`quiet_tensorflow_import` set the level.
+_QUIET_MARK = "MMFUSION_QUIET_IMPORT"
+
+
 def quiet_tensorflow_import(verbose=False):
     """Import TensorFlow without the C++ log lines its shared libraries print as they load.
 
@@ -72,12 +76,17 @@ def quiet_tensorflow_import(verbose=False):
 
     Nothing is silenced with ``verbose=True``, when the user has set
     ``TF_CPP_MIN_LOG_LEVEL`` (their choice stands), or when TensorFlow is already imported.
+    The level this function sets is marked as its own (``_QUIET_MARK``) in the environment
+    that child processes inherit, so a child that calls it too, such as a "spawn" worker
+    re-running a script's top level, imports TensorFlow quietly as well.
     """
-    if verbose or "TF_CPP_MIN_LOG_LEVEL" in os.environ or "tensorflow" in sys.modules:
+    users_level = "TF_CPP_MIN_LOG_LEVEL" in os.environ and os.environ.get(_QUIET_MARK) != "1"
+    if verbose or users_level or "tensorflow" in sys.modules:
         import tensorflow  # noqa: F401
 
         return
     os.environ["TF_CPP_MIN_LOG_LEVEL"] = "3"
+    os.environ[_QUIET_MARK] = "1"
     sys.stderr.flush()
     real = os.dup(2)
     # Kept open for the life of the process: a logging handler made during the import

@@ -73,6 +73,20 @@ def test_the_cli_starts_without_tensorflows_log_lines(tmp_path):
     assert done.stderr == ""
 
 
+def test_a_child_of_a_quiet_process_imports_tensorflow_quietly_too():
+    # The parent's level is its own, not the user's: a child that calls the quiet import
+    # (a "spawn" worker of examples/rosmap.py --jobs re-runs the script's top level) hides
+    # the start-up lines as well, and says nothing else on stderr.
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "MMFUSION_QUIET_IMPORT")}
+    child = "import keras_mmfusion_cli as cli; cli.quiet_tensorflow_import()"
+    parent = (f"import subprocess, sys\n{child}\n"
+              f"done = subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True)\n"
+              "print(done.returncode, repr(done.stderr))")
+    done = subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, env=env)
+    assert (done.returncode, done.stderr) == (0, "")
+    assert done.stdout.strip() == "0 ''"
+
+
 def write_views_mat(path, labels, seed=0, widths=(6, 4)):
     """A two-view .mat file as the multi-view benchmarks ship them: views in a cell array
     X (the second stored transposed), labels Y."""
