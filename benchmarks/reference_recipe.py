@@ -175,10 +175,11 @@ def print_trajectory(name, runs, labels):
     summary = {"epochs": [epochs[j] for j in late],
                "mean_accuracy": float(np.mean(accuracy[:, late])),
                "one_class_share": float(np.mean(one_class[:, late])),
-               "mean_change": float(np.mean(np.abs(np.diff(accuracy[:, late], axis=1))))}
+               # None for a single call (--epochs 50 or fewer): no change to measure.
+               "mean_change": float(np.mean(np.abs(np.diff(accuracy[:, late], axis=1)))) if len(late) > 1 else None}
+    change = "none to measure" if summary["mean_change"] is None else f"{100 * summary['mean_change']:.1f} points"
     print(f"epochs {epochs[late[0]]}-{epochs[late[-1]]}: mean accuracy {100 * summary['mean_accuracy']:.1f}, "
-          f"one class at {100 * summary['one_class_share']:.0f}% of the calls, mean change between calls "
-          f"{100 * summary['mean_change']:.1f} points")
+          f"one class at {100 * summary['one_class_share']:.0f}% of the calls, mean change between calls {change}")
     return summary
 
 

@@ -358,3 +358,7 @@ def test_recipe_trajectory_counts_accuracy_and_one_class_calls_after_the_rate_st
     rows = capsys.readouterr().out.splitlines()
     assert rows[2].split() == ["0", "100.0", "100.0"]
     assert rows[-2].split() == ["1000", "100.0", "50.0*"]
+    # A run of one call (--epochs 50 or fewer) has accuracies but no change between calls.
+    short = reference_recipe.print_trajectory("toy", [{"seed": 0, "test_probabilities": [all_one]}], labels)
+    assert (short["epochs"], short["mean_accuracy"], short["mean_change"]) == ([0], 0.5, None)
+    assert capsys.readouterr().out.splitlines()[-1].endswith("mean change between calls none to measure")
