@@ -77,7 +77,7 @@ def test_a_child_of_a_quiet_process_imports_tensorflow_quietly_too():
     # The parent's level is its own, not the user's: a child that calls the quiet import
     # (a "spawn" worker of examples/rosmap.py --jobs re-runs the script's top level) hides
     # the start-up lines as well, and says nothing else on stderr.
-    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", "MMFUSION_QUIET_IMPORT")}
+    env = {k: v for k, v in os.environ.items() if k not in ("TF_CPP_MIN_LOG_LEVEL", cli._QUIET_MARK)}
     child = "import keras_mmfusion_cli as cli; cli.quiet_tensorflow_import()"
     parent = (f"import subprocess, sys\n{child}\n"
               f"done = subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True)\n"
