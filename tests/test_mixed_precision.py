@@ -22,8 +22,8 @@ def policy(request):
 
 
 def data():
-    x, y = mmf.make_synthetic(1600, num_modalities=3, widths=WIDTHS, noise=0.3, seed=1)
-    return ([a[:1200] for a in x], y[:1200]), ([a[1200:] for a in x], y[1200:])
+    x, y = mmf.make_synthetic(1000, num_modalities=3, widths=WIDTHS, noise=0.3, seed=1)
+    return ([a[:600] for a in x], y[:600]), ([a[600:] for a in x], y[600:])
 
 
 def train(name, train_data, epochs):
@@ -70,8 +70,9 @@ def test_every_fusion_layer_trains_with_float32_outputs(name, policy):
     check_float32_outputs(model, fusion, policy, [a[:8] for a in test_data[0]])
 
 
-# Trained to the end of learning: after 6 epochs float16 still trailed float32 by 1.25-1.75
-# points (it learns more slowly), after 10 both classify the held-out samples alike.
+# Trained to the end of learning: after 5 epochs the three policies' held-out accuracies
+# still differ by up to 2.25 points (float32 95.5%, float16 97.25%, bfloat16 95.0%), after
+# 10 each classifies every held-out sample correctly.
 TRAINED_EPOCHS = 10
 
 
