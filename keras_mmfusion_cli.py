@@ -261,7 +261,7 @@ def _check_out(out, overwrite):
 @contextlib.contextmanager
 def _staged_run(out, overwrite):
     """A new folder beside ``out`` to write a run into, moved to ``out`` when the block
-    ends and deleted when it raises (an error, Ctrl-C, or SIGTERM: see :func:`main`).
+    ends and deleted when it raises (an error, Ctrl-C, or SIGTERM: see :class:`_Termination`).
 
     Only a whole run ever stands at ``out``; a run killed outright (SIGKILL) leaves its
     hidden ``.<name>.partial-*`` folder beside it, never a half-written ``out``.
@@ -385,9 +385,13 @@ def _train_one(args, splits, settings, seed, out, shown):
     """One trial, written to the folder ``out`` (shown to the user as ``shown``); returns its metrics."""
     from keras_mmfusion.training import headline_metrics, model_inputs, run_trial
 
-    model, history, metrics = run_trial(splits, args.fusion, seed, settings, verbose=0 if args.quiet else 1)
+    stop = [_termination.callback()]
+    model, history, metrics = run_trial(splits, args.fusion, seed, settings, verbose=0 if args.quiet else 1,
+                                        callbacks=stop, refit_callbacks=stop)
+    _termination.check()
     os.makedirs(out, exist_ok=True)
     model.save(os.path.join(out, "model.keras"))
+    _termination.check()
     history = {k: [float(v) for v in vals] for k, vals in history.items()}
     with open(os.path.join(out, "history.json"), "w") as f:
         json.dump(history, f, indent=2)
@@ -462,11 +466,13 @@ def cmd_train(args):
     with _staged_run(args.out, args.overwrite) as out:
         if args.seeds == 1:
             _train_one(args, splits, settings, args.seed, out, args.out)
+            _termination.check()
             return
         seeds = list(range(args.seed, args.seed + args.seeds))
         runs = [_train_one(args, splits, settings, s, os.path.join(out, f"seed_{s}"),
                            os.path.join(args.out, f"seed_{s}")) for s in seeds]
         _write_summary(runs, seeds, splits, args, out)
+        _termination.check()
 
 
 def _write_summary(runs, seeds, splits, args, out):
@@ -661,9 +667,50 @@ def cmd_bench(args):
 COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, "bench": cmd_bench}
 
 
-def _terminate(signum, frame):
-    # SIGTERM as an exception, so that a run being written is deleted (see _staged_run).
-    sys.exit(128 + signum)
+class _Termination:
+    """SIGTERM during ``mmfusion train``, turned into ``SystemExit(128 + SIGTERM)`` where
+    raising is safe, so that the run being written is deleted (see :func:`_staged_run`).
+
+    TensorFlow's ops check for signals while they run (creating ``fit``'s dataset iterator
+    at the start of every epoch does), and an exception raised from the handler inside
+    one can corrupt the process's heap: about one run in a hundred stopped at the start of
+    an epoch aborted (``free(): invalid next size``) and left its staging folder behind.
+    So the handler only records the signal. During ``fit``, :meth:`callback` ends
+    training at the end of the current batch and raises when ``fit`` ends; between the
+    command's stages, :meth:`check` raises. A second SIGTERM raises at once.
+    """
+
+    def __init__(self):
+        self.signum = None
+
+    def handle(self, signum, frame):
+        if self.signum is not None:
+            sys.exit(128 + signum)
+        self.signum = signum
+
+    def check(self):
+        if self.signum is not None:
+            sys.exit(128 + self.signum)
+
+    def callback(self):
+        """A Keras callback that stops ``fit`` at the end of the batch in which the signal
+        came, and raises when ``fit`` ends."""
+        import keras
+
+        termination = self
+
+        class StopOnSignal(keras.callbacks.Callback):
+            def on_train_batch_end(self, batch, logs=None):
+                if termination.signum is not None:
+                    self.model.stop_training = True
+
+            def on_train_end(self, logs=None):
+                termination.check()
+
+        return StopOnSignal()
+
+
+_termination = _Termination()
 
 
 def main(argv=None):
@@ -671,7 +718,8 @@ def main(argv=None):
         args = build_parser().parse_args(argv)
         previous = None
         if args.command == "train" and threading.current_thread() is threading.main_thread():
-            previous = signal.signal(signal.SIGTERM, _terminate)
+            _termination.signum = None
+            previous = signal.signal(signal.SIGTERM, _termination.handle)
         try:
             return COMMANDS[args.command](args) or 0
         finally:

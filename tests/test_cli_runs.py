@@ -62,6 +62,29 @@ def test_a_run_stopped_mid_fit_leaves_no_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_sigterm_during_fit_ends_the_batch_then_stops_fit_and_raises_when_fit_ends():
+    # The handler only records the signal: raising from inside a TensorFlow op (as the
+    # dataset iterator's creation at an epoch's start) could abort the process.
+    import keras
+
+    termination = cli._Termination()
+
+    class SignalAtBatch2(keras.callbacks.Callback):
+        def on_train_batch_begin(self, batch, logs=None):
+            if batch == 2:
+                termination.handle(signal.SIGTERM, None)
+
+    model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
+    model.compile("sgd", "mse")
+    with pytest.raises(SystemExit) as stop:
+        model.fit(np.zeros((40, 3)), np.zeros(40), batch_size=4, epochs=5, verbose=0,
+                  callbacks=[SignalAtBatch2(), termination.callback()])
+    assert stop.value.code == 128 + signal.SIGTERM
+    assert int(model.optimizer.iterations) == 3  # batch 2 ran to its end, no batch after it
+    with pytest.raises(SystemExit):  # a second signal raises at once
+        termination.handle(signal.SIGTERM, None)
+
+
 def test_the_cli_starts_without_tensorflows_log_lines(tmp_path):
     # A user's environment: no TF_CPP_MIN_LOG_LEVEL of their own. (Without the quiet import,
     # absl's "All log messages before absl::InitializeLog()" and the CUDA-driver lines

@@ -89,9 +89,15 @@ def test_refit_retrains_on_the_whole_training_split_for_the_chosen_epochs(refit)
     train, test = shifted_modalities(rng, 100), shifted_modalities(rng, 20)
     splits = Splits((train, np.arange(100) % 2), (test, np.arange(20) % 2), 2, "toy")
     settings = Settings(units=8, epochs=6, patience=2, batch_size=16, refit=refit)
-    model, history, metrics = run_trial(splits, "concat", 0, settings)
+    seen = {"fit": [], "refit": []}
+    counters = {k: keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs, k=k: seen[k].append(epoch))
+                for k in seen}
+    model, history, metrics = run_trial(splits, "concat", 0, settings, callbacks=[counters["fit"]],
+                                        refit_callbacks=[counters["refit"]])
     best_epoch = int(np.argmin(history["val_loss"])) + 1
     assert metrics["best_epoch"] == best_epoch
+    # Each fit calls its own callbacks.
+    assert seen == {"fit": list(range(metrics["epochs_run"])), "refit": list(range(best_epoch)) if refit else []}
     assert "converged_last_10" not in metrics  # no equilibrium layer, no convergence figures
     mean = np.asarray(model.get_layer("standardize_0").mean).ravel()
     if refit:

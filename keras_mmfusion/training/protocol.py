@@ -280,11 +280,17 @@ def fit_options(settings):
                 epsilon=settings.adam_epsilon, torch_epsilon=settings.torch_epsilon, loss_weight=settings.loss_weight)
 
 
-def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
+def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=(), refit_callbacks=()):
     """Train on a validation split of ``splits.train``, pick the best epoch, test once.
 
     With ``settings.refit``, the tested model is retrained on all of ``splits.train``
     for the chosen number of epochs (see :class:`Settings`).
+
+    Args:
+        callbacks: further Keras callbacks of the fit on the validation split (see
+            :func:`~keras_mmfusion.training.fit_classifier`).
+        refit_callbacks: further Keras callbacks of the refit, which has no validation
+            data.
 
     Returns:
         ``(model, history, metrics)`` with test ``accuracy``, ``f1``, ``auc``, the
@@ -311,7 +317,8 @@ def run_trial(splits, fusion_name, seed, settings, verbose=0, callbacks=()):
     if settings.refit:
         keras.utils.set_random_seed(seed)
         model = build_model(fusion_name, splits, settings)
-        fit_classifier(model, (model_inputs(model, splits.train[0]), splits.train[1]), best_epoch, **fit)
+        fit_classifier(model, (model_inputs(model, splits.train[0]), splits.train[1]), best_epoch,
+                       callbacks=refit_callbacks, **fit)
     probabilities = model.predict(model_inputs(model, splits.test[0]), batch_size=256, verbose=0)
     metrics = classification_metrics(splits.test[1], probabilities)
     metrics.update(
