@@ -391,7 +391,6 @@ def _train_one(args, splits, settings, seed, out, shown):
     _termination.check()
     os.makedirs(out, exist_ok=True)
     model.save(os.path.join(out, "model.keras"))
-    _termination.check()
     history = {k: [float(v) for v in vals] for k, vals in history.items()}
     with open(os.path.join(out, "history.json"), "w") as f:
         json.dump(history, f, indent=2)
@@ -466,12 +465,11 @@ def cmd_train(args):
     with _staged_run(args.out, args.overwrite) as out:
         if args.seeds == 1:
             _train_one(args, splits, settings, args.seed, out, args.out)
-            _termination.check()
-            return
-        seeds = list(range(args.seed, args.seed + args.seeds))
-        runs = [_train_one(args, splits, settings, s, os.path.join(out, f"seed_{s}"),
-                           os.path.join(args.out, f"seed_{s}")) for s in seeds]
-        _write_summary(runs, seeds, splits, args, out)
+        else:
+            seeds = list(range(args.seed, args.seed + args.seeds))
+            runs = [_train_one(args, splits, settings, s, os.path.join(out, f"seed_{s}"),
+                               os.path.join(args.out, f"seed_{s}")) for s in seeds]
+            _write_summary(runs, seeds, splits, args, out)
         _termination.check()
 
 
