@@ -1,7 +1,7 @@
 """The ``mmfusion`` command: train, evaluate, export and benchmark fusion models.
 
     mmfusion train --data synthetic --fusion deq --epochs 30 --out runs/deq
-    mmfusion train --data handwritten.mat --label-base 1 --out runs/digits
+    mmfusion train --data handwritten.mat --out runs/digits
     mmfusion evaluate --model runs/deq/model.keras --data synthetic [--json]
     mmfusion export --model runs/deq/model.keras --format tflite --quantize float16
     mmfusion bench deq [-- benchmark arguments]

@@ -10,6 +10,7 @@ MATLAB v5 files are read with ``scipy.io.loadmat`` and v7.3 (HDF5) files with ``
 both come with ``pip install keras_mmfusion[mat]``.
 """
 
+import contextlib
 import os
 
 import numpy as np
@@ -27,9 +28,10 @@ def load_mat(path, label_base=None, max_dense_bytes=MAX_DENSE_BYTES, verbose=1):
     """Read the views and labels of a multi-view ``.mat`` file.
 
     The views are found under the first of ``VIEW_KEYS`` the file holds, as a cell array
-    of matrices; the labels under the first of ``LABEL_KEYS``. Each view's orientation is
-    taken from the number of labels: the axis of that length is the samples' axis. A
-    view with both axes of that length, or neither, is refused.
+    of matrices; the labels under the first of ``LABEL_KEYS``. Other variables (a cell
+    array of view names, a struct) are not read. Each view's orientation is taken from
+    the number of labels: the axis of that length is the samples' axis. A view with both
+    axes of that length, or neither, is refused.
 
     Args:
         path: a MATLAB v5 or v7.3 ``.mat`` file.
@@ -53,16 +55,15 @@ def load_mat(path, label_base=None, max_dense_bytes=MAX_DENSE_BYTES, verbose=1):
         raise ValueError(f"label_base must be None, 0 or 1, got {label_base!r}.")
     if not os.path.isfile(path):
         raise DataError(f"{path}: file not found.")
-    contents = _read(path, max_dense_bytes)
-    views_key = next((k for k in VIEW_KEYS if k in contents), None)
-    labels_key = next((k for k in LABEL_KEYS if k in contents), None)
-    names = sorted(k for k in contents if not k.startswith("__"))
-    if views_key is None or labels_key is None:
-        missing = "views (a cell array named " + " or ".join(VIEW_KEYS) + ")" if views_key is None else (
-            "labels (named " + ", ".join(LABEL_KEYS) + ")")
-        raise DataError(f"{path}: no {missing} found; the file holds {', '.join(names) or 'no variables'}.")
-    labels = _labels(path, labels_key, contents[labels_key], label_base)
-    views = contents[views_key]
+    with _open(path, max_dense_bytes) as (names, read):
+        views_key = next((k for k in VIEW_KEYS if k in names), None)
+        labels_key = next((k for k in LABEL_KEYS if k in names), None)
+        if views_key is None or labels_key is None:
+            missing = "views (a cell array named " + " or ".join(VIEW_KEYS) + ")" if views_key is None else (
+                "labels (named " + ", ".join(LABEL_KEYS) + ")")
+            raise DataError(f"{path}: no {missing} found; the file holds {', '.join(names) or 'no variables'}.")
+        labels = _labels(path, labels_key, read(labels_key), label_base)
+        views = read(views_key)
     if not isinstance(views, list):
         raise DataError(f"{path}: '{views_key}' must be a cell array of views, got one {np.shape(views)} matrix.")
     if len(views) < 2:
@@ -75,8 +76,12 @@ def load_mat(path, label_base=None, max_dense_bytes=MAX_DENSE_BYTES, verbose=1):
     return inputs, labels
 
 
-def _read(path, max_dense_bytes):
-    """``{name: value}``: a cell array as a list of matrices (dense or sparse made dense)."""
+@contextlib.contextmanager
+def _open(path, max_dense_bytes):
+    """Yields ``(names, read)``: the file's variable names, sorted, and ``read(name)``,
+    which converts that one variable: a cell array to a list of matrices, any other
+    variable to a 2-D float64 array (a sparse one made dense). Only the variables asked
+    for are converted, so others (a cell array of view names, a struct) play no part."""
     try:
         import scipy.io
     except ImportError:
@@ -84,17 +89,29 @@ def _read(path, max_dense_bytes):
     try:
         raw = scipy.io.loadmat(path)
     except NotImplementedError:  # MATLAB v7.3, an HDF5 file
-        return _read_hdf5(path, max_dense_bytes)
+        raw = None
     except (ValueError, TypeError, OSError) as error:
-        if _is_hdf5(path):  # an HDF5 file without MATLAB's header
-            return _read_hdf5(path, max_dense_bytes)
-        raise DataError(f"{path}: not a readable MATLAB file ({error}).") from None
-    return {name: _cells(path, name, value, max_dense_bytes) if isinstance(value, np.ndarray) and value.dtype == object
-            else _dense(path, name, value, max_dense_bytes) for name, value in raw.items() if not name.startswith("__")}
+        if not _is_hdf5(path):  # else an HDF5 file without MATLAB's header
+            raise DataError(f"{path}: not a readable MATLAB file ({error}).") from None
+        raw = None
+    if raw is not None:
+        yield sorted(k for k in raw if not k.startswith("__")), lambda name: _v5_variable(
+            path, name, raw[name], max_dense_bytes)
+        return
+    try:
+        import h5py
+    except ImportError:
+        raise DataError(f"{path}: reading MATLAB v7.3 files needs h5py: {EXTRA}") from None
+    with h5py.File(path, "r") as handle:
+        # '#refs#' and '#subsystem#' are MATLAB's stores of referenced cells, not variables.
+        yield sorted(k for k in handle if not k.startswith("#")), lambda name: _hdf5_variable(
+            path, name, handle[name], max_dense_bytes)
 
 
-def _cells(path, name, cells, max_dense_bytes):
-    return [_dense(path, f"{name}{{{i + 1}}}", cell, max_dense_bytes) for i, cell in enumerate(cells.ravel())]
+def _v5_variable(path, name, value, max_dense_bytes):
+    if isinstance(value, np.ndarray) and value.dtype == object:
+        return [_dense(path, f"{name}{{{i + 1}}}", cell, max_dense_bytes) for i, cell in enumerate(value.ravel())]
+    return _dense(path, name, value, max_dense_bytes)
 
 
 def _dense(path, name, value, max_dense_bytes):
@@ -119,22 +136,13 @@ def _is_hdf5(path):
     return any(head[offset : offset + 8] == b"\x89HDF\r\n\x1a\n" for offset in (0, 512))
 
 
-def _read_hdf5(path, max_dense_bytes):
-    try:
-        import h5py
-    except ImportError:
-        raise DataError(f"{path}: reading MATLAB v7.3 files needs h5py: {EXTRA}") from None
-    with h5py.File(path, "r") as handle:
-        contents = {}
-        for name, item in handle.items():
-            if name.startswith("#"):  # MATLAB's store of referenced cells
-                continue
-            if isinstance(item, h5py.Dataset) and item.dtype == h5py.ref_dtype:
-                contents[name] = [_hdf5_matrix(path, f"{name}{{{i + 1}}}", handle[ref], max_dense_bytes)
-                                  for i, ref in enumerate(item[()].ravel())]
-            else:
-                contents[name] = _hdf5_matrix(path, name, item, max_dense_bytes)
-    return contents
+def _hdf5_variable(path, name, item, max_dense_bytes):
+    import h5py
+
+    if isinstance(item, h5py.Dataset) and item.dtype == h5py.ref_dtype:
+        return [_hdf5_matrix(path, f"{name}{{{i + 1}}}", item.file[ref], max_dense_bytes)
+                for i, ref in enumerate(item[()].ravel())]
+    return _hdf5_matrix(path, name, item, max_dense_bytes)
 
 
 def _hdf5_matrix(path, name, item, max_dense_bytes):
@@ -158,6 +166,8 @@ def _hdf5_matrix(path, name, item, max_dense_bytes):
 
 
 def _labels(path, key, values, label_base):
+    if isinstance(values, list):
+        raise DataError(f"{path}: labels '{key}' must be a vector, got a cell array of {len(values)}.")
     if values.size != max(values.shape):
         raise DataError(f"{path}: labels '{key}' must be a vector, got a {values.shape[0]} x {values.shape[1]} matrix.")
     values = values.ravel()

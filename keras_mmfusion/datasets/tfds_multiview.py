@@ -8,7 +8,7 @@ config's ``manual_dir``::
     import tensorflow_datasets as tfds
     from keras_mmfusion.datasets.tfds_multiview import MultiviewConfig
 
-    config = MultiviewConfig(name="handwritten", num_views=6, num_classes=10, label_base=1)
+    config = MultiviewConfig(name="handwritten", num_views=6, num_classes=10)
     builder = tfds.builder("mmf_multiview", config=config)
     builder.download_and_prepare(download_config=tfds.download.DownloadConfig(manual_dir="/data"))
     train = builder.as_dataset(split="train")

@@ -114,6 +114,32 @@ def test_bad_values_and_missing_variables_are_named(tmp_path):
         load_mat(path)
 
 
+def test_variables_other_than_the_views_and_labels_are_not_read(tmp_path):
+    """Files such as the public handwritten-digits one hold a cell array of view names
+    beside the views; a struct or a string is no view either."""
+    views, labels = views_and_labels()
+    v5, v73 = tmp_path / "v5.mat", tmp_path / "v73.mat"
+    scipy.io.savemat(v5, {"X": cell_array(views), "Y": labels.reshape(-1, 1).astype(np.uint8),
+                          "feas": cell_array([np.array(["pixel"]), np.array(["fourier"])]),
+                          "info": {"source": "a struct"}, "title": "digits"})
+    write_v73(v73, views, labels, labels_key="Y")
+    with h5py.File(v73, "a") as handle:
+        names = handle.create_dataset("feas", (2, 1), dtype=h5py.ref_dtype)
+        for i, name in enumerate(["pixel", "fourier"]):
+            chars = handle["#refs#"].create_dataset(f"n{i}", data=np.frombuffer(name.encode(), np.uint8)[:, None])
+            chars.attrs["MATLAB_class"] = np.bytes_("char")
+            names[i, 0] = chars.ref
+        handle.create_group("info").attrs["MATLAB_class"] = np.bytes_("struct")
+    for path in (v5, v73):
+        inputs, read = load_mat(path, verbose=0)
+        np.testing.assert_allclose(inputs[0], views[0], rtol=1e-6)
+        np.testing.assert_allclose(inputs[1], views[1], rtol=1e-6)
+        np.testing.assert_array_equal(read, labels)
+    scipy.io.savemat(v5, {"X": cell_array(views), "gt": cell_array([labels[:6], labels[6:]])})
+    with pytest.raises(DataError, match=r"labels 'gt' must be a vector, got a cell array of 2"):
+        load_mat(v5)
+
+
 def test_without_the_extra_the_error_names_it(tmp_path, monkeypatch):
     views, labels = views_and_labels()
     v5, v73 = tmp_path / "v5.mat", tmp_path / "v73.mat"
