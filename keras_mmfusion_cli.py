@@ -261,7 +261,7 @@ def _check_out(out, overwrite):
 @contextlib.contextmanager
 def _staged_run(out, overwrite):
     """A new folder beside ``out`` to write a run into, moved to ``out`` when the block
-    ends and deleted when it raises (an error, Ctrl-C, or SIGTERM: see :class:`_Termination`).
+    ends and deleted when it raises (an error, or SIGTERM or Ctrl-C: see :class:`_Termination`).
 
     Only a whole run ever stands at ``out``; a run killed outright (SIGKILL) leaves its
     hidden ``.<name>.partial-*`` folder beside it, never a half-written ``out``.
@@ -666,17 +666,21 @@ COMMANDS = {"train": cmd_train, "evaluate": cmd_evaluate, "export": cmd_export, 
 
 
 class _Termination:
-    """SIGTERM during ``mmfusion train``, turned into ``SystemExit(128 + SIGTERM)`` where
-    raising is safe, so that the run being written is deleted (see :func:`_staged_run`).
+    """SIGTERM or Ctrl-C (SIGINT) during ``mmfusion train``, turned into ``SystemExit(128 +
+    signal number)`` where raising is safe, so that the run being written is deleted (see
+    :func:`_staged_run`).
 
     TensorFlow's ops check for signals while they run (creating ``fit``'s dataset iterator
     at the start of every epoch does), and an exception raised from the handler inside
     one can corrupt the process's heap: about one run in a hundred stopped at the start of
     an epoch aborted (``free(): invalid next size``) and left its staging folder behind.
-    So the handler only records the signal. During ``fit``, :meth:`callback` ends
-    training at the end of the current batch and raises when ``fit`` ends; between the
-    command's stages, :meth:`check` raises. A second SIGTERM raises at once.
+    So the handler only records the signal and says so on stderr. During ``fit``,
+    :meth:`callback` ends training at the end of the current batch and raises when ``fit``
+    ends; between the command's stages, :meth:`check` raises. A second signal raises at
+    once.
     """
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
 
     def __init__(self):
         self.signum = None
@@ -685,6 +689,9 @@ class _Termination:
         if self.signum is not None:
             sys.exit(128 + signum)
         self.signum = signum
+        again = "Ctrl-C" if signum == signal.SIGINT else "the signal"
+        print(f"\nmmfusion: {signal.Signals(signum).name}: stopping at the end of the current batch or stage "
+              f"and deleting the unfinished run ({again} again stops at once)", file=sys.stderr, flush=True)
 
     def check(self):
         if self.signum is not None:
@@ -714,15 +721,15 @@ _termination = _Termination()
 def main(argv=None):
     try:
         args = build_parser().parse_args(argv)
-        previous = None
+        previous = {}
         if args.command == "train" and threading.current_thread() is threading.main_thread():
             _termination.signum = None
-            previous = signal.signal(signal.SIGTERM, _termination.handle)
+            previous = {signum: signal.signal(signum, _termination.handle) for signum in _Termination.SIGNALS}
         try:
             return COMMANDS[args.command](args) or 0
         finally:
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
     except CommandError as error:
         message = str(error)
     except Exception as error:  # data, export and argument errors from the library

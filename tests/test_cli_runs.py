@@ -62,7 +62,8 @@ def test_a_run_stopped_mid_fit_leaves_no_folder(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_sigterm_during_fit_ends_the_batch_then_stops_fit_and_raises_when_fit_ends():
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_during_fit_ends_the_batch_then_stops_fit_and_raises_when_fit_ends(signum, capsys):
     # The handler only records the signal: raising from inside a TensorFlow op (as the
     # dataset iterator's creation at an epoch's start) could abort the process.
     import keras
@@ -72,17 +73,33 @@ def test_sigterm_during_fit_ends_the_batch_then_stops_fit_and_raises_when_fit_en
     class SignalAtBatch2(keras.callbacks.Callback):
         def on_train_batch_begin(self, batch, logs=None):
             if batch == 2:
-                termination.handle(signal.SIGTERM, None)
+                termination.handle(signum, None)
 
     model = keras.Sequential([keras.Input((3,)), keras.layers.Dense(1)])
     model.compile("sgd", "mse")
     with pytest.raises(SystemExit) as stop:
         model.fit(np.zeros((40, 3)), np.zeros(40), batch_size=4, epochs=5, verbose=0,
                   callbacks=[SignalAtBatch2(), termination.callback()])
-    assert stop.value.code == 128 + signal.SIGTERM
+    assert stop.value.code == 128 + signum
     assert int(model.optimizer.iterations) == 3  # batch 2 ran to its end, no batch after it
-    with pytest.raises(SystemExit):  # a second signal raises at once
-        termination.handle(signal.SIGTERM, None)
+    assert f"mmfusion: {signal.Signals(signum).name}: stopping at the end of the current batch" in (
+        capsys.readouterr().err)
+    with pytest.raises(SystemExit) as again:  # a second signal raises at once
+        termination.handle(signum, None)
+    assert again.value.code == 128 + signum
+
+
+def test_train_handles_sigterm_and_ctrl_c_while_it_runs_and_restores_the_handlers(monkeypatch):
+    before = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    during = {}
+
+    def fake_train(args):
+        during.update({s: signal.getsignal(s) for s in before})
+
+    monkeypatch.setitem(cli.COMMANDS, "train", fake_train)
+    assert cli.main(["train", "--out", "unused"]) == 0
+    assert during == {s: cli._termination.handle for s in before}
+    assert {s: signal.getsignal(s) for s in before} == before
 
 
 def test_the_cli_starts_without_tensorflows_log_lines(tmp_path):
