@@ -14,6 +14,15 @@ def rewrite_on():
     return tf.config.optimizer.get_experimental_options().get(REWRITE, True)
 
 
+@pytest.fixture(autouse=True)
+def _grapplers_default():
+    """The arithmetic rewrites on, as users have them (conftest.py turns them off)."""
+    before = rewrite_on()
+    tf.config.optimizer.set_experimental_options({REWRITE: True})
+    yield
+    tf.config.optimizer.set_experimental_options({REWRITE: before})
+
+
 def test_a_deq_classifiers_gradient_repeats_bit_for_bit_and_the_setting_is_restored():
     widths = [6, 10, 8]
     x, _ = mmf.make_synthetic(64, num_modalities=3, widths=widths, noise=0.5, seed=0)
