@@ -203,7 +203,7 @@ def build_classifier(
     hidden = keras.layers.Dense(head_units, activation="relu", kernel_regularizer=regularizer, name="head")(fused)
     if dropout:
         hidden = keras.layers.Dropout(dropout, name="head_dropout")(hidden)
-    # Again after the head's ReLU layer, which maps NaN to 0 in TensorFlow's fused
+    # Again after the head's ReLU layer, which maps NaN to 0 in oneDNN's fused
     # kernel: a NaN fused output (a solve that found no finite iterate) stays NaN too.
     hidden = PropagateNonFinite(name="non_finite_head")([hidden, fused, *present])
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probabilities", dtype=_head_dtype())(hidden)

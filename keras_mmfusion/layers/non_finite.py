@@ -12,14 +12,14 @@ class PropagateNonFinite(keras.layers.Layer):
     row ``b`` set to NaN for which some ``x_j[b]`` holds a NaN or an infinity (or sums
     to an overflow). Other rows pass unchanged.
 
-    A NaN in an input does not reliably reach a model's output: TensorFlow's fused
-    ``MatMul + BiasAdd + Relu`` kernel (which Grappler substitutes in graphs) maps NaN
-    to 0, so a sample with a NaN feature could come out as a confident-looking
-    prediction, and other runtimes may not map it the same way. Placed after an
-    encoder with the encoder's input as a source, this layer makes such a sample
-    NaN in every runtime. It adds each source's row sum times zero, which is zero
-    for a finite row and NaN otherwise; the ops are a sum, a product and an addition,
-    which exist in every runtime the package exports to.
+    A NaN in an input does not reliably reach a model's output: the fused
+    ``MatMul + BiasAdd + Relu`` kernel of oneDNN (TensorFlow's default CPU kernels on
+    x86), which Grappler substitutes in graphs, maps NaN to 0, so a sample with a NaN
+    feature could come out as a confident-looking prediction, and other runtimes may
+    not map it the same way. Placed after an encoder with the encoder's input as a
+    source, this layer makes such a sample NaN in every runtime. It adds each source's
+    row sum times zero, which is zero for a finite row and NaN otherwise; the ops are a
+    sum, a product and an addition, which exist in every runtime the package exports to.
 
     Input shape:
         A list ``[h, x_1, ..., x_k]`` of ``(batch, d)`` tensors, ``k >= 1``.
